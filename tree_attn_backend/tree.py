@@ -1,0 +1,173 @@
+"""Draft trees: the plain data object that travels from the proposer to the verifier.
+
+A draft tree for one request has ``T >= 1`` nodes in topological order:
+
+* node 0 is the root, the last verified token (it is already decided, but its K/V is
+  not in the cache yet, so it is verified together with the drafts);
+* ``parents[i] < i`` for every ``i >= 1`` and ``parents[0] == -1``: every prefix of the
+  node list is itself a valid tree, so a scheduler that truncates the draft list keeps a tree;
+* ``probs[i]`` is the draft probability of node ``i`` given its parent (``probs[0] == 1``);
+* the tokens of siblings are distinct (a draft tree is a trie), so at most one child of a
+  node can match any given token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def depths_from_parents(parents: np.ndarray) -> np.ndarray:
+    """Depth of every node of a forest given in topological order.
+
+    ``parents`` is int ``[N]``; a root has ``parents[i] == -1`` (any number of roots, so a
+    whole flattened batch can be passed at once). Returns int32 ``[N]``. Pointer doubling:
+    ``log2(max depth)`` vectorized passes, no Python loop over nodes.
+    """
+    parents = np.asarray(parents, dtype=np.int64)
+    n = parents.shape[0]
+    index = np.arange(n, dtype=np.int64)
+    is_root = parents < 0
+    jump = np.where(is_root, index, parents)  # roots point at themselves
+    dist = (~is_root).astype(np.int32)  # distance from a node to jump[node]
+    while True:
+        next_jump = jump[jump]
+        if np.array_equal(next_jump, jump):
+            return dist
+        dist = dist + dist[jump]
+        jump = next_jump
+
+
+def validate_parents(parents: np.ndarray, what: str = "parents") -> None:
+    """Raise ``ValueError`` naming the first bad index if ``parents`` is not a single tree
+    in topological order (``parents[0] == -1``, ``0 <= parents[i] < i`` otherwise)."""
+    if parents.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(parents.shape)}")
+    n = parents.shape[0]
+    if n == 0:
+        raise ValueError(f"{what} is empty: a tree has at least its root (node 0)")
+    if parents[0] != -1:
+        raise ValueError(f"{what}[0] = {int(parents[0])}: node 0 is the root and its parent must be -1")
+    if n == 1:
+        return
+    rest = parents[1:]
+    index = np.arange(1, n)
+    bad = np.flatnonzero((rest < 0) | (rest >= index))
+    if bad.size:
+        i = int(bad[0]) + 1
+        p = int(parents[i])
+        if p == -1:
+            reason = "more than one root (only node 0 may have parent -1)"
+        elif p < -1 or p >= n:
+            reason = f"out of range for {n} nodes"
+        elif p == i:
+            reason = "a self reference"
+        else:
+            reason = "a forward reference (parents must come before their children)"
+        raise ValueError(f"{what}[{i}] = {p}: {reason}")
+
+
+@dataclass(frozen=True, eq=False)
+class DraftTree:
+    """One request's draft tree (see the module docstring for the invariants).
+
+    Attributes:
+        parents: int32 ``[T]``, ``parents[0] == -1``, ``parents[i] < i``.
+        tokens: int64 ``[T]``; ``tokens[0]`` is the root (last verified) token.
+        probs: float64 ``[T]`` in ``[0, 1]``, draft probability of a node given its parent.
+        depths: int32 ``[T]``, derived; ``depths[0] == 0``.
+    """
+
+    parents: np.ndarray
+    tokens: np.ndarray
+    probs: np.ndarray
+    depths: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        parents = np.asarray(self.parents)
+        if parents.dtype.kind not in "iu":
+            raise ValueError(f"parents must be integers, got dtype {parents.dtype}")
+        parents = parents.astype(np.int32)
+        tokens = np.asarray(self.tokens)
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+        tokens = tokens.astype(np.int64)
+        probs = np.asarray(self.probs, dtype=np.float64)
+        validate_parents(parents)
+        n = parents.shape[0]
+        if tokens.shape != (n,):
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected ({n},) to match parents")
+        if probs.shape != (n,):
+            raise ValueError(f"probs has shape {tuple(probs.shape)}, expected ({n},) to match parents")
+        bad = np.flatnonzero(~((probs >= 0.0) & (probs <= 1.0)))  # NaN fails both
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"probs[{i}] = {probs[i]!r} is not a probability in [0, 1]")
+        if (tokens < 0).any():
+            i = int(np.flatnonzero(tokens < 0)[0])
+            raise ValueError(f"tokens[{i}] = {int(tokens[i])} is negative")
+        if n > 1:
+            # Distinct sibling tokens: sort (parent, token) pairs and look for equal neighbours.
+            key = np.stack([parents[1:].astype(np.int64), tokens[1:]], axis=1)
+            order = np.lexsort((key[:, 1], key[:, 0]))
+            same = np.flatnonzero((np.diff(key[order], axis=0) == 0).all(axis=1))
+            if same.size:
+                a, b = sorted((int(order[same[0]]) + 1, int(order[same[0] + 1]) + 1))
+                raise ValueError(
+                    f"nodes {a} and {b} are siblings (parent {int(parents[a])}) with the same "
+                    f"token {int(tokens[a])}: sibling tokens must be distinct"
+                )
+        for name, value in (("parents", parents), ("tokens", tokens), ("probs", probs)):
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
+        depths = depths_from_parents(parents)
+        depths.setflags(write=False)
+        object.__setattr__(self, "depths", depths)
+
+    @classmethod
+    def chain(cls, tokens: "list[int] | np.ndarray", probs: "list[float] | np.ndarray | None" = None) -> "DraftTree":
+        """A chain ``tokens[0] -> tokens[1] -> ...`` (what vLLM's chain proposers emit)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = tokens.shape[0]
+        parents = np.arange(-1, n - 1, dtype=np.int32)
+        if probs is None:
+            probs = np.ones(n)
+        return cls(parents=parents, tokens=tokens, probs=np.asarray(probs, dtype=np.float64))
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes including the root."""
+        return int(self.parents.shape[0])
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Number of draft nodes (all nodes but the root)."""
+        return self.num_nodes - 1
+
+    @property
+    def path_probs(self) -> np.ndarray:
+        """float64 ``[T]``: product of ``probs`` along the path from the root to each node."""
+        out = self.probs.copy()
+        # Parents come before children, so one pass per depth level finishes every path.
+        for depth in range(2, int(self.depths.max(initial=0)) + 1):
+            at = np.flatnonzero(self.depths == depth)
+            out[at] *= out[self.parents[at]]
+        return out
+
+    def truncate(self, num_nodes: int) -> "DraftTree":
+        """The first ``num_nodes`` nodes: always a valid tree (topological order)."""
+        if not 1 <= num_nodes <= self.num_nodes:
+            raise ValueError(f"num_nodes = {num_nodes} must be in [1, {self.num_nodes}]")
+        return DraftTree(
+            parents=self.parents[:num_nodes], tokens=self.tokens[:num_nodes], probs=self.probs[:num_nodes]
+        )
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to ``node`` inclusive."""
+        if not 0 <= node < self.num_nodes:
+            raise ValueError(f"node = {node} out of range for {self.num_nodes} nodes")
+        path = [node]
+        while path[-1] != 0:
+            path.append(int(self.parents[path[-1]]))
+        return path[::-1]

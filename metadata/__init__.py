@@ -1,0 +1,7 @@
+"""Metadata builder: pruned trees + batch layout in, kernel-ready metadata out (no vLLM)."""
+
+from .batch import SUPPORTED_BLOCK_SIZES, StepBatch
+from .builder import build_tree_attention_metadata
+from .tree_metadata import TreeAttentionMetadata
+
+__all__ = ["SUPPORTED_BLOCK_SIZES", "StepBatch", "TreeAttentionMetadata", "build_tree_attention_metadata"]

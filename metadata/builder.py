@@ -1,0 +1,84 @@
+"""The metadata builder: a :class:`StepBatch` in, a :class:`TreeAttentionMetadata` out.
+
+Pure and deterministic; vectorized over the batch (numpy), no Python loop over requests,
+nodes or tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tree_attn_backend.tree import depths_from_parents
+
+from .batch import StepBatch
+from .tree_metadata import TreeAttentionMetadata
+
+
+def _indptr(sizes: np.ndarray) -> np.ndarray:
+    out = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
+    np.cumsum(sizes, out=out[1:])
+    return out
+
+
+def _pages(block_table: np.ndarray, num_tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, ...]:
+    """FlashInfer paged layout of the first ``num_tokens[b]`` tokens of every request:
+    ``(indptr [B+1], indices [pages], last_page_len [B])``; ``last_page_len`` is 0 for none."""
+    num_pages = -(-num_tokens // block_size)
+    used = np.arange(block_table.shape[1])[None, :] < num_pages[:, None]
+    indices = block_table[used]  # row-major: request by request, pages in order
+    last = np.where(num_pages > 0, num_tokens - (num_pages - 1) * block_size, 0)
+    return _indptr(num_pages), indices, last
+
+
+def _i32(array: np.ndarray) -> torch.Tensor:
+    if array.size and (array.max() > np.iinfo(np.int32).max or array.min() < np.iinfo(np.int32).min):
+        raise ValueError(f"value {int(array.max())} does not fit the int32 layout FlashInfer expects")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32))
+
+
+def build_tree_attention_metadata(batch: StepBatch) -> TreeAttentionMetadata:
+    """Build one step's metadata (see :class:`TreeAttentionMetadata` for every field)."""
+    q = batch.query_lens
+    ctx = batch.context_lens
+    kv = ctx + q
+    qo_indptr = _indptr(q)
+    n = int(qo_indptr[-1])
+    req_of_token = np.repeat(np.arange(batch.num_reqs), q)
+    local = np.arange(n) - qo_indptr[:-1][req_of_token]
+
+    parents = batch.parents
+    global_parents = np.where(parents < 0, -1, parents + qo_indptr[:-1][req_of_token])
+    depths = depths_from_parents(global_parents)
+    positions = ctx[req_of_token] + depths
+
+    linear = ctx[req_of_token] + local
+    block_ids = batch.block_table[req_of_token, linear // batch.block_size]
+    slot_mapping = block_ids * batch.block_size + linear % batch.block_size
+
+    # A request is a chain iff no token's parent differs from the token before it.
+    off_chain = (parents != local - 1).astype(np.int64)
+    is_chain = np.bincount(req_of_token, weights=off_chain, minlength=batch.num_reqs) == 0
+
+    kv_indptr, kv_indices, kv_last = _pages(batch.block_table, kv, batch.block_size)
+    pre_indptr, pre_indices, pre_last = _pages(batch.block_table, ctx, batch.block_size)
+
+    return TreeAttentionMetadata(
+        num_reqs=batch.num_reqs,
+        num_tokens=n,
+        block_size=batch.block_size,
+        qo_indptr=_i32(qo_indptr),
+        context_lens=_i32(ctx),
+        kv_lens=_i32(kv),
+        parents=_i32(parents),
+        depths=_i32(depths),
+        positions=torch.from_numpy(positions.astype(np.int64)),
+        slot_mapping=torch.from_numpy(slot_mapping.astype(np.int64)),
+        is_chain=torch.from_numpy(is_chain),
+        paged_kv_indptr=_i32(kv_indptr),
+        paged_kv_indices=_i32(kv_indices),
+        paged_kv_last_page_len=_i32(kv_last),
+        prefix_kv_indptr=_i32(pre_indptr),
+        prefix_kv_indices=_i32(pre_indices),
+        prefix_kv_last_page_len=_i32(pre_last),
+    )

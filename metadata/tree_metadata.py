@@ -1,0 +1,146 @@
+"""``TreeAttentionMetadata``: everything the attention kernels need for one step.
+
+Built once per step by :func:`metadata.builder.build_tree_attention_metadata` and shared by
+every layer. Cheap ``O(tokens + pages)`` fields are computed eagerly; the masks, whose size
+grows with context x tree size, are computed on first access and cached, so each attention
+path pays only for the layout it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from tree_attn_backend.native import native_op
+
+from .masks import ancestor_bits, pack_segments, unpack_rows
+
+
+@dataclass(eq=False)
+class TreeAttentionMetadata:
+    """Kernel-ready layout of one step (all tensors on CPU; move what a kernel needs).
+
+    Token order is the batch's query order: request ``b`` owns tokens
+    ``qo_indptr[b]:qo_indptr[b+1]``, in node order for trees.
+
+    Attributes:
+        num_reqs, num_tokens: batch size and ``N = qo_indptr[-1]``.
+        block_size: tokens per KV cache page.
+        qo_indptr: int32 ``[B+1]``.
+        context_lens: int32 ``[B]``, committed tokens before this step (the cascade prefix).
+        kv_lens: int32 ``[B]``, ``context_lens + query_lens``.
+        parents: int32 ``[N]``, request-local parent (``-1`` at a root).
+        depths: int32 ``[N]``, depth in the request's tree (``i`` for a linear chunk).
+        positions: int64 ``[N]``, ``context_lens[b] + depths`` (RoPE positions).
+        slot_mapping: int64 ``[N]``, cache slot of each new token: linear position
+            ``context_lens[b] + i`` mapped through the block table.
+        is_chain: bool ``[B]``, the request's tokens form a chain (prefill chunk, decode, or a
+            chain draft); its mask is plain causal.
+        paged_kv_indptr: int32 ``[B+1]``, paged_kv_indices: int32 ``[pages]``,
+        paged_kv_last_page_len: int32 ``[B]``: FlashInfer's paged layout of the whole
+            ``kv_lens`` (context and new tokens).
+        prefix_kv_indptr, prefix_kv_indices, prefix_kv_last_page_len: the same for the
+            context alone (cascade prefix pass); a request with no context has no pages and
+            ``last_page_len`` 0.
+    Lazily computed masks: :attr:`custom_mask`, :attr:`packed_custom_mask` +
+    :attr:`mask_indptr`, :attr:`tree_mask` + :attr:`tree_mask_indptr`.
+    """
+
+    num_reqs: int
+    num_tokens: int
+    block_size: int
+    qo_indptr: torch.Tensor
+    context_lens: torch.Tensor
+    kv_lens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    is_chain: torch.Tensor
+    paged_kv_indptr: torch.Tensor
+    paged_kv_indices: torch.Tensor
+    paged_kv_last_page_len: torch.Tensor
+    prefix_kv_indptr: torch.Tensor
+    prefix_kv_indices: torch.Tensor
+    prefix_kv_last_page_len: torch.Tensor
+
+    @property
+    def query_lens(self) -> torch.Tensor:
+        """int32 ``[B]``."""
+        return self.qo_indptr[1:] - self.qo_indptr[:-1]
+
+    @property
+    def max_query_len(self) -> int:
+        return int(self.query_lens.max()) if self.num_reqs else 0
+
+    @cached_property
+    def _ancestor_bits(self) -> np.ndarray:
+        return ancestor_bits(self.parents.numpy(), self.qo_indptr.numpy().astype(np.int64))
+
+    @cached_property
+    def _tree_mask_and_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        return unpack_rows(self._ancestor_bits, self.qo_indptr.numpy().astype(np.int64))
+
+    @cached_property
+    def tree_mask(self) -> torch.Tensor:
+        """bool ``[sum q_b^2]``: per request the ``[q, q]`` ancestor-or-self mask over its new
+        tokens (row = query, column = key), row-major, concatenated (cascade tree pass)."""
+        return torch.from_numpy(self._tree_mask_and_columns[0])
+
+    @cached_property
+    def tree_mask_indptr(self) -> torch.Tensor:
+        """int64 ``[B+1]`` element offsets of each request in :attr:`tree_mask`."""
+        q = self.query_lens.to(torch.int64)
+        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(q * q, 0)])
+
+    @cached_property
+    def mask_bit_indptr(self) -> torch.Tensor:
+        """int64 ``[B+1]`` element offsets of each request in :attr:`custom_mask`
+        (``q_b * kv_b`` each)."""
+        sizes = self.query_lens.to(torch.int64) * self.kv_lens.to(torch.int64)
+        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes, 0)])
+
+    @cached_property
+    def custom_mask(self) -> torch.Tensor:
+        """bool ``[sum q_b * kv_b]``: FlashInfer's flattened custom mask. Row ``i`` of request
+        ``b`` is ``kv_b`` entries: the whole context (True), then its tree ancestors."""
+        q = self.query_lens.numpy().astype(np.int64)
+        ctx = self.context_lens.numpy().astype(np.int64)
+        kv = ctx + q
+        out = np.ones(int(self.mask_bit_indptr[-1]), dtype=bool)
+        values, columns = self._tree_mask_and_columns
+        local = np.arange(self.num_tokens) - np.repeat(self.qo_indptr.numpy()[:-1].astype(np.int64), q)
+        row_start = np.repeat(self.mask_bit_indptr.numpy()[:-1], q) + local * np.repeat(kv, q) + np.repeat(ctx, q)
+        out[np.repeat(row_start, np.repeat(q, q)) + columns] = values
+        return torch.from_numpy(out)
+
+    @cached_property
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        op = native_op("build_packed_tree_mask")
+        if op is not None:
+            packed, indptr = op(self.parents, self.qo_indptr.to(torch.int64), self.context_lens.to(torch.int64))
+            return packed, indptr.to(torch.int32)
+        packed, indptr = pack_segments(self.custom_mask.numpy(), self.mask_bit_indptr.numpy())
+        return torch.from_numpy(packed), torch.from_numpy(indptr.astype(np.int32))
+
+    @property
+    def packed_custom_mask(self) -> torch.Tensor:
+        """uint8 ``[bytes]``: :attr:`custom_mask` bit-packed little-endian per request, each
+        request padded to a byte boundary (``np.packbits(..., bitorder="little")``)."""
+        return self._packed[0]
+
+    @property
+    def mask_indptr(self) -> torch.Tensor:
+        """int32 ``[B+1]`` *byte* offsets of each request in :attr:`packed_custom_mask`."""
+        return self._packed[1]
+
+    def materialize(self) -> list[torch.Tensor]:
+        """Dense per-request masks: bool ``[q_b, kv_b]`` (True = the query attends the key)."""
+        flat = self.custom_mask
+        indptr = self.mask_bit_indptr.tolist()
+        q = self.query_lens.tolist()
+        kv = self.kv_lens.tolist()
+        return [flat[indptr[b] : indptr[b + 1]].view(q[b], kv[b]) for b in range(self.num_reqs)]

@@ -1,0 +1,176 @@
+"""The CPU attention path: ragged trees, prefill chunks and decodes over vLLM's paged cache.
+
+``plan()`` runs once per step on the host (shared by all layers, like FlashInfer's), ``run()``
+once per layer:
+
+* requests with a tree, or with at most ``short_query_max`` new tokens, are padded into
+  groups and run as one SDPA call per group with a bool mask (context + tree ancestors);
+  groups are formed in order of KV length and capped in size, so padding stays small;
+* long linear chunks (prefill) run one SDPA call each with an offset-causal mask.
+
+The new tokens' K/V must already be in the cache (vLLM calls ``do_kv_cache_update`` first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metadata import TreeAttentionMetadata
+from metadata.masks import ancestor_bits
+
+from .paged_kv import read_blocks
+
+
+def segment_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` (int64)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + (np.arange(total) - offsets)
+
+
+@dataclass
+class PaddedGroup:
+    """Requests attended together by one masked SDPA call.
+
+    token_index: int64 ``[G, Qmax]`` rows of the step's query (0 where padded);
+    valid: bool ``[G, Qmax]``; block_ids: int64 ``[G, P]`` (0 where padded);
+    mask: bool ``[G, 1, Qmax, P * block_size]``.
+    """
+
+    token_index: torch.Tensor
+    valid: torch.Tensor
+    block_ids: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class CausalChunk:
+    """One long linear chunk: tokens ``start:end`` after ``context_len`` cached tokens."""
+
+    start: int
+    end: int
+    block_ids: torch.Tensor
+    mask: torch.Tensor  # bool [q, P * block_size]
+
+
+@dataclass
+class CpuAttentionPlan:
+    groups: list[PaddedGroup]
+    chunks: list[CausalChunk]
+    num_tokens: int
+
+
+def _padded_group(meta: TreeAttentionMetadata, reqs: np.ndarray) -> PaddedGroup:
+    bs = meta.block_size
+    qo = meta.qo_indptr.numpy().astype(np.int64)
+    q = np.diff(qo)[reqs]
+    ctx = meta.context_lens.numpy().astype(np.int64)[reqs]
+    pages_indptr = meta.paged_kv_indptr.numpy().astype(np.int64)
+    pages = np.diff(pages_indptr)[reqs]
+    g, qmax, pmax = len(reqs), int(q.max()), int(pages.max())
+    width = pmax * bs
+
+    valid = np.arange(qmax)[None, :] < q[:, None]
+    token_index = np.where(valid, qo[reqs][:, None] + np.arange(qmax)[None, :], 0)
+    page_valid = np.arange(pmax)[None, :] < pages[:, None]
+    block_ids = np.zeros((g, pmax), dtype=np.int64)
+    block_ids[page_valid] = meta.paged_kv_indices.numpy()[segment_arange(pages_indptr[reqs], pages)]
+
+    # Tree part: ancestor bitsets of this group's tokens, scattered after each context.
+    tokens = segment_arange(qo[reqs], q)
+    sub_indptr = np.concatenate([[0], np.cumsum(q)])
+    bits = ancestor_bits(meta.parents.numpy()[tokens], sub_indptr)
+    dense = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :qmax].astype(bool)
+    rows = np.zeros((g, qmax, qmax), dtype=bool)
+    rows[valid] = dense
+    mask = np.zeros((g, qmax, width + qmax), dtype=bool)
+    mask[:, :, :width] = np.arange(width)[None, None, :] < ctx[:, None, None]
+    mask[:, :, :width] &= valid[:, :, None]
+    cols = ctx[:, None, None] + np.arange(qmax)[None, None, :]
+    np.put_along_axis(mask, np.broadcast_to(cols, rows.shape), rows, axis=2)
+    return PaddedGroup(
+        token_index=torch.from_numpy(token_index),
+        valid=torch.from_numpy(valid),
+        block_ids=torch.from_numpy(block_ids),
+        mask=torch.from_numpy(np.ascontiguousarray(mask[:, None, :, :width])),
+    )
+
+
+def plan_cpu_attention(
+    meta: TreeAttentionMetadata, short_query_max: int = 128, max_group_keys: int = 1 << 16
+) -> CpuAttentionPlan:
+    """Split the step into padded groups and long causal chunks (host side, once per step).
+
+    ``max_group_keys`` caps ``G * P * block_size`` of a group (memory of the gathered K/V).
+    """
+    q = meta.query_lens.numpy().astype(np.int64)
+    kv = meta.kv_lens.numpy().astype(np.int64)
+    is_chain = meta.is_chain.numpy()
+    long_chain = is_chain & (q > short_query_max)
+    short = np.flatnonzero(~long_chain)
+    short = short[np.argsort(kv[short], kind="stable")]
+    groups: list[PaddedGroup] = []
+    bs = meta.block_size
+    start = 0
+    while start < len(short):
+        end = start + 1
+        # kv is sorted ascending, so the last member sets the padded width.
+        while end < len(short) and (end + 1 - start) * -(-kv[short[end]] // bs) * bs <= max_group_keys:
+            end += 1
+        groups.append(_padded_group(meta, short[start:end]))
+        start = end
+
+    chunks = []
+    qo = meta.qo_indptr.numpy()
+    pages_indptr = meta.paged_kv_indptr.numpy()
+    ctx = meta.context_lens.numpy()
+    for b in np.flatnonzero(long_chain).tolist():
+        block_ids = meta.paged_kv_indices[pages_indptr[b] : pages_indptr[b + 1]].to(torch.int64)
+        width = block_ids.shape[0] * bs
+        mask = torch.arange(width)[None, :] <= int(ctx[b]) + torch.arange(int(q[b]))[:, None]
+        chunks.append(CausalChunk(start=int(qo[b]), end=int(qo[b + 1]), block_ids=block_ids, mask=mask))
+    return CpuAttentionPlan(groups=groups, chunks=chunks, num_tokens=meta.num_tokens)
+
+
+def run_cpu_attention(
+    plan: CpuAttentionPlan,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    scale: float,
+    out: "torch.Tensor | None" = None,
+) -> torch.Tensor:
+    """Attention for one layer.
+
+    Args:
+        query: ``[N, Hq, D]`` (RoPE applied with the tree positions).
+        kv_cache: one layer's cache (see :mod:`tree_attn_backend.paged_kv`), already holding
+            this step's K/V; ``Hq`` must be a multiple of its ``num_kv_heads``.
+        out: optional ``[N, Hq, D]`` to write into.
+    Returns ``[N, Hq, D]`` in ``query.dtype``.
+    """
+    if query.shape[0] != plan.num_tokens:
+        raise ValueError(f"query has {query.shape[0]} tokens, the plan has {plan.num_tokens}")
+    if query.shape[1] % kv_cache.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {kv_cache.shape[1]} KV heads")
+    if out is None:
+        out = torch.empty_like(query)
+    for group in plan.groups:
+        q = query[group.token_index].transpose(1, 2)  # [G, Hq, Qmax, D]
+        k, v = read_blocks(kv_cache, group.block_ids)  # [G, Hkv, L, D]
+        o = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=group.mask, scale=scale, enable_gqa=True
+        )
+        out[group.token_index[group.valid]] = o.transpose(1, 2)[group.valid]
+    for chunk in plan.chunks:
+        q = query[chunk.start : chunk.end].transpose(0, 1)[None]  # [1, Hq, q, D]
+        k, v = read_blocks(kv_cache, chunk.block_ids[None])
+        o = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=chunk.mask, scale=scale, enable_gqa=True
+        )
+        out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+    return out

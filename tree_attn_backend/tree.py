@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 def depths_from_parents(parents: np.ndarray) -> np.ndarray:
@@ -171,3 +172,44 @@ class DraftTree:
         while path[-1] != 0:
             path.append(int(self.parents[path[-1]]))
         return path[::-1]
+
+
+@dataclass(frozen=True, eq=False)
+class FlatTrees:
+    """A batch of draft trees flattened node-major, the verifier's input.
+
+    Attributes:
+        qo_indptr: int64 ``[B+1]``; request ``b`` owns nodes ``qo_indptr[b]:qo_indptr[b+1]``.
+        parents: int64 ``[N]`` request-local parent (``-1`` at each root).
+        tokens: int64 ``[N]``.
+    """
+
+    qo_indptr: torch.Tensor
+    parents: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def from_trees(cls, trees: "list[DraftTree]") -> "FlatTrees":
+        if not trees:
+            raise ValueError("trees is empty: a batch has at least one request")
+        sizes = np.array([t.num_nodes for t in trees], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(sizes)])
+        return cls(
+            qo_indptr=torch.from_numpy(indptr),
+            parents=torch.from_numpy(np.concatenate([t.parents for t in trees]).astype(np.int64)),
+            tokens=torch.from_numpy(np.concatenate([t.tokens for t in trees])),
+        )
+
+    @property
+    def num_reqs(self) -> int:
+        return int(self.qo_indptr.shape[0]) - 1
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.parents.shape[0])
+
+    def global_parents(self) -> torch.Tensor:
+        """int64 ``[N]``: parent as a batch-wide node index (``-1`` at roots)."""
+        sizes = self.qo_indptr[1:] - self.qo_indptr[:-1]
+        start = torch.repeat_interleave(self.qo_indptr[:-1], sizes)
+        return torch.where(self.parents < 0, self.parents, self.parents + start)

@@ -1,4 +1,5 @@
-// CPU op: FlashInfer's bit-packed custom mask, built straight from parent arrays.
+// CPU op: FlashInfer's bit-packed custom mask and the cascade's [q, q] tree masks, built
+// straight from parent arrays in one pass.
 //
 // For request b with context c and q new tokens (kv_len = c + q), row i of its mask is
 // c ones (the committed context) followed by the ancestor-or-self bits of token i over the
@@ -6,6 +7,8 @@
 // segment, little bit order, each request padded to a byte boundary. This is exactly
 // np.packbits(dense_mask_b.ravel(), bitorder="little") per request, without ever
 // materializing the dense [q, c + q] bool matrix (c can be thousands of tokens).
+// The second output is the last q columns of every dense mask, row-major, concatenated:
+// the ancestor-or-self mask over the new tokens that the cascade's tree pass uses.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,10 +33,10 @@ inline void set_bit_range(uint8_t* out, int64_t begin, int64_t end) {
   for (int64_t k = last_full * 8; k < end; ++k) out[k >> 3] |= uint8_t(1u << (k & 7));
 }
 
-std::vector<at::Tensor> build_packed_tree_mask(const at::Tensor& parents, const at::Tensor& qo_indptr,
+std::vector<at::Tensor> build_tree_masks(const at::Tensor& parents, const at::Tensor& qo_indptr,
                                                const at::Tensor& context_lens) {
   TORCH_CHECK(parents.device().is_cpu() && qo_indptr.device().is_cpu() && context_lens.device().is_cpu(),
-              "build_packed_tree_mask: all inputs must be CPU tensors");
+              "build_tree_masks: all inputs must be CPU tensors");
   TORCH_CHECK(parents.scalar_type() == at::kInt, "parents must be int32, got ", parents.scalar_type());
   TORCH_CHECK(qo_indptr.scalar_type() == at::kLong, "qo_indptr must be int64, got ", qo_indptr.scalar_type());
   TORCH_CHECK(context_lens.scalar_type() == at::kLong, "context_lens must be int64, got ",
@@ -59,8 +62,15 @@ std::vector<at::Tensor> build_packed_tree_mask(const at::Tensor& parents, const 
     TORCH_CHECK(q >= 1 && ctx[b] >= 0, "request ", b, ": bad lengths (query ", q, ", context ", ctx[b], ")");
     byte_ptr[b + 1] = byte_ptr[b] + (q * (ctx[b] + q) + 7) / 8;
   }
+  std::vector<int64_t> tree_ptr(num_reqs + 1, 0);
+  for (int64_t b = 0; b < num_reqs; ++b) {
+    const int64_t q = qo[b + 1] - qo[b];
+    tree_ptr[b + 1] = tree_ptr[b] + q * q;
+  }
   at::Tensor packed = at::zeros({byte_ptr[num_reqs]}, at::kByte);
+  at::Tensor tree_mask = at::zeros({tree_ptr[num_reqs]}, at::kBool);
   uint8_t* out = packed.data_ptr<uint8_t>();
+  bool* tree_out = tree_mask.data_ptr<bool>();
 
   at::parallel_for(0, num_reqs, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> rows;  // ancestor-or-self bitsets of this request, [q, words]
@@ -71,6 +81,7 @@ std::vector<at::Tensor> build_packed_tree_mask(const at::Tensor& parents, const 
       const int64_t words = (q + 63) / 64;
       rows.assign(static_cast<size_t>(q * words), 0);
       uint8_t* seg = out + byte_ptr[b];
+      bool* tree_seg = tree_out + tree_ptr[b];
       for (int64_t i = 0; i < q; ++i) {
         uint64_t* row = rows.data() + i * words;
         const int32_t p = par[qo[b] + i];
@@ -86,19 +97,21 @@ std::vector<at::Tensor> build_packed_tree_mask(const at::Tensor& parents, const 
             const int64_t j = w * 64 + __builtin_ctzll(word);
             const int64_t bit = base + c + j;
             seg[bit >> 3] |= uint8_t(1u << (bit & 7));
+            tree_seg[i * q + j] = true;
             word &= word - 1;
           }
         }
       }
     }
   });
-  return {packed, mask_indptr};
+  return {packed, mask_indptr, tree_mask};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(tree_pruned, m) {
-  m.def("build_packed_tree_mask(Tensor parents, Tensor qo_indptr, Tensor context_lens) -> Tensor[]");
+  // -> [packed uint8 [bytes], byte_indptr int64 [B+1], tree_mask bool [sum q^2]]
+  m.def("build_tree_masks(Tensor parents, Tensor qo_indptr, Tensor context_lens) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(tree_pruned, CPU, m) { m.impl("build_packed_tree_mask", &build_packed_tree_mask); }
+TORCH_LIBRARY_IMPL(tree_pruned, CPU, m) { m.impl("build_tree_masks", &build_tree_masks); }

@@ -45,14 +45,12 @@ def test_metadata_matches_definitions(spec):
 
 
 @given(spec=batch_specs(max_context=300))
-def test_native_packed_mask_equals_numpy_fallback(spec):
-    op = native_op("build_packed_tree_mask")
-    if op is None:
-        import pytest
-
-        pytest.skip("native ops not built")
+def test_native_masks_equal_numpy_fallback(spec):
+    op = native_op("build_tree_masks")
+    assert op is not None, "native ops are built by `make setup`"
     meta = make_attention_case(spec, torch.float32, seed=0).meta
-    packed, indptr = op(meta.parents, meta.qo_indptr.to(torch.int64), meta.context_lens.to(torch.int64))
+    packed, indptr, tree_mask = op(meta.parents, meta.qo_indptr.to(torch.int64), meta.context_lens.to(torch.int64))
+    assert np.array_equal(tree_mask.numpy(), meta._numpy_tree_mask())
     want, want_indptr = pack_segments(meta.custom_mask.numpy(), meta.mask_bit_indptr.numpy())
     assert np.array_equal(packed.numpy(), want)
     assert np.array_equal(indptr.numpy(), want_indptr)

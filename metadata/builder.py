@@ -31,10 +31,12 @@ def _pages(block_table: np.ndarray, num_tokens: np.ndarray, block_size: int) -> 
     return _indptr(num_pages), indices, last
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _i32(array: np.ndarray) -> torch.Tensor:
-    if array.size and (array.max() > np.iinfo(np.int32).max or array.min() < np.iinfo(np.int32).min):
-        raise ValueError(f"value {int(array.max())} does not fit the int32 layout FlashInfer expects")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32))
+    """int32 tensor of values already known to fit (see the range check in the builder)."""
+    return torch.from_numpy(array.astype(np.int32))
 
 
 def build_tree_attention_metadata(batch: StepBatch) -> TreeAttentionMetadata:
@@ -42,6 +44,8 @@ def build_tree_attention_metadata(batch: StepBatch) -> TreeAttentionMetadata:
     q = batch.query_lens
     ctx = batch.context_lens
     kv = ctx + q
+    if int(kv.max()) * int(q.max()) > _INT32_MAX or int(batch.block_table.max(initial=0)) * batch.block_size > _INT32_MAX:
+        raise ValueError("batch too large for FlashInfer's int32 indices (context x tree size or block ids)")
     qo_indptr = _indptr(q)
     n = int(qo_indptr[-1])
     req_of_token = np.repeat(np.arange(batch.num_reqs), q)

@@ -40,25 +40,26 @@ def ancestor_bits(parents: np.ndarray, qo_indptr: np.ndarray) -> np.ndarray:
         jump = next_jump
 
 
-def unpack_rows(bits: np.ndarray, qo_indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-request ``[q, q]`` ancestor masks, concatenated row-major over the batch.
-
-    Returns ``(mask, column_index)``: bool ``[sum q^2]`` and the int64 local column of every
-    element (handy to scatter the same values elsewhere).
-    """
+def row_columns(qo_indptr: np.ndarray) -> np.ndarray:
+    """Keep-mask of the padded ``[N, W * 64]`` bit matrix: column ``j`` of row ``t`` is kept
+    iff ``j`` is below the row's request query length."""
     query_lens = np.diff(qo_indptr)
-    dense = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
-    columns = np.arange(dense.shape[1])
-    row_len = np.repeat(query_lens, query_lens)
-    keep = columns[None, :] < row_len[:, None]
-    return dense[keep].astype(bool), np.broadcast_to(columns, dense.shape)[keep]
+    words = max(1, -(-int(query_lens.max(initial=1)) // 64))
+    return np.arange(words * 64)[None, :] < np.repeat(query_lens, query_lens)[:, None]
+
+
+def unpack_rows(bits: np.ndarray, qo_indptr: np.ndarray) -> np.ndarray:
+    """Per-request ``[q, q]`` ancestor masks, concatenated row-major over the batch:
+    bool ``[sum q^2]``."""
+    dense = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little").view(bool)
+    return dense[row_columns(qo_indptr)]
 
 
 def pack_segments(flat: np.ndarray, bit_indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pack each segment of a flat bool array little-endian, padded to a byte boundary.
 
     Returns ``(packed uint8 [total_bytes], byte_indptr int64 [B+1])``. This is the torch-free
-    fallback of the native ``build_packed_tree_mask`` op and loops over segments.
+    fallback of the native ``build_tree_masks`` op and loops over segments.
     """
     pieces = [np.packbits(flat[a:b], bitorder="little") for a, b in zip(bit_indptr[:-1], bit_indptr[1:])]
     sizes = np.array([p.shape[0] for p in pieces], dtype=np.int64)

@@ -16,7 +16,7 @@ import torch
 
 from tree_attn_backend.native import native_op
 
-from .masks import ancestor_bits, pack_segments, unpack_rows
+from .masks import ancestor_bits, pack_segments, row_columns, unpack_rows
 
 
 @dataclass(eq=False)
@@ -77,18 +77,25 @@ class TreeAttentionMetadata:
         return int(self.query_lens.max()) if self.num_reqs else 0
 
     @cached_property
-    def _ancestor_bits(self) -> np.ndarray:
-        return ancestor_bits(self.parents.numpy(), self.qo_indptr.numpy().astype(np.int64))
-
-    @cached_property
-    def _tree_mask_and_columns(self) -> tuple[np.ndarray, np.ndarray]:
-        return unpack_rows(self._ancestor_bits, self.qo_indptr.numpy().astype(np.int64))
+    def _native_masks(self) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None":
+        """``(packed, byte_indptr, tree_mask)`` from the native op, or ``None`` without it."""
+        op = native_op("build_tree_masks")
+        if op is None:
+            return None
+        packed, byte_indptr, tree_mask = op(self.parents, self.qo_indptr.to(torch.int64), self.context_lens.to(torch.int64))
+        return packed, byte_indptr.to(torch.int32), tree_mask
 
     @cached_property
     def tree_mask(self) -> torch.Tensor:
         """bool ``[sum q_b^2]``: per request the ``[q, q]`` ancestor-or-self mask over its new
         tokens (row = query, column = key), row-major, concatenated (cascade tree pass)."""
-        return torch.from_numpy(self._tree_mask_and_columns[0])
+        if self._native_masks is not None:
+            return self._native_masks[2]
+        return torch.from_numpy(self._numpy_tree_mask())
+
+    def _numpy_tree_mask(self) -> np.ndarray:
+        qo = self.qo_indptr.numpy().astype(np.int64)
+        return unpack_rows(ancestor_bits(self.parents.numpy(), qo), qo)
 
     @cached_property
     def tree_mask_indptr(self) -> torch.Tensor:
@@ -111,18 +118,17 @@ class TreeAttentionMetadata:
         ctx = self.context_lens.numpy().astype(np.int64)
         kv = ctx + q
         out = np.ones(int(self.mask_bit_indptr[-1]), dtype=bool)
-        values, columns = self._tree_mask_and_columns
+        keep = row_columns(self.qo_indptr.numpy().astype(np.int64))
+        columns = np.broadcast_to(np.arange(keep.shape[1]), keep.shape)[keep]
         local = np.arange(self.num_tokens) - np.repeat(self.qo_indptr.numpy()[:-1].astype(np.int64), q)
         row_start = np.repeat(self.mask_bit_indptr.numpy()[:-1], q) + local * np.repeat(kv, q) + np.repeat(ctx, q)
-        out[np.repeat(row_start, np.repeat(q, q)) + columns] = values
+        out[np.repeat(row_start, np.repeat(q, q)) + columns] = self.tree_mask.numpy()
         return torch.from_numpy(out)
 
     @cached_property
     def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        op = native_op("build_packed_tree_mask")
-        if op is not None:
-            packed, indptr = op(self.parents, self.qo_indptr.to(torch.int64), self.context_lens.to(torch.int64))
-            return packed, indptr.to(torch.int32)
+        if self._native_masks is not None:
+            return self._native_masks[0], self._native_masks[1]
         packed, indptr = pack_segments(self.custom_mask.numpy(), self.mask_bit_indptr.numpy())
         return torch.from_numpy(packed), torch.from_numpy(indptr.astype(np.int32))
 

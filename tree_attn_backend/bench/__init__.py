@@ -1,0 +1,1 @@
+"""Benchmarks behind ``tree-pruned bench``. They print numbers; no test times anything."""

@@ -87,6 +87,8 @@ class DraftTree:
 
     def __post_init__(self) -> None:
         parents = np.asarray(self.parents)
+        if parents.size == 0:
+            raise ValueError("parents is empty: a tree has at least its root (node 0)")
         if parents.dtype.kind not in "iu":
             raise ValueError(f"parents must be integers, got dtype {parents.dtype}")
         parents = parents.astype(np.int32)
@@ -104,7 +106,7 @@ class DraftTree:
         bad = np.flatnonzero(~((probs >= 0.0) & (probs <= 1.0)))  # NaN fails both
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"probs[{i}] = {probs[i]!r} is not a probability in [0, 1]")
+            raise ValueError(f"probs[{i}] = {float(probs[i])!r} is not a probability in [0, 1]")
         if (tokens < 0).any():
             i = int(np.flatnonzero(tokens < 0)[0])
             raise ValueError(f"tokens[{i}] = {int(tokens[i])} is negative")

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tree_attn_backend.tree import bad_parent_reason
+
 SUPPORTED_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -113,17 +115,7 @@ class StepBatch:
             t = int(bad[0])
             b = int(np.searchsorted(np.cumsum(query_lens), t, side="right"))
             i, p = int(local[t]), int(parents[t])
-            if i == 0:
-                reason = "the first new token of a request is its root and must have parent -1"
-            elif p == -1:
-                reason = "more than one root"
-            elif p < -1 or p >= int(query_lens[b]):
-                reason = f"out of range for {int(query_lens[b])} nodes"
-            elif p == i:
-                reason = "a self reference"
-            else:
-                reason = "a forward reference (parents must come before their children)"
-            raise ValueError(f"request {b}: parents[{i}] = {p}: {reason}")
+            raise ValueError(f"request {b}: parents[{i}] = {p}: {bad_parent_reason(i, p, int(query_lens[b]))}")
         object.__setattr__(self, "context_lens", context_lens)
         object.__setattr__(self, "query_lens", query_lens)
         object.__setattr__(self, "parents", parents)

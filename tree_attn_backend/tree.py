@@ -40,6 +40,19 @@ def depths_from_parents(parents: np.ndarray) -> np.ndarray:
         jump = next_jump
 
 
+def bad_parent_reason(index: int, parent: int, num_nodes: int) -> str:
+    """Why ``parents[index] = parent`` breaks a topologically ordered tree of ``num_nodes``."""
+    if index == 0:
+        return "node 0 is the root and its parent must be -1"
+    if parent == -1:
+        return "more than one root (only node 0 may have parent -1)"
+    if parent < -1 or parent >= num_nodes:
+        return f"out of range for {num_nodes} nodes"
+    if parent == index:
+        return "a self reference"
+    return "a forward reference (parents must come before their children)"
+
+
 def validate_parents(parents: np.ndarray, what: str = "parents") -> None:
     """Raise ``ValueError`` naming the first bad index if ``parents`` is not a single tree
     in topological order (``parents[0] == -1``, ``0 <= parents[i] < i`` otherwise)."""
@@ -49,7 +62,7 @@ def validate_parents(parents: np.ndarray, what: str = "parents") -> None:
     if n == 0:
         raise ValueError(f"{what} is empty: a tree has at least its root (node 0)")
     if parents[0] != -1:
-        raise ValueError(f"{what}[0] = {int(parents[0])}: node 0 is the root and its parent must be -1")
+        raise ValueError(f"{what}[0] = {int(parents[0])}: {bad_parent_reason(0, int(parents[0]), n)}")
     if n == 1:
         return
     rest = parents[1:]
@@ -57,16 +70,7 @@ def validate_parents(parents: np.ndarray, what: str = "parents") -> None:
     bad = np.flatnonzero((rest < 0) | (rest >= index))
     if bad.size:
         i = int(bad[0]) + 1
-        p = int(parents[i])
-        if p == -1:
-            reason = "more than one root (only node 0 may have parent -1)"
-        elif p < -1 or p >= n:
-            reason = f"out of range for {n} nodes"
-        elif p == i:
-            reason = "a self reference"
-        else:
-            reason = "a forward reference (parents must come before their children)"
-        raise ValueError(f"{what}[{i}] = {p}: {reason}")
+        raise ValueError(f"{what}[{i}] = {int(parents[i])}: {bad_parent_reason(i, int(parents[i]), n)}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,117 +1,233 @@
-// CPU op: FlashInfer's bit-packed custom mask and the cascade's [q, q] tree masks, built
-// straight from parent arrays in one pass.
+// Native CPU ops for the metadata builder (torch library `tree_pruned`). Each has a numpy
+// version in metadata/ that is both the fallback and the oracle the fuzz suite holds it to.
 //
-// For request b with context c and q new tokens (kv_len = c + q), row i of its mask is
-// c ones (the committed context) followed by the ancestor-or-self bits of token i over the
-// q new tokens. Rows are concatenated row-major, bit (i * kv_len + k) of the request's
-// segment, little bit order, each request padded to a byte boundary. This is exactly
-// np.packbits(dense_mask_b.ravel(), bitorder="little") per request, without ever
-// materializing the dense [q, c + q] bool matrix (c can be thousands of tokens).
-// The second output is the last q columns of every dense mask, row-major, concatenated:
-// the ancestor-or-self mask over the new tokens that the cascade's tree pass uses.
+// build_tree_masks: FlashInfer's bit-packed custom mask and the cascade's [q, q] tree masks,
+// straight from parent arrays in one pass. For request b with context c and q new tokens
+// (kv_len = c + q), row i of its mask is c ones (the committed context) followed by the
+// ancestor-or-self bits of token i over the q new tokens. Rows are concatenated row-major,
+// little bit order, each request padded to a byte boundary: exactly
+// np.packbits(dense_mask_b.ravel(), bitorder="little") per request, written byte by byte
+// without ever materializing the dense [q, c + q] bool matrix. The second output is the last q
+// columns of every dense mask, row-major, concatenated (the cascade's tree pass).
+//
+// tree_token_layout: depth, RoPE position (context + depth), cache slot (linear position
+// context + i through the block table) and is-chain flag of every new token.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
 
-// Sets bits [begin, end) of `out` (little bit order). Whole bytes are memset.
-inline void set_bit_range(uint8_t* out, int64_t begin, int64_t end) {
-  if (begin >= end) return;
-  int64_t first_full = (begin + 7) / 8;
-  int64_t last_full = end / 8;  // exclusive
-  if (first_full > last_full) {  // begin and end inside one byte
-    for (int64_t k = begin; k < end; ++k) out[k >> 3] |= uint8_t(1u << (k & 7));
-    return;
+// Appends bits to a byte buffer in little bit order; every byte is written exactly once.
+class BitWriter {
+ public:
+  explicit BitWriter(uint8_t* out) : out_(out) {}
+
+  // Appends the low n (<= 32) bits of `bits`.
+  void put(uint64_t bits, int n) {
+    acc_ |= (bits & ((uint64_t(1) << n) - 1)) << pending_;
+    pending_ += n;
+    while (pending_ >= 8) {
+      *out_++ = uint8_t(acc_);
+      acc_ >>= 8;
+      pending_ -= 8;
+    }
   }
-  for (int64_t k = begin; k < first_full * 8; ++k) out[k >> 3] |= uint8_t(1u << (k & 7));
-  std::memset(out + first_full, 0xFF, static_cast<size_t>(last_full - first_full));
-  for (int64_t k = last_full * 8; k < end; ++k) out[k >> 3] |= uint8_t(1u << (k & 7));
+
+  void put_ones(int64_t count) {
+    if (pending_ && count) {  // complete the current byte first
+      const int k = static_cast<int>(std::min<int64_t>(count, 8 - pending_));
+      put((uint64_t(1) << k) - 1, k);
+      count -= k;
+    }
+    if (count >= 8) {  // now byte aligned
+      std::memset(out_, 0xFF, static_cast<size_t>(count / 8));
+      out_ += count / 8;
+      count %= 8;
+    }
+    if (count) put((uint64_t(1) << count) - 1, static_cast<int>(count));
+  }
+
+  // Appends the first n bits of a bitset.
+  void put_bitset(const uint64_t* words, int64_t n) {
+    for (int64_t w = 0; n > 0; ++w, n -= 64) {
+      const int64_t take = std::min<int64_t>(n, 64);
+      put(words[w] & 0xFFFFFFFFu, static_cast<int>(std::min<int64_t>(take, 32)));
+      if (take > 32) put(words[w] >> 32, static_cast<int>(take - 32));
+    }
+  }
+
+  void finish() {
+    if (pending_) *out_++ = uint8_t(acc_);
+    acc_ = 0;
+    pending_ = 0;
+  }
+
+ private:
+  uint8_t* out_;
+  uint64_t acc_ = 0;
+  int pending_ = 0;
+};
+
+struct Batch {
+  const int32_t* parents;
+  const int64_t* qo;
+  const int64_t* ctx;
+  int64_t num_reqs;
+};
+
+Batch check_batch(const char* op, const at::Tensor& parents, const at::Tensor& qo_indptr,
+                  const at::Tensor& context_lens) {
+  TORCH_CHECK(parents.device().is_cpu() && qo_indptr.device().is_cpu() && context_lens.device().is_cpu(), op,
+              ": all inputs must be CPU tensors");
+  TORCH_CHECK(parents.scalar_type() == at::kInt, op, ": parents must be int32, got ", parents.scalar_type());
+  TORCH_CHECK(qo_indptr.scalar_type() == at::kLong, op, ": qo_indptr must be int64, got ", qo_indptr.scalar_type());
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong, op, ": context_lens must be int64, got ",
+              context_lens.scalar_type());
+  TORCH_CHECK(parents.dim() == 1 && qo_indptr.dim() == 1 && context_lens.dim() == 1, op, ": inputs must be 1-D");
+  TORCH_CHECK(parents.is_contiguous() && qo_indptr.is_contiguous() && context_lens.is_contiguous(), op,
+              ": inputs must be contiguous");
+  const int64_t num_reqs = context_lens.size(0);
+  TORCH_CHECK(qo_indptr.size(0) == num_reqs + 1, op, ": qo_indptr has ", qo_indptr.size(0), " entries for ",
+              num_reqs, " requests");
+  Batch batch{parents.data_ptr<int32_t>(), qo_indptr.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
+              num_reqs};
+  TORCH_CHECK(batch.qo[0] == 0 && batch.qo[num_reqs] == parents.size(0), op,
+              ": qo_indptr must start at 0 and end at ", parents.size(0));
+  for (int64_t b = 0; b < num_reqs; ++b) {
+    const int64_t q = batch.qo[b + 1] - batch.qo[b];
+    TORCH_CHECK(q >= 1 && batch.ctx[b] >= 0, op, ": request ", b, " has query length ", q, " and context ",
+                batch.ctx[b]);
+    for (int64_t i = 0; i < q; ++i) {
+      const int32_t p = batch.parents[batch.qo[b] + i];
+      TORCH_CHECK((i == 0 && p == -1) || (i > 0 && p >= 0 && p < i), op, ": request ", b, ": parents[", i,
+                  "] = ", p, " is not a topologically ordered tree");
+    }
+  }
+  return batch;
+}
+
+// Returns the first `size` elements of `buffer` when it is a large enough contiguous CPU
+// tensor of `dtype`, else a new tensor. Reusing a caller-owned buffer across steps avoids
+// fresh pages (and their page faults) for masks of several MB.
+at::Tensor output_buffer(const std::optional<at::Tensor>& buffer, int64_t size, at::ScalarType dtype) {
+  if (buffer.has_value() && buffer->device().is_cpu() && buffer->scalar_type() == dtype && buffer->dim() == 1 &&
+      buffer->is_contiguous() && buffer->size(0) >= size) {
+    return buffer->narrow(0, 0, size);
+  }
+  return at::empty({size}, dtype);
 }
 
 std::vector<at::Tensor> build_tree_masks(const at::Tensor& parents, const at::Tensor& qo_indptr,
-                                               const at::Tensor& context_lens) {
-  TORCH_CHECK(parents.device().is_cpu() && qo_indptr.device().is_cpu() && context_lens.device().is_cpu(),
-              "build_tree_masks: all inputs must be CPU tensors");
-  TORCH_CHECK(parents.scalar_type() == at::kInt, "parents must be int32, got ", parents.scalar_type());
-  TORCH_CHECK(qo_indptr.scalar_type() == at::kLong, "qo_indptr must be int64, got ", qo_indptr.scalar_type());
-  TORCH_CHECK(context_lens.scalar_type() == at::kLong, "context_lens must be int64, got ",
-              context_lens.scalar_type());
-  TORCH_CHECK(parents.dim() == 1 && qo_indptr.dim() == 1 && context_lens.dim() == 1, "inputs must be 1-D");
-  const int64_t num_reqs = context_lens.size(0);
-  TORCH_CHECK(qo_indptr.size(0) == num_reqs + 1, "qo_indptr has ", qo_indptr.size(0), " entries for ", num_reqs,
-              " requests");
-  auto parents_c = parents.contiguous();
-  auto qo_c = qo_indptr.contiguous();
-  auto ctx_c = context_lens.contiguous();
-  const int32_t* par = parents_c.data_ptr<int32_t>();
-  const int64_t* qo = qo_c.data_ptr<int64_t>();
-  const int64_t* ctx = ctx_c.data_ptr<int64_t>();
-  TORCH_CHECK(qo[0] == 0 && qo[num_reqs] == parents.size(0), "qo_indptr must start at 0 and end at ",
-              parents.size(0));
-
+                                         const at::Tensor& context_lens,
+                                         const std::optional<at::Tensor>& packed_buffer,
+                                         const std::optional<at::Tensor>& tree_buffer) {
+  const Batch batch = check_batch("build_tree_masks", parents, qo_indptr, context_lens);
+  const int64_t num_reqs = batch.num_reqs;
   at::Tensor mask_indptr = at::empty({num_reqs + 1}, at::kLong);
   int64_t* byte_ptr = mask_indptr.data_ptr<int64_t>();
+  std::vector<int64_t> tree_ptr(num_reqs + 1, 0);
   byte_ptr[0] = 0;
   for (int64_t b = 0; b < num_reqs; ++b) {
-    const int64_t q = qo[b + 1] - qo[b];
-    TORCH_CHECK(q >= 1 && ctx[b] >= 0, "request ", b, ": bad lengths (query ", q, ", context ", ctx[b], ")");
-    byte_ptr[b + 1] = byte_ptr[b] + (q * (ctx[b] + q) + 7) / 8;
-  }
-  std::vector<int64_t> tree_ptr(num_reqs + 1, 0);
-  for (int64_t b = 0; b < num_reqs; ++b) {
-    const int64_t q = qo[b + 1] - qo[b];
+    const int64_t q = batch.qo[b + 1] - batch.qo[b];
+    byte_ptr[b + 1] = byte_ptr[b] + (q * (batch.ctx[b] + q) + 7) / 8;
     tree_ptr[b + 1] = tree_ptr[b] + q * q;
   }
-  at::Tensor packed = at::zeros({byte_ptr[num_reqs]}, at::kByte);
-  at::Tensor tree_mask = at::zeros({tree_ptr[num_reqs]}, at::kBool);
-  uint8_t* out = packed.data_ptr<uint8_t>();
+  // Every byte of both outputs is written below, so no zero fill.
+  at::Tensor packed = output_buffer(packed_buffer, byte_ptr[num_reqs], at::kByte);
+  at::Tensor tree_mask = output_buffer(tree_buffer, tree_ptr[num_reqs], at::kBool);
+  uint8_t* packed_out = packed.data_ptr<uint8_t>();
   bool* tree_out = tree_mask.data_ptr<bool>();
 
-  at::parallel_for(0, num_reqs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> rows;  // ancestor-or-self bitsets of this request, [q, words]
+  at::parallel_for(0, num_reqs, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> rows;  // ancestor-or-self bitsets of one request, [q, words]
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t q = qo[b + 1] - qo[b];
-      const int64_t c = ctx[b];
-      const int64_t kv = c + q;
+      const int64_t q = batch.qo[b + 1] - batch.qo[b];
+      const int64_t c = batch.ctx[b];
       const int64_t words = (q + 63) / 64;
+      const int32_t* par = batch.parents + batch.qo[b];
       rows.assign(static_cast<size_t>(q * words), 0);
-      uint8_t* seg = out + byte_ptr[b];
+      BitWriter writer(packed_out + byte_ptr[b]);
       bool* tree_seg = tree_out + tree_ptr[b];
       for (int64_t i = 0; i < q; ++i) {
         uint64_t* row = rows.data() + i * words;
-        const int32_t p = par[qo[b] + i];
-        TORCH_CHECK((i == 0 && p == -1) || (i > 0 && p >= 0 && p < i), "request ", b, ": parents[", i, "] = ", p,
-                    " is not a topologically ordered tree");
-        if (p >= 0) std::memcpy(row, rows.data() + p * words, static_cast<size_t>(words) * sizeof(uint64_t));
+        if (par[i] >= 0) std::memcpy(row, rows.data() + par[i] * words, static_cast<size_t>(words) * sizeof(uint64_t));
         row[i >> 6] |= uint64_t(1) << (i & 63);
-        const int64_t base = i * kv;
-        set_bit_range(seg, base, base + c);
+        writer.put_ones(c);
+        writer.put_bitset(row, q);
+        bool* tree_row = tree_seg + i * q;
+        std::memset(tree_row, 0, static_cast<size_t>(q));
         for (int64_t w = 0; w < words; ++w) {
-          uint64_t word = row[w];
-          while (word) {
-            const int64_t j = w * 64 + __builtin_ctzll(word);
-            const int64_t bit = base + c + j;
-            seg[bit >> 3] |= uint8_t(1u << (bit & 7));
-            tree_seg[i * q + j] = true;
-            word &= word - 1;
-          }
+          for (uint64_t word = row[w]; word; word &= word - 1) tree_row[w * 64 + __builtin_ctzll(word)] = true;
         }
       }
+      writer.finish();
     }
   });
   return {packed, mask_indptr, tree_mask};
+}
+
+std::vector<at::Tensor> tree_token_layout(const at::Tensor& parents, const at::Tensor& qo_indptr,
+                                          const at::Tensor& context_lens, const at::Tensor& block_table,
+                                          int64_t block_size) {
+  const Batch batch = check_batch("tree_token_layout", parents, qo_indptr, context_lens);
+  TORCH_CHECK(block_table.device().is_cpu() && block_table.scalar_type() == at::kLong && block_table.dim() == 2 &&
+                  block_table.size(0) == batch.num_reqs && block_table.is_contiguous(),
+              "tree_token_layout: block_table must be a contiguous int64 CPU tensor [num_reqs, max_blocks]");
+  TORCH_CHECK(block_size > 0, "tree_token_layout: block_size = ", block_size, " must be positive");
+  const int64_t n = parents.size(0);
+  const int64_t max_blocks = block_table.size(1);
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch.num_reqs; ++b) {
+    const int64_t last = batch.ctx[b] + (batch.qo[b + 1] - batch.qo[b]) - 1;
+    TORCH_CHECK(last / block_size < max_blocks, "tree_token_layout: block_table is too short for request ", b);
+  }
+  at::Tensor depths = at::empty({n}, at::kInt);
+  at::Tensor positions = at::empty({n}, at::kLong);
+  at::Tensor slots = at::empty({n}, at::kLong);
+  at::Tensor is_chain = at::empty({batch.num_reqs}, at::kBool);
+  int32_t* depth = depths.data_ptr<int32_t>();
+  int64_t* position = positions.data_ptr<int64_t>();
+  int64_t* slot = slots.data_ptr<int64_t>();
+  bool* chain = is_chain.data_ptr<bool>();
+  for (int64_t b = 0; b < batch.num_reqs; ++b) {
+    const int64_t start = batch.qo[b], q = batch.qo[b + 1] - start, c = batch.ctx[b];
+    const int64_t* row = table + b * max_blocks;
+    bool linear = true;
+    for (int64_t i = 0; i < q; ++i) {
+      const int32_t p = batch.parents[start + i];
+      const int32_t d = p < 0 ? 0 : depth[start + p] + 1;  // parents come first
+      depth[start + i] = d;
+      position[start + i] = c + d;
+      const int64_t pos = c + i;
+      slot[start + i] = row[pos / block_size] * block_size + pos % block_size;
+      linear = linear && p == i - 1;
+    }
+    chain[b] = linear;
+  }
+  return {depths, positions, slots, is_chain};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(tree_pruned, m) {
   // -> [packed uint8 [bytes], byte_indptr int64 [B+1], tree_mask bool [sum q^2]]
-  m.def("build_tree_masks(Tensor parents, Tensor qo_indptr, Tensor context_lens) -> Tensor[]");
+  // The optional buffers are written in place when large enough (see output_buffer).
+  m.def(
+      "build_tree_masks(Tensor parents, Tensor qo_indptr, Tensor context_lens, Tensor? packed_buffer=None, "
+      "Tensor? tree_buffer=None) -> Tensor[]");
+  // -> [depths int32 [N], positions int64 [N], slot_mapping int64 [N], is_chain bool [B]]
+  m.def(
+      "tree_token_layout(Tensor parents, Tensor qo_indptr, Tensor context_lens, Tensor block_table, "
+      "int block_size) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(tree_pruned, CPU, m) { m.impl("build_tree_masks", &build_tree_masks); }
+TORCH_LIBRARY_IMPL(tree_pruned, CPU, m) {
+  m.impl("build_tree_masks", &build_tree_masks);
+  m.impl("tree_token_layout", &tree_token_layout);
+}

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 from hypothesis import given
 
+from metadata import MaskWorkspace, build_tree_attention_metadata
 from metadata.masks import pack_segments
 from tree_attn_backend.native import native_op
 from tree_attn_backend.reference import reference_depths, reference_tree_mask
@@ -54,3 +55,31 @@ def test_native_masks_equal_numpy_fallback(spec):
     want, want_indptr = pack_segments(meta.custom_mask.numpy(), meta.mask_bit_indptr.numpy())
     assert np.array_equal(packed.numpy(), want)
     assert np.array_equal(indptr.numpy(), want_indptr)
+
+
+@given(spec=batch_specs(max_context=300))
+def test_native_token_layout_equals_numpy(spec):
+    from metadata.builder import token_layout_numpy
+
+    batch = make_attention_case(spec, torch.float32, seed=0).batch
+    op = native_op("tree_token_layout")
+    assert op is not None, "native ops are built by `make setup`"
+    qo = np.concatenate([[0], np.cumsum(batch.query_lens)])
+    native = op(torch.from_numpy(batch.parents), torch.from_numpy(qo), torch.from_numpy(batch.context_lens),
+                torch.from_numpy(batch.block_table), batch.block_size)
+    for got, want in zip(native, token_layout_numpy(batch, qo)):
+        assert got.dtype == torch.from_numpy(want).dtype
+        assert np.array_equal(got.numpy(), want)
+
+
+SHARED_WORKSPACE = MaskWorkspace()  # reused across examples: stale bytes would show up
+
+
+@given(spec=batch_specs(max_context=300))
+def test_workspace_reuse_gives_identical_masks(spec):
+    batch = make_attention_case(spec, torch.float32, seed=0).batch
+    fresh = build_tree_attention_metadata(batch)
+    reused = build_tree_attention_metadata(batch, SHARED_WORKSPACE)
+    assert torch.equal(reused.packed_custom_mask, fresh.packed_custom_mask)
+    assert torch.equal(reused.mask_indptr, fresh.mask_indptr)
+    assert torch.equal(reused.tree_mask, fresh.tree_mask)

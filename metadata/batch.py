@@ -73,8 +73,8 @@ class StepBatch:
                             ("parents", parents), ("block_table", block_table)):
             if value.dtype.kind not in "iu":
                 raise ValueError(f"{name} must hold integers, got dtype {value.dtype}")
-        context_lens = context_lens.astype(np.int64, copy=False)
-        query_lens = query_lens.astype(np.int64, copy=False)
+        context_lens = np.ascontiguousarray(context_lens, dtype=np.int64)
+        query_lens = np.ascontiguousarray(query_lens, dtype=np.int64)
         if context_lens.ndim != 1 or query_lens.shape != context_lens.shape:
             raise ValueError(
                 f"context_lens {tuple(context_lens.shape)} and query_lens {tuple(query_lens.shape)} "
@@ -100,14 +100,15 @@ class StepBatch:
                 f"{int(query_lens[b])} new tokens need {int(blocks_needed[b])} blocks of "
                 f"{self.block_size}, the table has {block_table.shape[1]} columns"
             )
-        used = np.arange(block_table.shape[1])[None, :] < blocks_needed[:, None]
-        if (block_table[used] < 0).any():
-            b, col = (int(x[0]) for x in np.nonzero(used & (block_table < 0)))
-            raise ValueError(f"block_table[{b}, {col}] = {int(block_table[b, col])} is a negative block id")
+        if block_table.size and block_table.min() < 0:  # vLLM pads with 0, so look closer only then
+            used = np.arange(block_table.shape[1])[None, :] < blocks_needed[:, None]
+            if (block_table[used] < 0).any():
+                b, col = (int(x[0]) for x in np.nonzero(used & (block_table < 0)))
+                raise ValueError(f"block_table[{b}, {col}] = {int(block_table[b, col])} is a negative block id")
         num_tokens = int(query_lens.sum())
         if parents.shape != (num_tokens,):
             raise ValueError(f"parents has shape {tuple(parents.shape)}, expected ({num_tokens},) = sum(query_lens)")
-        parents = parents.astype(np.int32, copy=False)
+        parents = np.ascontiguousarray(parents, dtype=np.int32)
         local = np.arange(num_tokens) - np.repeat(np.cumsum(query_lens) - query_lens, query_lens)
         first = local == 0
         bad = np.flatnonzero(np.where(first, parents != -1, (parents < 0) | (parents >= local)))
@@ -119,7 +120,7 @@ class StepBatch:
         object.__setattr__(self, "context_lens", context_lens)
         object.__setattr__(self, "query_lens", query_lens)
         object.__setattr__(self, "parents", parents)
-        object.__setattr__(self, "block_table", block_table.astype(np.int64, copy=False))
+        object.__setattr__(self, "block_table", np.ascontiguousarray(block_table, dtype=np.int64))
 
     @property
     def num_reqs(self) -> int:

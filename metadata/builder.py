@@ -1,7 +1,8 @@
 """The metadata builder: a :class:`StepBatch` in, a :class:`TreeAttentionMetadata` out.
 
-Pure and deterministic; vectorized over the batch (numpy), no Python loop over requests,
-nodes or tokens.
+Pure and deterministic. The per-token layout runs in the native ``tree_token_layout`` op when
+it is built, else in numpy, vectorized over the batch (no Python loop over requests, nodes or
+tokens); both give identical results (fuzzed).
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tree_attn_backend.native import native_op
 from tree_attn_backend.tree import depths_from_parents
 
 from .batch import StepBatch
-from .tree_metadata import TreeAttentionMetadata
+from .tree_metadata import MaskWorkspace, TreeAttentionMetadata
 
 
 def _indptr(sizes: np.ndarray) -> np.ndarray:
@@ -39,8 +41,28 @@ def _i32(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int32))
 
 
-def build_tree_attention_metadata(batch: StepBatch) -> TreeAttentionMetadata:
-    """Build one step's metadata (see :class:`TreeAttentionMetadata` for every field)."""
+def token_layout_numpy(batch: StepBatch, qo_indptr: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(depths int32, positions int64, slot_mapping int64 [N], is_chain bool [B])``; the
+    fallback and oracle of the native ``tree_token_layout`` op."""
+    q, ctx = batch.query_lens, batch.context_lens
+    req_of_token = np.repeat(np.arange(batch.num_reqs), q)
+    local = np.arange(int(qo_indptr[-1])) - qo_indptr[:-1][req_of_token]
+    parents = batch.parents
+    depths = depths_from_parents(np.where(parents < 0, -1, parents + qo_indptr[:-1][req_of_token]))
+    positions = ctx[req_of_token] + depths
+    linear = ctx[req_of_token] + local
+    block_ids = batch.block_table[req_of_token, linear // batch.block_size]
+    slot_mapping = block_ids * batch.block_size + linear % batch.block_size
+    # A request is a chain iff no token's parent differs from the token before it.
+    off_chain = (parents != local - 1).astype(np.int64)
+    is_chain = np.bincount(req_of_token, weights=off_chain, minlength=batch.num_reqs) == 0
+    return depths.astype(np.int32), positions.astype(np.int64), slot_mapping.astype(np.int64), is_chain
+
+
+def build_tree_attention_metadata(batch: StepBatch, workspace: "MaskWorkspace | None" = None) -> TreeAttentionMetadata:
+    """Build one step's metadata (see :class:`TreeAttentionMetadata` for every field).
+
+    Pass the same ``workspace`` step after step to reuse the mask buffers."""
     q = batch.query_lens
     ctx = batch.context_lens
     kv = ctx + q
@@ -48,21 +70,20 @@ def build_tree_attention_metadata(batch: StepBatch) -> TreeAttentionMetadata:
         raise ValueError("batch too large for FlashInfer's int32 indices (context x tree size or block ids)")
     qo_indptr = _indptr(q)
     n = int(qo_indptr[-1])
-    req_of_token = np.repeat(np.arange(batch.num_reqs), q)
-    local = np.arange(n) - qo_indptr[:-1][req_of_token]
-
-    parents = batch.parents
-    global_parents = np.where(parents < 0, -1, parents + qo_indptr[:-1][req_of_token])
-    depths = depths_from_parents(global_parents)
-    positions = ctx[req_of_token] + depths
-
-    linear = ctx[req_of_token] + local
-    block_ids = batch.block_table[req_of_token, linear // batch.block_size]
-    slot_mapping = block_ids * batch.block_size + linear % batch.block_size
-
-    # A request is a chain iff no token's parent differs from the token before it.
-    off_chain = (parents != local - 1).astype(np.int64)
-    is_chain = np.bincount(req_of_token, weights=off_chain, minlength=batch.num_reqs) == 0
+    op = native_op("tree_token_layout")
+    if op is not None:
+        depths, positions, slot_mapping, is_chain = (
+            t.numpy()
+            for t in op(
+                torch.from_numpy(batch.parents),
+                torch.from_numpy(qo_indptr),
+                torch.from_numpy(ctx),
+                torch.from_numpy(batch.block_table),
+                batch.block_size,
+            )
+        )
+    else:
+        depths, positions, slot_mapping, is_chain = token_layout_numpy(batch, qo_indptr)
 
     kv_indptr, kv_indices, kv_last = _pages(batch.block_table, kv, batch.block_size)
     pre_indptr, pre_indices, pre_last = _pages(batch.block_table, ctx, batch.block_size)
@@ -74,10 +95,10 @@ def build_tree_attention_metadata(batch: StepBatch) -> TreeAttentionMetadata:
         qo_indptr=_i32(qo_indptr),
         context_lens=_i32(ctx),
         kv_lens=_i32(kv),
-        parents=_i32(parents),
-        depths=_i32(depths),
-        positions=torch.from_numpy(positions.astype(np.int64)),
-        slot_mapping=torch.from_numpy(slot_mapping.astype(np.int64)),
+        parents=torch.from_numpy(batch.parents),
+        depths=torch.from_numpy(depths),
+        positions=torch.from_numpy(positions),
+        slot_mapping=torch.from_numpy(slot_mapping),
         is_chain=torch.from_numpy(is_chain),
         paged_kv_indptr=_i32(kv_indptr),
         paged_kv_indices=_i32(kv_indices),
@@ -85,4 +106,5 @@ def build_tree_attention_metadata(batch: StepBatch) -> TreeAttentionMetadata:
         prefix_kv_indptr=_i32(pre_indptr),
         prefix_kv_indices=_i32(pre_indices),
         prefix_kv_last_page_len=_i32(pre_last),
+        workspace=workspace,
     )

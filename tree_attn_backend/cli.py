@@ -2,6 +2,7 @@
 
     tree-pruned fuzz --examples N [pytest args]   the Hypothesis property suite, N examples each
     tree-pruned bench metadata [--json]   builder vs per-node Python builder
+    tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ def _fuzz(args: argparse.Namespace) -> int:
     env = dict(os.environ, TREE_PRUNED_FUZZ_EXAMPLES=str(args.examples))
     cmd = [sys.executable, "-m", "pytest", "-q", str(Path(fuzz.__file__).parent), *args.extra]
     return subprocess.call(cmd, env=env)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import serve
+
+    extra = [a for a in args.extra if a != "--"]
+    return serve.main(args.port, extra)
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -73,9 +81,12 @@ def main(argv: "list[str] | None" = None) -> int:
     meta.add_argument("--tree-nodes", type=_int_list, default=metadata_bench_defaults("TREE_NODES"), help="e.g. 8,32,64")
     meta.add_argument("--contexts", type=_int_list, default=metadata_bench_defaults("CONTEXTS"), help="e.g. 512,4096")
     meta.set_defaults(func=_bench_metadata)
-    # Arguments `fuzz` does not know go to pytest (e.g. `-k verify`).
+    serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
+    serve_p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    serve_p.set_defaults(func=_serve)
+    # Arguments `fuzz` does not know go to pytest (e.g. `-k verify`), `serve`'s to vLLM.
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "fuzz":
+    if extra and args.command not in ("fuzz", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     return args.func(args)

@@ -4,8 +4,10 @@
 once per layer:
 
 * requests with a tree, or with at most ``short_query_max`` new tokens, are padded into
-  groups and run as one SDPA call per group with a bool mask (context + tree ancestors);
-  groups are formed in order of KV length and capped in size, so padding stays small;
+  groups and run as one grouped-query masked attention per group (context + tree
+  ancestors), in float32, reading K in its stored transposed layout (no transpose copy, no
+  KV head repetition); groups are formed in order of KV length and capped in size, so
+  padding stays small;
 * long linear chunks (prefill) run one SDPA call each with an offset-causal mask.
 
 The new tokens' K/V must already be in the cache (vLLM calls ``do_kv_cache_update`` first).
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from metadata import TreeAttentionMetadata
 from metadata.masks import ancestor_bits
 
-from .paged_kv import read_blocks
+from .paged_kv import read_blocks, read_blocks_for_scores
 
 
 def segment_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -39,7 +41,8 @@ class PaddedGroup:
 
     token_index: int64 ``[G, Qmax]`` rows of the step's query (0 where padded);
     valid: bool ``[G, Qmax]``; block_ids: int64 ``[G, P]`` (0 where padded);
-    mask: bool ``[G, 1, Qmax, P * block_size]``.
+    mask: bool ``[G, 1, Qmax, W]``, ``W`` = the group's longest KV length (keys beyond
+    it are gathered with their pages but never scored).
     """
 
     token_index: torch.Tensor
@@ -73,7 +76,7 @@ def _padded_group(meta: TreeAttentionMetadata, reqs: np.ndarray) -> PaddedGroup:
     pages_indptr = meta.paged_kv_indptr.numpy().astype(np.int64)
     pages = np.diff(pages_indptr)[reqs]
     g, qmax, pmax = len(reqs), int(q.max()), int(pages.max())
-    width = pmax * bs
+    width = int((ctx + q).max())  # keys past the longest request are never needed
 
     valid = np.arange(qmax)[None, :] < q[:, None]
     token_index = np.where(valid, qo[reqs][:, None] + np.arange(qmax)[None, :], 0)
@@ -137,6 +140,24 @@ def plan_cpu_attention(
     return CpuAttentionPlan(groups=groups, chunks=chunks, num_tokens=meta.num_tokens)
 
 
+def _grouped_masked_attention(
+    q: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q ``[G, Q, Hq, D]``, key_t ``[G, Hkv, D, L]``, value ``[G, Hkv, L, D]``, mask bool
+    ``[G, 1, Q, L]`` -> ``[G, Q, Hq, D]`` float32. Query heads sharing a KV head are stacked
+    into one matmul (GQA without repeating K/V). A row that sees nothing yields NaN; only
+    padding rows do, and they are dropped."""
+    g, nq, hq, d = q.shape
+    hkv = key_t.shape[1]
+    group = hq // hkv
+    qg = q.float().view(g, nq, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(g, hkv, group * nq, d)
+    scores = torch.matmul(qg, key_t.float()).mul_(scale).view(g, hkv, group, nq, -1)
+    scores.masked_fill_(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(g, hkv, group * nq, -1)
+    o = torch.matmul(probs, value.float()).view(g, hkv, group, nq, d)
+    return o.permute(0, 3, 1, 2, 4).reshape(g, nq, hq, d)
+
+
 def run_cpu_attention(
     plan: CpuAttentionPlan,
     query: torch.Tensor,
@@ -160,12 +181,11 @@ def run_cpu_attention(
     if out is None:
         out = torch.empty_like(query)
     for group in plan.groups:
-        q = query[group.token_index].transpose(1, 2)  # [G, Hq, Qmax, D]
-        k, v = read_blocks(kv_cache, group.block_ids)  # [G, Hkv, L, D]
-        o = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=group.mask, scale=scale, enable_gqa=True
-        )
-        out[group.token_index[group.valid]] = o.transpose(1, 2)[group.valid]
+        key_t, value = read_blocks_for_scores(kv_cache, group.block_ids)
+        width = group.mask.shape[-1]
+        out[group.token_index[group.valid]] = _grouped_masked_attention(
+            query[group.token_index], key_t[..., :width], value[:, :, :width], group.mask, scale
+        )[group.valid].to(out.dtype)
     for chunk in plan.chunks:
         q = query[chunk.start : chunk.end].transpose(0, 1)[None]  # [1, Hq, q, D]
         k, v = read_blocks(kv_cache, chunk.block_ids[None])

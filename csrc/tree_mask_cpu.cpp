@@ -11,7 +11,8 @@
 // columns of every dense mask, row-major, concatenated (the cascade's tree pass).
 //
 // tree_token_layout: depth, RoPE position (context + depth), cache slot (linear position
-// context + i through the block table) and is-chain flag of every new token.
+// context + i through the block table) and is-chain flag of every new token, plus FlashInfer's
+// paged-KV layout (indptr / indices / last page length) of the whole KV and of the context.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -210,7 +211,28 @@ std::vector<at::Tensor> tree_token_layout(const at::Tensor& parents, const at::T
     }
     chain[b] = linear;
   }
-  return {depths, positions, slots, is_chain};
+  // FlashInfer's paged layout of the whole KV (context + new tokens) and of the context alone.
+  std::vector<at::Tensor> out{depths, positions, slots, is_chain};
+  for (const bool whole : {true, false}) {
+    at::Tensor indptr = at::empty({batch.num_reqs + 1}, at::kInt);
+    at::Tensor last = at::empty({batch.num_reqs}, at::kInt);
+    int32_t* ip = indptr.data_ptr<int32_t>();
+    int32_t* lp = last.data_ptr<int32_t>();
+    ip[0] = 0;
+    for (int64_t b = 0; b < batch.num_reqs; ++b) {
+      const int64_t len = batch.ctx[b] + (whole ? batch.qo[b + 1] - batch.qo[b] : 0);
+      const int64_t pages = (len + block_size - 1) / block_size;
+      ip[b + 1] = static_cast<int32_t>(ip[b] + pages);
+      lp[b] = static_cast<int32_t>(pages ? len - (pages - 1) * block_size : 0);
+    }
+    at::Tensor indices = at::empty({ip[batch.num_reqs]}, at::kInt);
+    int32_t* idx = indices.data_ptr<int32_t>();
+    for (int64_t b = 0; b < batch.num_reqs; ++b) {
+      for (int64_t k = 0; k < ip[b + 1] - ip[b]; ++k) idx[ip[b] + k] = static_cast<int32_t>(table[b * max_blocks + k]);
+    }
+    out.insert(out.end(), {indptr, indices, last});
+  }
+  return out;
 }
 
 }  // namespace
@@ -221,7 +243,9 @@ TORCH_LIBRARY(tree_pruned, m) {
   m.def(
       "build_tree_masks(Tensor parents, Tensor qo_indptr, Tensor context_lens, Tensor? packed_buffer=None, "
       "Tensor? tree_buffer=None) -> Tensor[]");
-  // -> [depths int32 [N], positions int64 [N], slot_mapping int64 [N], is_chain bool [B]]
+  // -> [depths int32 [N], positions int64 [N], slot_mapping int64 [N], is_chain bool [B],
+  //     then (indptr int32 [B+1], indices int32 [pages], last_page_len int32 [B]) for the whole
+  //     KV and again for the context alone]
   m.def(
       "tree_token_layout(Tensor parents, Tensor qo_indptr, Tensor context_lens, Tensor block_table, "
       "int block_size) -> Tensor[]");

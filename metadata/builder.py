@@ -42,8 +42,9 @@ def _i32(array: np.ndarray) -> torch.Tensor:
 
 
 def token_layout_numpy(batch: StepBatch, qo_indptr: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``(depths int32, positions int64, slot_mapping int64 [N], is_chain bool [B])``; the
-    fallback and oracle of the native ``tree_token_layout`` op."""
+    """``(depths int32, positions int64, slot_mapping int64 [N], is_chain bool [B])`` followed
+    by the paged layout (indptr, indices, last page length; int32) of the whole KV and of the
+    context alone: the fallback and oracle of the native ``tree_token_layout`` op."""
     q, ctx = batch.query_lens, batch.context_lens
     req_of_token = np.repeat(np.arange(batch.num_reqs), q)
     local = np.arange(int(qo_indptr[-1])) - qo_indptr[:-1][req_of_token]
@@ -56,7 +57,14 @@ def token_layout_numpy(batch: StepBatch, qo_indptr: np.ndarray) -> tuple[np.ndar
     # A request is a chain iff no token's parent differs from the token before it.
     off_chain = (parents != local - 1).astype(np.int64)
     is_chain = np.bincount(req_of_token, weights=off_chain, minlength=batch.num_reqs) == 0
-    return depths.astype(np.int32), positions.astype(np.int64), slot_mapping.astype(np.int64), is_chain
+    return (
+        depths.astype(np.int32),
+        positions.astype(np.int64),
+        slot_mapping.astype(np.int64),
+        is_chain,
+        *(a.astype(np.int32) for a in _pages(batch.block_table, ctx + q, batch.block_size)),
+        *(a.astype(np.int32) for a in _pages(batch.block_table, ctx, batch.block_size)),
+    )
 
 
 def build_tree_attention_metadata(batch: StepBatch, workspace: "MaskWorkspace | None" = None) -> TreeAttentionMetadata:
@@ -72,7 +80,7 @@ def build_tree_attention_metadata(batch: StepBatch, workspace: "MaskWorkspace | 
     n = int(qo_indptr[-1])
     op = native_op("tree_token_layout")
     if op is not None:
-        depths, positions, slot_mapping, is_chain = (
+        layout = tuple(
             t.numpy()
             for t in op(
                 torch.from_numpy(batch.parents),
@@ -83,10 +91,9 @@ def build_tree_attention_metadata(batch: StepBatch, workspace: "MaskWorkspace | 
             )
         )
     else:
-        depths, positions, slot_mapping, is_chain = token_layout_numpy(batch, qo_indptr)
-
-    kv_indptr, kv_indices, kv_last = _pages(batch.block_table, kv, batch.block_size)
-    pre_indptr, pre_indices, pre_last = _pages(batch.block_table, ctx, batch.block_size)
+        layout = token_layout_numpy(batch, qo_indptr)
+    depths, positions, slot_mapping, is_chain, *pages = layout
+    kv_indptr, kv_indices, kv_last, pre_indptr, pre_indices, pre_last = (torch.from_numpy(a) for a in pages)
 
     return TreeAttentionMetadata(
         num_reqs=batch.num_reqs,
@@ -100,11 +107,11 @@ def build_tree_attention_metadata(batch: StepBatch, workspace: "MaskWorkspace | 
         positions=torch.from_numpy(positions),
         slot_mapping=torch.from_numpy(slot_mapping),
         is_chain=torch.from_numpy(is_chain),
-        paged_kv_indptr=_i32(kv_indptr),
-        paged_kv_indices=_i32(kv_indices),
-        paged_kv_last_page_len=_i32(kv_last),
-        prefix_kv_indptr=_i32(pre_indptr),
-        prefix_kv_indices=_i32(pre_indices),
-        prefix_kv_last_page_len=_i32(pre_last),
+        paged_kv_indptr=kv_indptr,
+        paged_kv_indices=kv_indices,
+        paged_kv_last_page_len=kv_last,
+        prefix_kv_indptr=pre_indptr,
+        prefix_kv_indices=pre_indices,
+        prefix_kv_last_page_len=pre_last,
         workspace=workspace,
     )

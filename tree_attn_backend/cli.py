@@ -2,6 +2,7 @@
 
     tree-pruned fuzz --examples N [pytest args]   the Hypothesis property suite, N examples each
     tree-pruned bench metadata [--json]   builder vs per-node Python builder
+    tree-pruned bench e2e [--quick] [--json] [--plot DIR] [--prompts FILE]   modes x concurrency in vLLM
     tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
 """
 
@@ -51,6 +52,54 @@ def _bench_metadata(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .bench import e2e, e2e_report
+    from .default_model import default_model_dir
+
+    try:
+        prompts = e2e.load_prompts(args.prompts, per_category=1 if args.quick else None)
+        config = e2e.E2EConfig(
+            model=str(default_model_dir()),
+            prompts=tuple(prompts),
+            modes=args.modes,
+            concurrency=args.concurrency,
+            max_tokens=args.max_tokens or (32 if args.quick else 64),
+        )
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"tree-pruned bench e2e: {exc}") from None
+    total = len(config.modes) * len(config.concurrency)
+    with tqdm(total=total, desc="bench e2e", unit="run", file=sys.stderr) as bar:
+        def progress(description: str, done: int) -> None:
+            bar.set_description(description)
+            bar.update(done - bar.n)
+
+        runs = e2e.run_engines(config, progress)
+    rows = e2e.summarize(runs)
+    if args.plot:
+        for path in e2e_report.plot(rows, runs, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+        return 0
+    print(e2e_report.format_table(rows, categories=args.categories))
+    print()
+    for statement, met in e2e_report.check_targets(rows):
+        print(f"[{'met' if met else 'NOT MET'}] {statement}")
+    return 0
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    from .bench.e2e import MODES
+
+    modes = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; modes are {','.join(MODES)}")
+    return modes
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(","))
@@ -81,6 +130,18 @@ def main(argv: "list[str] | None" = None) -> int:
     meta.add_argument("--tree-nodes", type=_int_list, default=metadata_bench_defaults("TREE_NODES"), help="e.g. 8,32,64")
     meta.add_argument("--contexts", type=_int_list, default=metadata_bench_defaults("CONTEXTS"), help="e.g. 512,4096")
     meta.set_defaults(func=_bench_metadata)
+    e2e_p = bench_sub.add_parser("e2e", help="end to end in vLLM: modes x concurrency (tokens/s, drafts, latency)")
+    e2e_p.add_argument("--quick", action="store_true", help="one prompt per category, 32 tokens (a few minutes)")
+    e2e_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
+    e2e_p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
+    e2e_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
+                       help="Spec-Bench-style JSONL (default: the shipped mixed set)")
+    e2e_p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
+    e2e_p.add_argument("--modes", type=_modes, default=("none", "chain", "static_tree", "pruned_tree", "pruned_budget"),
+                       help="comma-separated subset of none,chain,static_tree,pruned_tree,pruned_budget (none is required)")
+    e2e_p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64, quick 32)")
+    e2e_p.add_argument("--categories", action="store_true", help="table rows per prompt category too (JSON always has them)")
+    e2e_p.set_defaults(func=_bench_e2e)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
     serve_p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     serve_p.set_defaults(func=_serve)

@@ -1,63 +1,91 @@
-"""TREE_PRUNED as a vLLM attention backend (CPU): thin adapters over ``metadata`` and
-``tree_attn_backend.cpu_attention``.
+"""TREE_PRUNED as a vLLM attention backend (CPU).
+
+vLLM's own CPU attention kernel runs every row of the batch (it is causal, which is exact for
+prefill chunks, plain decodes and chain drafts); rows that carry a branching draft tree are
+then recomputed by :mod:`tree_attn_backend.cpu_attention` over ``metadata``'s tree layout and
+overwritten. Steps without trees therefore cost what stock vLLM costs.
 
 On CPU this class is registered in the ``CPU_ATTN`` slot of vLLM's backend registry (the CPU
 platform always asks for that slot), so ``get_name()`` returns ``"CPU_ATTN"``: vLLM looks the
 name up as an enum member in every process. The KV cache keeps vLLM's CPU layout (see
-``tree_attn_backend.paged_kv``); this backend writes and reads it itself.
+``tree_attn_backend.paged_kv``), written by vLLM's own op.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
 
-from metadata import MaskWorkspace, StepBatch, TreeAttentionMetadata, build_tree_attention_metadata
+from metadata import MaskWorkspace, StepBatch, build_tree_attention_metadata
 
-from ..cpu_attention import CpuAttentionPlan, plan_cpu_attention, run_cpu_attention
-from ..paged_kv import write_kv
+from ..cpu_attention import CpuAttentionPlan, plan_cpu_attention, run_cpu_attention, segment_arange
 from .side_channel import TREE_STEP
 
 
 @dataclass
-class TreePrunedMetadata:
-    """Per-step metadata shared by all layers."""
+class TreeRowsAttention:
+    """The tree rows of one step, shared by all layers.
 
-    num_actual_tokens: int
-    tree: TreeAttentionMetadata
+    token_index: int64 ``[T]`` the tree rows' query tokens in the step's token order;
+    plan: the CPU attention plan of the sub-batch made of those rows only (its token ``i`` is
+    ``token_index[i]``).
+    """
+
+    token_index: torch.Tensor
     plan: CpuAttentionPlan
 
 
-class TreePrunedMetadataBuilder(AttentionMetadataBuilder[TreePrunedMetadata]):
+@dataclass
+class TreePrunedMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata for the whole batch, plus the tree rows (``None``: no trees)."""
+
+    tree_rows: "TreeRowsAttention | None" = None
+
+
+class TreePrunedMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # noqa: ANN001 (vLLM's types)
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.block_size = kv_cache_spec.block_size
         self.workspace = MaskWorkspace()
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> TreePrunedMetadata:
+        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        metadata = TreePrunedMetadata(**{f.name: getattr(base, f.name) for f in fields(CPUAttentionMetadata)})
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
         query_lens = np.diff(qsl)
-        seq_lens = cm.seq_lens[:num_reqs].cpu().numpy().astype(np.int64)
+        published = TREE_STEP.tree_rows_for(query_lens)
+        if published is None or published.rows.size == 0:
+            return metadata
+        rows = published.rows
+        seq_lens = cm.seq_lens[:num_reqs].cpu().numpy().astype(np.int64)[rows]
         batch = StepBatch(
-            context_lens=seq_lens - query_lens,
-            query_lens=query_lens,
-            parents=TREE_STEP.parents_for(query_lens),
-            block_table=cm.block_table_tensor[:num_reqs].cpu().numpy(),
+            context_lens=seq_lens - query_lens[rows],
+            query_lens=query_lens[rows],
+            parents=published.parents,
+            block_table=cm.block_table_tensor[:num_reqs].cpu().numpy()[rows],
             block_size=self.block_size,
         )
         tree = build_tree_attention_metadata(batch, self.workspace)
-        return TreePrunedMetadata(num_actual_tokens=cm.num_actual_tokens, tree=tree, plan=plan_cpu_attention(tree))
+        metadata.tree_rows = TreeRowsAttention(
+            token_index=torch.from_numpy(segment_arange(qsl[rows], query_lens[rows])),
+            plan=plan_cpu_attention(tree),
+        )
+        return metadata
 
 
-class TreePrunedImpl(AttentionImpl):
+class TreePrunedImpl(CPUAttentionBackendImpl):
     def __init__(
         self,
         num_heads: int,
@@ -72,6 +100,7 @@ class TreePrunedImpl(AttentionImpl):
         kv_sharing_target_layer_name: "str | None" = None,
         sinks: "torch.Tensor | None" = None,
     ) -> None:
+        # The tree rows' attention is plain scaled softmax attention over the paged cache.
         unsupported = {
             "alibi_slopes": alibi_slopes,
             "sliding_window": sliding_window,
@@ -86,17 +115,8 @@ class TreePrunedImpl(AttentionImpl):
             raise NotImplementedError(f"TREE_PRUNED attention supports decoder attention only, got {attn_type!r}")
         if kv_cache_dtype != "auto":
             raise NotImplementedError(f"TREE_PRUNED attention supports kv_cache_dtype 'auto' only, got {kv_cache_dtype!r}")
-        self.num_heads = num_heads
-        self.head_size = head_size
-        self.scale = float(scale)
-        self.num_kv_heads = num_kv_heads
-
-    def do_kv_cache_update(
-        self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-    ) -> None:
-        n = slot_mapping.shape[0]
-        valid = slot_mapping >= 0  # padded tokens carry slot -1
-        write_kv(kv_cache, key[:n][valid], value[:n][valid], slot_mapping[valid])
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
 
     def forward(
         self,
@@ -110,14 +130,14 @@ class TreePrunedImpl(AttentionImpl):
         output_scale: "torch.Tensor | None" = None,
         output_block_scale: "torch.Tensor | None" = None,
     ) -> torch.Tensor:
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("TREE_PRUNED attention does not support fused output quantization")
-        if attn_metadata is None:  # profiling / warm-up run
+        super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        if attn_metadata is None or attn_metadata.tree_rows is None:
             return output
-        n = attn_metadata.num_actual_tokens
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        out = output[:n].view(n, self.num_heads, self.head_size)
-        run_cpu_attention(attn_metadata.plan, q, kv_cache, self.scale, out=out)
+        tree_rows = attn_metadata.tree_rows
+        index = tree_rows.token_index
+        q = query.index_select(0, index).view(-1, self.num_heads, self.head_size)
+        out = run_cpu_attention(tree_rows.plan, q, kv_cache, self.scale)
+        output.view(output.shape[0], -1).index_copy_(0, index, out.view(index.shape[0], -1).to(output.dtype))
         return output
 
 

@@ -6,15 +6,20 @@ message naming the option and its allowed range before any engine work happens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..pruning import PruningPolicy
 from ..tree_shape import TreeShape
+from ..verify_budget import VerifyCostModel
 
 # Up to 3 candidates at the root, 2 below, then chains: 81 nodes, depth 8. Pruning keeps a
 # small part of it; the shape only bounds what the drafter may propose.
 DEFAULT_TOKEN_TREE = TreeShape.full([3, 2, 2, 1, 1, 1, 1, 1]).to_text()
+
+# What a request may set for itself through ``SamplingParams.extra_args["tree_pruned"]``
+# (``vllm_xargs`` in the OpenAI API); the rest is engine-wide.
+PER_REQUEST_OPTIONS = ("prune_min_prob", "prune_path_prob", "max_draft_tokens", "batch_budget")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,13 @@ class TreePrunedConfig:
         drafter_min_ngram, drafter_max_ngram: n-gram lengths of the lookup drafter.
         drafter_smoothing: added to a context's continuation count total.
         log_every_steps: a tree-size log line every this many verify steps (0 = never).
+        batch_budget: allocate verified draft tokens batch-wide by marginal value against the
+            step cost model (:mod:`tree_attn_backend.verify_budget`); off = every request
+            keeps its pruned tree.
+        cost_step_ms, cost_token_ms: the cost model's fixed step time and time per query
+            token; ``None`` = measured at start-up by timing forward passes.
+        cost_draft_step_ms: fixed extra time of a step with drafts; ``None`` = measured while
+            serving (drafting + verification + compaction time).
     """
 
     speculative_token_tree: str = DEFAULT_TOKEN_TREE
@@ -40,6 +52,10 @@ class TreePrunedConfig:
     drafter_max_ngram: int = 4
     drafter_smoothing: float = 1.0
     log_every_steps: int = 50
+    batch_budget: bool = True
+    cost_step_ms: "float | None" = None
+    cost_token_ms: "float | None" = None
+    cost_draft_step_ms: "float | None" = None
 
     def __post_init__(self) -> None:
         def require(ok: bool, name: str, allowed: str) -> None:
@@ -64,6 +80,12 @@ class TreePrunedConfig:
         )
         require(is_num(self.drafter_smoothing) and self.drafter_smoothing >= 0, "drafter_smoothing", "a number >= 0")
         require(is_int(self.log_every_steps) and self.log_every_steps >= 0, "log_every_steps", "an integer >= 0")
+        require(isinstance(self.batch_budget, bool), "batch_budget", "true or false")
+        for name in ("cost_step_ms", "cost_token_ms", "cost_draft_step_ms"):
+            value = getattr(self, name)
+            require(value is None or (is_num(value) and value >= 0), name, "null (measured) or a number >= 0")
+        require((self.cost_step_ms is None) == (self.cost_token_ms is None), "cost_token_ms",
+                "set together with cost_step_ms (both null = measured)")
         try:
             TreeShape.parse(self.speculative_token_tree)
         except ValueError as exc:
@@ -80,6 +102,25 @@ class TreePrunedConfig:
         if unknown:
             raise ValueError(f"unknown tree_pruned option(s) {unknown}; known: {sorted(known)}")
         return cls(**options)
+
+    def for_request(self, extra_args: Any) -> "TreePrunedConfig":
+        """This config with a request's own ``extra_args["tree_pruned"]`` overrides (only
+        :data:`PER_REQUEST_OPTIONS`); errors name the bad key or value."""
+        options = (extra_args or {}).get("tree_pruned") if isinstance(extra_args, dict) else None
+        if options is None:
+            return self
+        if not isinstance(options, dict):
+            raise ValueError(f"extra_args tree_pruned = {options!r}: must be a JSON object")
+        not_per_request = sorted(set(options) - set(PER_REQUEST_OPTIONS))
+        if not_per_request:
+            raise ValueError(f"tree_pruned option(s) {not_per_request} cannot be set per request; these can: {list(PER_REQUEST_OPTIONS)}")
+        return replace(self, **options)
+
+    def configured_cost_model(self) -> "VerifyCostModel | None":
+        """The configured cost model, or ``None`` when it is to be measured."""
+        if self.cost_step_ms is None:
+            return None
+        return VerifyCostModel(float(self.cost_step_ms), float(self.cost_token_ms), float(self.cost_draft_step_ms or 0.0))
 
     @property
     def shape(self) -> TreeShape:

@@ -16,7 +16,9 @@ Per step, on top of vLLM's runner:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,8 +32,9 @@ from ..cpu_attention import segment_arange
 from ..kv_compaction import apply_compaction
 from ..tree import FlatTrees, depths_from_parents
 from ..verify import VerifyResult, verify_greedy, verify_sampling
+from ..verify_budget import VerifyCostModel
 from .config import TreePrunedConfig
-from .proposer import TreeProposer
+from .proposer import RequestDrafting, TreeProposer
 from .side_channel import TREE_STEP
 
 logger = init_logger("vllm.tree_pruned")  # under "vllm" so vLLM's log handlers show it
@@ -84,6 +87,8 @@ class TreeCPUModelRunner(CPUModelRunner):
         self.tree_config = TreePrunedConfig.from_additional_config(vllm_config.additional_config)
         self._tree_step: "TreeStep | None" = None
         self._stats = _TreeStats(self.tree_config.log_every_steps)
+        self._drafting: dict[str, RequestDrafting] = {}
+        self._draft_ms = 0.0  # this step's verification + compaction time, for the cost model
 
     @property
     def _tree_proposer(self) -> "TreeProposer | None":
@@ -93,18 +98,57 @@ class TreeCPUModelRunner(CPUModelRunner):
     # -- request lifecycle -------------------------------------------------------------
     def _on_request_state_removed(self, req_id, req_state) -> None:  # noqa: ANN001
         super()._on_request_state_removed(req_id, req_state)
+        self._drafting.pop(req_id, None)
         if self._tree_proposer is not None:
             self._tree_proposer.forget(req_id)
 
     # -- drafting ----------------------------------------------------------------------
+    def _request_drafting(self, req_id: str) -> RequestDrafting:
+        drafting = self._drafting.get(req_id)
+        if drafting is None:
+            params = self.requests[req_id].sampling_params
+            # Custom engine-wide logits processors may read the generated context: chains only.
+            branching = not self.model_config.logits_processors and tree_eligible(params)
+            config = self.tree_config.for_request(params.extra_args if params is not None else None)
+            drafting = self._drafting[req_id] = self._tree_proposer.drafting_for(config, branching)
+        return drafting
+
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):  # noqa: ANN001
         proposer = self._tree_proposer
-        if proposer is not None:
-            req_ids = list(self.input_batch.req_ids)
-            custom_processors = bool(self.model_config.logits_processors)
-            eligible = [not custom_processors and tree_eligible(self.requests[r].sampling_params) for r in req_ids]
-            proposer.bind_batch(req_ids, eligible)
-        return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        if proposer is None:
+            return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        verify_ms, self._draft_ms = self._draft_ms, 0.0
+        start = time.perf_counter()
+        req_ids = list(self.input_batch.req_ids)
+        proposer.bind_batch(req_ids, [self._request_drafting(r) for r in req_ids])
+        drafts = super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        if verify_ms > 0.0 or any(drafts):
+            proposer.record_draft_time(verify_ms + (time.perf_counter() - start) * 1e3)
+        return drafts
+
+    def measure_cost_model(self, token_counts: Sequence[int] = (1, 8, 32, 64), repeats: int = 3) -> None:
+        """Give the proposer its step cost model: configured, or measured here by timing
+        forward passes of ``token_counts`` tokens (fastest of ``repeats``; attention over an
+        empty cache, so the fit is the linear layers' cost, the bulk of a step)."""
+        proposer = self._tree_proposer
+        if proposer is None:
+            return
+        configured = self.tree_config.configured_cost_model()
+        if configured is not None:
+            proposer.cost_model = configured
+            return
+        counts = [n for n in token_counts if n <= self.max_num_tokens]
+        times = []
+        for n in counts:
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self._dummy_run(n)
+                runs.append((time.perf_counter() - start) * 1e3)
+            times.append(min(runs))
+        proposer.cost_model = VerifyCostModel.fit(counts, times)
+        logger.info("tree_pruned: measured step cost %.2f ms + %.3f ms per query token (forward passes of %s tokens: %s ms)",
+                    proposer.cost_model.step_ms, proposer.cost_model.token_ms, counts, [round(t, 2) for t in times])
 
     # -- the verify forward pass -------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):  # noqa: ANN001
@@ -119,7 +163,12 @@ class TreeCPUModelRunner(CPUModelRunner):
             linear = np.arange(n) - starts
             # Positions were context + linear index; trees need context + depth.
             self.positions[:n] += torch.from_numpy((depth - linear).astype(np.int64))
-            TREE_STEP.publish(step.parents)
+            # Only branching trees need masked attention; chains are what vLLM's causal kernel does.
+            branching = depth != linear
+            counts = np.diff(step.query_start)
+            rows = np.flatnonzero(np.add.reduceat(branching, step.query_start[:-1]) > 0)  # every row has >= 1 token
+            tokens = segment_arange(step.query_start[rows], counts[rows])
+            TREE_STEP.publish(rows, step.parents[tokens])
         return result
 
     def _collect_trees(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> "TreeStep | None":  # noqa: ANN001
@@ -160,8 +209,11 @@ class TreeCPUModelRunner(CPUModelRunner):
         step, self._tree_step = self._tree_step, None
         if step is None or spec_decode_metadata is None:
             return super()._sample(logits, spec_decode_metadata)
+        start = time.perf_counter()
         result = self._verify_trees(step, logits, spec_decode_metadata)  # before vLLM may edit logits
+        verify_ms = (time.perf_counter() - start) * 1e3
         output = super()._sample(logits, spec_decode_metadata)
+        start = time.perf_counter()
         sampled = output.sampled_token_ids
         width = result.output_tokens.shape[1]
         if width > sampled.shape[1]:
@@ -170,8 +222,11 @@ class TreeCPUModelRunner(CPUModelRunner):
         sampled[rows] = -1
         sampled[rows, :width] = result.output_tokens[rows].to(sampled.dtype)
         self._compact(step, result)
-        self._stats.record(np.diff(spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy(), prepend=0)[step.rows] - 1,
-                           result.num_accepted[rows].numpy())
+        num_verified = np.diff(spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy(), prepend=0)[step.rows] - 1
+        num_accepted = result.num_accepted[rows].numpy()
+        self._tree_proposer.record_acceptance([self.input_batch.req_ids[r] for r in step.rows], num_verified, num_accepted)
+        self._stats.record(num_verified, num_accepted)
+        self._draft_ms += verify_ms + (time.perf_counter() - start) * 1e3
         return output
 
     def _verify_trees(self, step: TreeStep, logits: torch.Tensor, spec_md) -> VerifyResult:  # noqa: ANN001

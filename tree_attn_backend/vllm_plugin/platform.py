@@ -22,3 +22,10 @@ class TreePrunedCpuPlatform(CpuPlatform):
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER_CLS
         super().check_and_update_config(vllm_config)
+
+    @classmethod
+    def validate_request(cls, processed_inputs, params) -> None:  # noqa: ANN001
+        # A request's own tree options (extra_args / vllm_xargs) are checked here, in the
+        # front end, so a bad one is rejected with its name instead of failing in the worker.
+        super().validate_request(processed_inputs, params)
+        TreePrunedConfig().for_request(getattr(params, "extra_args", None))

@@ -3,20 +3,48 @@
 vLLM's custom_class contract returns token ids only; the tree behind them stays here, keyed
 by request id, and the tree model runner reads it back when the drafts are scheduled.
 Node lists are in best-first topological order, so the scheduler truncating a request's
-drafts keeps the most valuable subtree.
+drafts, like the batch budget, keeps the most valuable subtree.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..lookup_drafter import LookupIndex
-from ..pruning import expand_and_prune
+from ..pruning import PruningPolicy, expand_and_prune
 from ..tree import DraftTree
 from ..tree_shape import TreeShape
+from ..verify_budget import VerifyCostModel, allocate_verify_budget
 from .config import TreePrunedConfig
+
+
+@dataclass(frozen=True)
+class RequestDrafting:
+    """How one request is drafted: its pruning policy, whether it may branch (else the best
+    chain), and whether the batch budget applies to it."""
+
+    policy: PruningPolicy
+    branching: bool
+    batch_budget: bool
+
+
+class _DecayedRatio:
+    """``(sum of numerators + prior) / (sum of denominators + prior)`` with old observations
+    decaying by ``decay`` per update: the drafter's calibration, starting at 1."""
+
+    def __init__(self, decay: float = 0.98, prior: float = 16.0) -> None:
+        self.decay, self.num, self.den = decay, prior, prior
+
+    def update(self, numerator: float, denominator: float) -> None:
+        self.num = self.decay * self.num + numerator
+        self.den = self.decay * self.den + denominator
+
+    @property
+    def value(self) -> float:
+        return self.num / self.den
 
 
 class TreeProposer:
@@ -25,23 +53,28 @@ class TreeProposer:
 
     def __init__(self, vllm_config) -> None:  # noqa: ANN001 (vllm.config.VllmConfig)
         self.config = TreePrunedConfig.from_additional_config(vllm_config.additional_config)
-        num_spec = vllm_config.speculative_config.num_speculative_tokens
-        self.policy = self.config.policy(num_spec)
+        self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.shape = self.config.shape
         self.chain_shape = TreeShape.chain(self.shape.max_depth)
         self.indexes: dict[str, LookupIndex] = {}
         self.trees: dict[str, DraftTree] = {}
-        self._req_ids: "list[str] | None" = None
-        self._eligible: list[bool] = []
+        # Set by the runner before serving (configured, or measured at start-up).
+        self.cost_model: "VerifyCostModel | None" = None
+        self.acceptance_scale = _DecayedRatio()
+        self.draft_step_ms = 0.0  # measured drafting + verification time of steps with drafts
+        self._batch: "tuple[list[str], list[RequestDrafting]] | None" = None
 
     def load_model(self, *args: object, **kwargs: object) -> None:
         """Nothing to load: the drafter reads the requests' own tokens."""
 
-    def bind_batch(self, req_ids: Sequence[str], tree_eligible: Sequence[bool]) -> None:
-        """Called by the tree model runner before each ``propose``: the batch order and which
-        requests may get branching trees (the others get the best chain)."""
-        self._req_ids = list(req_ids)
-        self._eligible = list(tree_eligible)
+    def drafting_for(self, config: TreePrunedConfig, branching: bool) -> RequestDrafting:
+        """A request's drafting from its (per-request) config."""
+        return RequestDrafting(config.policy(self.num_speculative_tokens), branching, config.batch_budget)
+
+    def bind_batch(self, req_ids: Sequence[str], drafting: Sequence[RequestDrafting]) -> None:
+        """Called by the tree model runner before each ``propose``: the batch order and how
+        each request is drafted."""
+        self._batch = (list(req_ids), list(drafting))
 
     def propose(
         self,
@@ -50,30 +83,76 @@ class TreeProposer:
         token_ids_cpu: np.ndarray,
         slot_mappings: object = None,
     ) -> list[list[int]]:
-        if self._req_ids is None:
+        if self._batch is None:
             raise RuntimeError(
                 "TreeProposer runs only with the TREE_PRUNED model runner: start vLLM with "
                 "VLLM_ATTENTION_BACKEND=TREE_PRUNED"
             )
-        req_ids, self._req_ids = self._req_ids, None
-        drafts: list[list[int]] = []
-        for row, req_id in enumerate(req_ids):
-            if not sampled_token_ids[row]:  # prefill chunk in progress, or discarded
-                self.trees.pop(req_id, None)
-                drafts.append([])
-                continue
-            num_tokens = int(num_tokens_no_spec[row])
-            index = self.indexes.get(req_id)
-            if index is None or len(index) > num_tokens:
-                index = self.indexes[req_id] = LookupIndex(
-                    self.config.drafter_min_ngram, self.config.drafter_max_ngram, self.config.drafter_smoothing
-                )
-            index.extend(token_ids_cpu[row, len(index) : num_tokens].tolist())
-            shape = self.shape if self._eligible[row] else self.chain_shape
-            tree, _ = expand_and_prune(shape, index, index.tokens, self.policy)
-            self.trees[req_id] = tree
-            drafts.append(tree.tokens[1:].tolist())
-        return drafts
+        (req_ids, drafting), self._batch = self._batch, None
+        decoding = [row for row in range(len(req_ids)) if sampled_token_ids[row]]  # else prefill in progress
+        budgeted = [row for row in decoding if drafting[row].batch_budget]
+        if budgeted and not self._drafts_can_pay(len(decoding), sum(drafting[r].policy.max_nodes or 0 for r in budgeted)):
+            skip = set(budgeted)
+            budgeted = []
+        else:
+            skip = set()
+        for req_id in req_ids:
+            self.trees.pop(req_id, None)
+        for row in decoding:
+            if row not in skip:
+                self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], token_ids_cpu[row, : int(num_tokens_no_spec[row])])
+        if budgeted:
+            trees = [self.trees[req_ids[row]] for row in budgeted]
+            keep = allocate_verify_budget([t.path_probs[1:] for t in trees], len(decoding), self.cost_model_now,
+                                          self.acceptance_scale.value)
+            for row, tree, k in zip(budgeted, trees, keep.tolist()):
+                self.trees[req_ids[row]] = tree.truncate(k + 1)
+        return [self.trees[r].tokens[1:].tolist() if r in self.trees else [] for r in req_ids]
+
+    def _grow(self, req_id: str, drafting: RequestDrafting, tokens: np.ndarray) -> DraftTree:
+        index = self.indexes.get(req_id)
+        if index is None or len(index) > len(tokens):
+            index = self.indexes[req_id] = LookupIndex(
+                self.config.drafter_min_ngram, self.config.drafter_max_ngram, self.config.drafter_smoothing
+            )
+        index.extend(tokens[len(index) :].tolist())  # catches up on steps proposed without it
+        tree, _ = expand_and_prune(self.shape if drafting.branching else self.chain_shape, index, index.tokens, drafting.policy)
+        return tree
+
+    @property
+    def cost_model_now(self) -> VerifyCostModel:
+        """The cost model with the measured draft-step overhead (unless configured)."""
+        if self.cost_model is None:
+            raise RuntimeError("the batch budget needs a cost model; the TREE_PRUNED runner sets it at start-up")
+        if self.config.cost_draft_step_ms is not None:
+            return self.cost_model
+        return VerifyCostModel(self.cost_model.step_ms, self.cost_model.token_ms, self.draft_step_ms)
+
+    def _drafts_can_pay(self, num_decoding: int, max_draft_tokens: int) -> bool:
+        """Whether any draft could raise expected throughput, even if every node were
+        certain: the throughput ratio is monotone in the token count, so the smallest and
+        the largest draft decide. Saves growing trees the budget would drop anyway."""
+        cost = self.cost_model_now
+        scale = self.acceptance_scale.value
+        k = np.array([0, 1, max(max_draft_tokens, 1)])
+        throughput = (num_decoding + scale * k) / cost.step_time(num_decoding + k, k > 0)
+        return bool(throughput[1:].max() > throughput[0])
+
+    def record_draft_time(self, ms: float) -> None:
+        """The runner's measured time for drafts in one step (drafting, verification,
+        compaction), smoothed: the cost model's ``draft_step_ms``."""
+        self.draft_step_ms = ms if self.draft_step_ms == 0.0 else 0.9 * self.draft_step_ms + 0.1 * ms
+
+    def record_acceptance(self, req_ids: Sequence[str], num_verified: Sequence[int], num_accepted: Sequence[int]) -> None:
+        """After verification: calibrates path values (expected accepted tokens) against
+        what the target accepted."""
+        expected = 0.0
+        for req_id, verified in zip(req_ids, num_verified):
+            tree = self.trees.get(req_id)
+            if tree is not None:
+                expected += float(tree.path_probs[1 : int(verified) + 1].sum())
+        if expected > 0.0:
+            self.acceptance_scale.update(float(np.sum(num_accepted)), expected)
 
     def tree_for(self, req_id: str, scheduled: Sequence[int]) -> "DraftTree | None":
         """The tree behind a request's scheduled drafts (a prefix of its node list), or

@@ -23,3 +23,8 @@ class TreeCPUWorker(cpu_worker.CPUWorker):
                 f"TREE_PRUNED needs the V1 CPU model runner, got {type(self.model_runner).__name__} "
                 "(unset VLLM_USE_V2_MODEL_RUNNER)"
             )
+
+    def compile_or_warm_up_model(self):  # noqa: ANN201 (vLLM's CompilationTimes)
+        times = super().compile_or_warm_up_model()
+        self.model_runner.measure_cost_model()  # after warm-up, so compilation is not timed
+        return times

@@ -1,0 +1,214 @@
+"""``tree-pruned bench e2e``: does dynamic pruning pay, end to end, in a real vLLM engine?
+
+Modes (named exactly so in the output):
+
+* ``none``: no speculation (stock vLLM CPU engine);
+* ``chain``: vLLM's ngram proposer (stock engine, :data:`CHAIN_SPECULATIVE_CONFIG`);
+* ``static_tree``: TREE_PRUNED, the tree shape filled up to ``num_speculative_tokens`` nodes
+  with no thresholds and no budget;
+* ``pruned_tree``: TREE_PRUNED with the per-node / path thresholds;
+* ``pruned_budget``: ``pruned_tree`` plus the batch-wide verify budget.
+
+The three tree modes share one engine (they differ only in per-request ``extra_args``), so a
+run costs three engine starts. Each engine runs in its own process
+(:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the records
+back and turns them into rows, a table, and plots. Requests are greedy, so every mode's tokens
+are compared with ``none``'s at the same concurrency (``identical_to_baseline``).
+
+Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt category):
+
+* ``tokens_per_s``: output tokens / the run's wall time (category rows: that category's
+  tokens over the same wall time, so categories add up to ``all``);
+* ``draft_tokens_per_step``: draft tokens vLLM verified / decode request-steps (a request's
+  engine step after its first token); ``all`` rows only: vLLM counts drafts per step, not per
+  request (``null`` in category rows);
+* ``accepted_tokens_per_step``: accepted draft tokens kept in the output / decode request-steps
+  (per request: output tokens minus the steps that produced them);
+* ``acceptance_rate``: accepted / draft tokens (``null`` without drafts);
+* ``ttft_ms_p50``; ``tpot_ms_p50/p90/p99``: per request, (last token - first token) /
+  (output tokens - 1), percentiles over requests;
+* ``identical_to_baseline``: every request's tokens equal ``none``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..serve import speculative_config
+
+MODES = ("none", "chain", "static_tree", "pruned_tree", "pruned_budget")
+CHAIN_SPECULATIVE_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+# Per-request tree options of the three tree modes (one engine, defaults elsewhere).
+TREE_MODE_OPTIONS = {
+    "static_tree": {"prune_min_prob": 0.0, "prune_path_prob": 0.0, "batch_budget": False},
+    "pruned_tree": {"batch_budget": False},
+    "pruned_budget": {"batch_budget": True},
+}
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "spec_bench_mixed.jsonl"
+METRICS = ("tokens_per_s", "draft_tokens_per_step", "accepted_tokens_per_step", "acceptance_rate",
+           "ttft_ms_p50", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "identical_to_baseline")
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """What to run. ``num_requests(c)`` requests per run: every prompt once, and at least
+    ``c`` so the concurrency is reached (prompts are cycled)."""
+
+    model: str
+    prompts: tuple[dict, ...]  # {"category", "messages"}
+    modes: tuple[str, ...] = MODES
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    max_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"unknown mode(s) {unknown}; modes are {list(MODES)}")
+        if "none" not in self.modes:
+            raise ValueError(f"modes {list(self.modes)} must include 'none', the baseline")
+        if not self.prompts:
+            raise ValueError("no prompts")
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens = {self.max_tokens}: must be >= 2 (time per output token needs two)")
+
+    def num_requests(self, concurrency: int) -> int:
+        return max(len(self.prompts), concurrency)
+
+
+def load_prompts(path: "str | Path", per_category: "int | None" = None) -> list[dict]:
+    """Spec-Bench-style JSONL (``category``, ``turns``: the first turn is the prompt), in file
+    order; ``per_category`` keeps the first that many of each category."""
+    prompts, seen = [], {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            category, turn = str(item["category"]), item["turns"][0]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a Spec-Bench record with 'category' and 'turns' ({exc!r})") from None
+        if not isinstance(turn, str) or not turn:
+            raise ValueError(f"{path}:{number}: turns[0] must be a non-empty string, got {turn!r}")
+        seen[category] = seen.get(category, 0) + 1
+        if per_category is None or seen[category] <= per_category:
+            prompts.append({"category": category, "messages": [{"role": "user", "content": turn}]})
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def _engine_groups(config: E2EConfig) -> list[tuple[str, dict, dict, list[dict]]]:
+    """``(name, env, engine kwargs, runs)`` per engine process, in run order."""
+    base = {"model": config.model, "dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "seed": 0,
+            "disable_log_stats": False}
+    runs = lambda modes, extra: [  # noqa: E731
+        {"mode": m, "concurrency": c, "extra_args": extra(m)} for c in config.concurrency for m in modes
+    ]
+    groups = []
+    for mode in ("none", "chain"):
+        if mode in config.modes:
+            spec = {} if mode == "none" else {"speculative_config": CHAIN_SPECULATIVE_CONFIG}
+            groups.append((mode, {}, dict(base, **spec), runs([mode], lambda m: None)))
+    tree_modes = [m for m in MODES if m in TREE_MODE_OPTIONS and m in config.modes]
+    if tree_modes:
+        engine = dict(base, speculative_config=speculative_config(), additional_config={"tree_pruned": {}})
+        groups.append(("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, engine,
+                       runs(tree_modes, lambda m: {"tree_pruned": TREE_MODE_OPTIONS[m]})))
+    return groups
+
+
+def _tokenize(config: E2EConfig) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    return [{"category": p["category"],
+             "prompt_token_ids": list(tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True))}
+            for p in config.prompts]
+
+
+def run_engines(config: E2EConfig, progress: "Callable[[str, int], None] | None" = None) -> list[dict]:
+    """Run every engine process; returns all runs' records (see ``e2e_engine``).
+    ``progress(description, runs_done)`` is called as runs finish."""
+    prompts = _tokenize(config)
+    results: list[dict] = []
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="tree-pruned-e2e-") as tmp:
+        for name, env, engine, runs in _engine_groups(config):
+            spec_path, out_path = Path(tmp, f"{name}.json"), Path(tmp, f"{name}.out.json")
+            spec_path.write_text(json.dumps({
+                "engine": engine, "runs": runs, "prompts": prompts, "max_tokens": config.max_tokens,
+                "num_requests": {str(c): config.num_requests(c) for c in config.concurrency},
+            }))
+            process_env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND"}
+            process_env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", **env})
+            if progress:
+                progress(f"starting {name} engine", done)
+            proc = subprocess.Popen([sys.executable, "-m", "tree_attn_backend.bench.e2e_engine", str(spec_path), str(out_path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=process_env)
+            log = []
+            for line in proc.stdout:  # type: ignore[union-attr]
+                log.append(line)
+                if line.startswith("PROGRESS ") and progress:
+                    finished = int(line.split()[1])
+                    progress(f"{name} engine", done + finished)
+            if proc.wait() != 0:
+                raise RuntimeError(f"the {name} engine process failed (exit {proc.returncode}):\n{''.join(log[-60:])}")
+            results.extend(json.loads(out_path.read_text())["runs"])
+            done += len(runs)
+    return results
+
+
+def _percentile(values: Sequence[float], q: float) -> "float | None":
+    return round(float(np.percentile(values, q)), 2) if len(values) else None
+
+
+def _row(mode: str, concurrency: int, category: str, requests: list[dict], wall_s: float, counters: "dict | None",
+         baseline: "dict[int, list[int]] | None") -> dict:
+    tokens = sum(len(r["tokens"]) for r in requests)
+    decode_steps = sum(max(r["steps"] - 1, 0) for r in requests)
+    accepted = sum(len(r["tokens"]) - r["steps"] for r in requests)
+    drafts = counters.get("num_draft_tokens", 0) if counters is not None else None
+    tpot = [(r["last_token"] - r["first_token"]) / (len(r["tokens"]) - 1) * 1e3 for r in requests if len(r["tokens"]) > 1]
+    ttft = [(r["first_token"] - r["arrival"]) * 1e3 for r in requests if r["first_token"] is not None]
+    return {
+        "mode": mode,
+        "concurrency": concurrency,
+        "category": category,
+        "requests": len(requests),
+        "tokens_per_s": round(tokens / wall_s, 2),
+        "draft_tokens_per_step": None if drafts is None else round(drafts / max(decode_steps, 1), 3),
+        "accepted_tokens_per_step": round(accepted / max(decode_steps, 1), 3),
+        "acceptance_rate": None if not drafts else round(accepted / drafts, 3),
+        "ttft_ms_p50": _percentile(ttft, 50),
+        "tpot_ms_p50": _percentile(tpot, 50),
+        "tpot_ms_p90": _percentile(tpot, 90),
+        "tpot_ms_p99": _percentile(tpot, 99),
+        "identical_to_baseline": None if baseline is None else all(
+            r["tokens"] == baseline[int(r["request_id"].rsplit("req", 1)[1])] for r in requests),
+    }
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Rows from the engines' records: per run an ``all`` row, then one per category."""
+    baselines = {
+        run["concurrency"]: {int(r["request_id"].rsplit("req", 1)[1]): r["tokens"] for r in run["requests"]}
+        for run in runs if run["mode"] == "none"
+    }
+    rows = []
+    for run in sorted(runs, key=lambda r: (r["concurrency"], MODES.index(r["mode"]))):
+        baseline = baselines.get(run["concurrency"])
+        requests = run["requests"]
+        rows.append(_row(run["mode"], run["concurrency"], "all", requests, run["wall_s"], run["counters"], baseline))
+        for category in sorted({r["category"] for r in requests}):
+            members = [r for r in requests if r["category"] == category]
+            rows.append(_row(run["mode"], run["concurrency"], category, members, run["wall_s"], None, baseline))
+    return rows

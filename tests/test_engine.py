@@ -53,12 +53,14 @@ def _run_engines(tmp: Path, name: str, env: dict, engines: list) -> tuple[dict, 
 
 @pytest.fixture(scope="session")
 def tree_platform(model: str, tmp_path_factory) -> tuple[dict, str]:
-    """TREE_PRUNED process: tree proposer, no speculation, vLLM's ngram proposer."""
+    """TREE_PRUNED process: tree proposer, no speculation, vLLM's ngram proposer. The batch
+    budget is off here: these tests exercise tree verification on every step (the budget would
+    drop drafts for 16-200 concurrent requests on this CPU); `test_bench_e2e` covers it."""
     greedy = {"kind": "greedy", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
     sample = {"kind": "sample", "messages": SAMPLE_MESSAGES, "n": SAMPLES, "temperature": 1.0, "max_tokens": 4}
     engines = [
         {"name": "tree", "llm": _llm(model, speculative_config=speculative_config(),
-                                     additional_config={"tree_pruned": {"log_every_steps": 1}}),
+                                     additional_config={"tree_pruned": {"log_every_steps": 1, "batch_budget": False}}),
          "jobs": [greedy, sample]},
         {"name": "no_spec", "llm": _llm(model), "jobs": [greedy, sample]},
         {"name": "ngram", "llm": _llm(model, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
@@ -130,7 +132,7 @@ def server(model: str, tmp_path_factory):
     port = free_port()
     # 48 blocks of 32 tokens (1536) while the 16 prompts together need about 3x that: running
     # requests keep crossing block boundaries and the scheduler has to preempt.
-    argv, env = server_command(model, port, {"log_every_steps": 0},
+    argv, env = server_command(model, port, {"log_every_steps": 0, "batch_budget": False},
                                ["--block-size", "32", "--num-gpu-blocks-override", "48", "--max-model-len", "1024"])
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -65,7 +65,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
             prompts=tuple(prompts),
             modes=args.modes,
             concurrency=args.concurrency,
-            max_tokens=args.max_tokens or (32 if args.quick else 64),
+            max_tokens=args.max_tokens or (16 if args.quick else 64),
         )
     except (OSError, ValueError) as exc:
         raise SystemExit(f"tree-pruned bench e2e: {exc}") from None
@@ -131,7 +131,7 @@ def main(argv: "list[str] | None" = None) -> int:
     meta.add_argument("--contexts", type=_int_list, default=metadata_bench_defaults("CONTEXTS"), help="e.g. 512,4096")
     meta.set_defaults(func=_bench_metadata)
     e2e_p = bench_sub.add_parser("e2e", help="end to end in vLLM: modes x concurrency (tokens/s, drafts, latency)")
-    e2e_p.add_argument("--quick", action="store_true", help="one prompt per category, 32 tokens (a few minutes)")
+    e2e_p.add_argument("--quick", action="store_true", help="one prompt per category, 16 tokens (under 4 minutes)")
     e2e_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
     e2e_p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     e2e_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
@@ -139,7 +139,7 @@ def main(argv: "list[str] | None" = None) -> int:
     e2e_p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
     e2e_p.add_argument("--modes", type=_modes, default=("none", "chain", "static_tree", "pruned_tree", "pruned_budget"),
                        help="comma-separated subset of none,chain,static_tree,pruned_tree,pruned_budget (none is required)")
-    e2e_p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64, quick 32)")
+    e2e_p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64, quick 16)")
     e2e_p.add_argument("--categories", action="store_true", help="table rows per prompt category too (JSON always has them)")
     e2e_p.set_defaults(func=_bench_e2e)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")

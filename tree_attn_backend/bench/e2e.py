@@ -10,9 +10,9 @@ Modes (named exactly so in the output):
 * ``pruned_budget``: ``pruned_tree`` plus the batch-wide verify budget.
 
 The three tree modes share one engine (they differ only in per-request ``extra_args``), so a
-run costs three engine starts. Each engine runs in its own process
-(:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the records
-back and turns them into rows, a table, and plots. Requests are greedy, so every mode's tokens
+run costs three engine starts, in two processes (stock, TREE_PRUNED) that run the engines in
+process (:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the
+records back and turns them into rows, a table, and plots. Requests are greedy, so every mode's tokens
 are compared with ``none``'s at the same concurrency (``identical_to_baseline``).
 
 Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt category):
@@ -106,64 +106,67 @@ def load_prompts(path: "str | Path", per_category: "int | None" = None) -> list[
     return prompts
 
 
-def _engine_groups(config: E2EConfig) -> list[tuple[str, dict, dict, list[dict]]]:
-    """``(name, env, engine kwargs, runs)`` per engine process, in run order."""
+def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
+    """``(name, env, engines)`` per process (one platform each), in run order; an engine is
+    ``{"name", "engine": EngineArgs kwargs, "runs": [...]}``."""
+    # Prefix caching off: every run of a shared engine must pay the same prefill.
     base = {"model": config.model, "dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "seed": 0,
-            "disable_log_stats": False}
-    runs = lambda modes, extra: [  # noqa: E731
-        {"mode": m, "concurrency": c, "extra_args": extra(m)} for c in config.concurrency for m in modes
-    ]
-    groups = []
-    for mode in ("none", "chain"):
-        if mode in config.modes:
-            spec = {} if mode == "none" else {"speculative_config": CHAIN_SPECULATIVE_CONFIG}
-            groups.append((mode, {}, dict(base, **spec), runs([mode], lambda m: None)))
+            "disable_log_stats": False, "enable_prefix_caching": False, "distributed_executor_backend": "uni"}
+
+    def runs(modes: list[str]) -> list[dict]:
+        return [{"mode": m, "concurrency": c, "extra_args": {"tree_pruned": TREE_MODE_OPTIONS[m]} if m in TREE_MODE_OPTIONS else None}
+                for c in config.concurrency for m in modes]
+
+    stock = []
+    if "none" in config.modes:
+        stock.append({"name": "none", "engine": base, "runs": runs(["none"])})
+    if "chain" in config.modes:
+        stock.append({"name": "chain", "engine": dict(base, speculative_config=CHAIN_SPECULATIVE_CONFIG), "runs": runs(["chain"])})
+    processes = [("stock", {}, stock)]
     tree_modes = [m for m in MODES if m in TREE_MODE_OPTIONS and m in config.modes]
     if tree_modes:
         engine = dict(base, speculative_config=speculative_config(), additional_config={"tree_pruned": {}})
-        groups.append(("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, engine,
-                       runs(tree_modes, lambda m: {"tree_pruned": TREE_MODE_OPTIONS[m]})))
-    return groups
+        processes.append(("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, [{"name": "tree", "engine": engine, "runs": runs(tree_modes)}]))
+    return processes
 
 
 def _tokenize(config: E2EConfig) -> list[dict]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    return [{"category": p["category"],
-             "prompt_token_ids": list(tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True))}
-            for p in config.prompts]
+    texts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in config.prompts]
+    return [{"category": p["category"], "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}
+            for p, text in zip(config.prompts, texts)]
 
 
 def run_engines(config: E2EConfig, progress: "Callable[[str, int], None] | None" = None) -> list[dict]:
-    """Run every engine process; returns all runs' records (see ``e2e_engine``).
+    """Run every engine; returns all runs' records (see ``e2e_engine``).
     ``progress(description, runs_done)`` is called as runs finish."""
     prompts = _tokenize(config)
     results: list[dict] = []
     done = 0
     with tempfile.TemporaryDirectory(prefix="tree-pruned-e2e-") as tmp:
-        for name, env, engine, runs in _engine_groups(config):
+        for name, env, engines in _engine_processes(config):
             spec_path, out_path = Path(tmp, f"{name}.json"), Path(tmp, f"{name}.out.json")
             spec_path.write_text(json.dumps({
-                "engine": engine, "runs": runs, "prompts": prompts, "max_tokens": config.max_tokens,
+                "engines": engines, "prompts": prompts, "max_tokens": config.max_tokens,
                 "num_requests": {str(c): config.num_requests(c) for c in config.concurrency},
             }))
             process_env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND"}
-            process_env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", **env})
+            process_env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **env})
             if progress:
-                progress(f"starting {name} engine", done)
+                progress(f"starting {name} engines", done)
             proc = subprocess.Popen([sys.executable, "-m", "tree_attn_backend.bench.e2e_engine", str(spec_path), str(out_path)],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=process_env)
             log = []
             for line in proc.stdout:  # type: ignore[union-attr]
                 log.append(line)
                 if line.startswith("PROGRESS ") and progress:
-                    finished = int(line.split()[1])
-                    progress(f"{name} engine", done + finished)
+                    progress(f"{name} engines", done + int(line.split()[1]))
             if proc.wait() != 0:
                 raise RuntimeError(f"the {name} engine process failed (exit {proc.returncode}):\n{''.join(log[-60:])}")
             results.extend(json.loads(out_path.read_text())["runs"])
-            done += len(runs)
+            done += sum(len(e["runs"]) for e in engines)
     return results
 
 

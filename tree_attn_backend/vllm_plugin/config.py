@@ -45,12 +45,12 @@ class TreePrunedConfig:
     """
 
     speculative_token_tree: str = DEFAULT_TOKEN_TREE
-    prune_min_prob: float = 0.1
-    prune_path_prob: float = 0.05
+    prune_min_prob: float = 0.05
+    prune_path_prob: float = 0.08
     max_draft_tokens: int = 16
     drafter_min_ngram: int = 1
     drafter_max_ngram: int = 4
-    drafter_smoothing: float = 1.0
+    drafter_smoothing: float = 0.5
     log_every_steps: int = 50
     batch_budget: bool = True
     cost_step_ms: "float | None" = None

@@ -1,0 +1,70 @@
+"""``tree-pruned bench e2e`` through real engines (all five modes, a small grid), its rows'
+arithmetic, and its argument errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tree_attn_backend.bench.e2e import METRICS, MODES, E2EConfig, load_prompts, summarize
+from tree_attn_backend.bench.e2e_report import check_targets, format_table
+from tree_attn_backend.cli import main
+
+
+def test_bench_e2e_all_modes_through_real_engines(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tree_attn_backend.cli", "bench", "e2e", "--quick", "--concurrency", "2",
+         "--max-tokens", "8", "--json", "--plot", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    rows = json.loads(proc.stdout)["rows"]
+    overall = {r["mode"]: r for r in rows if r["category"] == "all"}
+    assert sorted(overall) == sorted(MODES)
+    categories = {r["category"] for r in rows} - {"all"}
+    assert {"summarization", "rag", "translation", "writing"} <= categories
+    for r in rows:
+        assert set(r) == {"mode", "concurrency", "category", "requests", *METRICS}
+        assert r["concurrency"] == 2 and r["tokens_per_s"] > 0
+        assert r["identical_to_baseline"] is True, r  # greedy speculation never changes tokens
+    assert overall["none"]["draft_tokens_per_step"] == 0 and overall["none"]["accepted_tokens_per_step"] == 0
+    for mode in ("chain", "static_tree", "pruned_tree"):
+        assert overall[mode]["draft_tokens_per_step"] > 0, mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft_vs_accepted.png", "tokens_per_s.png", "tpot_cdf.png"]
+
+
+def _request(i: int, category: str, tokens: list[int], steps: int, t0: float) -> dict:
+    return {"request_id": f"run0-req{i}", "category": category, "tokens": tokens, "steps": steps,
+            "arrival": t0, "first_token": t0 + 0.1, "last_token": t0 + 0.1 + 0.01 * (len(tokens) - 1)}
+
+
+def test_summarize_rows_by_hand():
+    base = [_request(0, "qa", [1, 2, 3, 4], 4, 0.0), _request(1, "rag", [5, 6, 7, 8, 9], 5, 0.0)]
+    spec = [_request(0, "qa", [1, 2, 3, 4], 2, 0.0), _request(1, "rag", [5, 6, 7, 8, 0], 3, 0.0)]
+    runs = [{"mode": "none", "concurrency": 2, "wall_s": 1.0, "counters": {}, "requests": base},
+            {"mode": "chain", "concurrency": 2, "wall_s": 0.5, "counters": {"num_draft_tokens": 6}, "requests": spec}]
+    rows = summarize(runs)
+    chain = next(r for r in rows if r["mode"] == "chain" and r["category"] == "all")
+    # 9 tokens in 0.5 s; decode steps (2-1)+(3-1) = 3; accepted (4-2)+(5-3) = 4.
+    assert chain["tokens_per_s"] == 18.0 and chain["draft_tokens_per_step"] == 2.0
+    assert chain["accepted_tokens_per_step"] == 1.333 and chain["acceptance_rate"] == 0.667
+    assert chain["tpot_ms_p50"] == 10.0 and chain["ttft_ms_p50"] == 100.0
+    assert chain["identical_to_baseline"] is False
+    qa = next(r for r in rows if r["mode"] == "chain" and r["category"] == "qa")
+    assert qa["identical_to_baseline"] is True and qa["tokens_per_s"] == 8.0 and qa["draft_tokens_per_step"] is None
+    assert ("every greedy row identical_to_baseline", False) in check_targets(rows)
+    assert "NO" in format_table(rows)
+
+
+def test_bench_e2e_argument_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["bench", "e2e", "--modes", "none,tree"])
+    with pytest.raises(ValueError, match="must include 'none'"):
+        E2EConfig(model="m", prompts=({"category": "qa", "messages": []},), modes=("chain",))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"category": "qa", "turns": ["hi"]}\n{"turns": []}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a Spec-Bench record"):
+        load_prompts(bad)

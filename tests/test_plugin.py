@@ -47,8 +47,9 @@ def test_defaults_and_valid_options():
         ({"log_every_steps": -1}, r"log_every_steps = -1"),
         ({"max_nodes": 4}, r"unknown tree_pruned option\(s\) \['max_nodes'\]"),
         ({"batch_budget": 1}, r"batch_budget = 1: must be true or false"),
-        ({"cost_step_ms": 10.0}, r"cost_token_ms = None: must be set together with cost_step_ms"),
-        ({"cost_token_ms": -1, "cost_step_ms": 1}, r"cost_token_ms = -1: must be null \(measured\) or a number >= 0"),
+        ({"cost_model": {"step_ms": 10.0}}, r"cost_model = \{'step_ms': 10.0\}: .*missing 2 required"),
+        ({"cost_model": {"step_ms": 1, "token_ms": -1, "draft_token_ms": 1}}, r"cost model token_ms = -1: must be a number >= 0"),
+        ({"cost_model": 5}, r"cost_model = 5: must be null \(measured\) or a JSON object"),
     ],
 )
 def test_invalid_options_name_the_option_and_range(options, message):
@@ -94,11 +95,11 @@ def test_batch_budget_keeps_trees_when_tokens_are_cheap_and_drops_them_when_cost
     proposer = _proposer()
     unbudgeted = _propose(proposer, [False, False])
     assert all(len(d) > 2 for d in unbudgeted)
-    proposer.cost_model = VerifyCostModel(step_ms=1000.0, token_ms=0.001)  # weight-bound: drafts are free
+    proposer.cost_model = VerifyCostModel(step_ms=1000.0, token_ms=0.001, draft_token_ms=0.001)  # weight-bound: drafts are free
     assert _propose(proposer, [True, True]) == unbudgeted
-    proposer.cost_model = VerifyCostModel(step_ms=1.0, token_ms=10.0)  # compute-bound: these drafts do not pay
+    proposer.cost_model = VerifyCostModel(step_ms=1.0, token_ms=10.0, draft_token_ms=10.0)  # compute-bound: these do not pay
     assert _propose(proposer, [True, False]) == [[], unbudgeted[1]]
-    proposer.draft_step_ms = 50.0  # as measured: with it, not even certain tokens would pay...
+    proposer.cost_model = VerifyCostModel(1.0, 10.0, 10.0, draft_step_ms=50.0)  # not even certain tokens would pay...
     assert _propose(proposer, [True, False]) == [[], unbudgeted[1]]
     assert "r0" not in proposer.trees  # ... so no tree is grown at all
 

@@ -4,7 +4,7 @@ Every request's pruned tree lists its draft nodes best-first (non-increasing pat
 any prefix of it is a tree. The budget merges all requests' nodes by path value and keeps the
 ``k`` best batch-wide, with ``k`` chosen to maximise the step's expected throughput
 
-    (B + s * A(k)) / step_ms(B + k, k > 0)
+    (B + s * A(k)) / step_ms(B, k)
 
 where ``B`` is the number of decoding requests (each yields one token without drafts),
 ``A(k)`` the sum of the ``k`` best path values (the expected number of accepted draft tokens,
@@ -29,42 +29,78 @@ import numpy as np
 
 @dataclass(frozen=True)
 class VerifyCostModel:
-    """Time of one forward step, in milliseconds:
-    ``step_ms + token_ms * query_tokens + draft_step_ms * [the step verifies drafts]``.
+    """Time of one forward step, in milliseconds, for ``B`` plain query tokens (decodes,
+    prefill chunks) and ``k`` draft tokens:
+    ``step_ms + token_ms * B + draft_token_ms * k + draft_step_ms * [k > 0]``.
 
     Attributes:
         step_ms: fixed cost of a step (reading the weights, launching, sampling).
-        token_ms: cost of each query token (linear layers, attention).
+        token_ms: cost of each plain query token (linear layers, attention).
+        draft_token_ms: cost of each draft token (the same layers, masked tree attention).
         draft_step_ms: fixed extra cost of a step that verifies drafts (tree masks and
             attention plan, verification, KV compaction, drafting).
     """
 
     step_ms: float
     token_ms: float
+    draft_token_ms: float
     draft_step_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("step_ms", "token_ms", "draft_step_ms"):
+        for name in ("step_ms", "token_ms", "draft_token_ms", "draft_step_ms"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
                 raise ValueError(f"cost model {name} = {value!r}: must be a number >= 0")
         if self.step_ms + self.token_ms <= 0.0:
             raise ValueError(f"cost model step_ms = {self.step_ms} and token_ms = {self.token_ms}: one must be > 0")
 
-    def step_time(self, num_tokens: np.ndarray, with_drafts: np.ndarray) -> np.ndarray:
-        """Vectorised step time for query token counts ``num_tokens`` (same shape masks)."""
-        return self.step_ms + self.token_ms * num_tokens + self.draft_step_ms * with_drafts
+    def step_time(self, num_plain: "int | np.ndarray", num_draft: "int | np.ndarray") -> np.ndarray:
+        """Vectorised step time (ms)."""
+        num_draft = np.asarray(num_draft)
+        return self.step_ms + self.token_ms * np.asarray(num_plain) + self.draft_token_ms * num_draft + self.draft_step_ms * (num_draft > 0)
 
     @classmethod
-    def fit(cls, num_tokens: Sequence[int], step_ms: Sequence[float], draft_step_ms: float = 0.0) -> "VerifyCostModel":
-        """Least-squares line through measured ``(num_tokens, step_ms)`` points (at least two
-        distinct token counts), clamped to non-negative coefficients."""
+    def fit(cls, num_tokens: Sequence[int], step_ms: Sequence[float]) -> "VerifyCostModel":
+        """Least-squares line through measured plain ``(num_tokens, step_ms)`` points (two or
+        more distinct token counts), clamped to non-negative coefficients; draft tokens are
+        assumed to cost what plain ones do until measured (:class:`OnlineCostFit`)."""
         x = np.asarray(num_tokens, dtype=np.float64)
         y = np.asarray(step_ms, dtype=np.float64)
         if x.shape != y.shape or np.unique(x).size < 2:
             raise ValueError(f"need step times at two or more distinct token counts, got {x.tolist()}")
         slope, intercept = np.polyfit(x, y, 1)
-        return cls(step_ms=max(float(intercept), 0.0), token_ms=max(float(slope), 0.0), draft_step_ms=draft_step_ms)
+        token_ms = max(float(slope), 0.0)
+        return cls(step_ms=max(float(intercept), 0.0), token_ms=token_ms, draft_token_ms=token_ms)
+
+
+class OnlineCostFit:
+    """The cost model refitted from served steps: ridge least squares of step time on
+    ``[1, plain tokens, draft tokens, has drafts]``, pulled toward a prior model (measured at
+    start-up) with weight ``prior_weight``, old steps decaying by ``decay`` per step. While no
+    step verifies drafts the draft terms drift back to the prior, so the budget tries drafts
+    again now and then (and notices when they start to pay)."""
+
+    def __init__(self, prior: VerifyCostModel, decay: float = 0.995, prior_weight: float = 1.0) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay = {decay}: must be in (0, 1]")
+        self.prior = prior
+        self.decay = decay
+        self.theta0 = np.array([prior.step_ms, prior.token_ms, prior.draft_token_ms, prior.draft_step_ms])
+        self.ridge = prior_weight * np.eye(4)
+        self.xtx = np.zeros((4, 4))
+        self.xty = np.zeros(4)
+
+    def observe(self, num_plain: int, num_draft: int, step_ms: float) -> None:
+        x = np.array([1.0, num_plain, num_draft, float(num_draft > 0)])
+        self.xtx = self.decay * self.xtx + np.outer(x, x)
+        self.xty = self.decay * self.xty + x * step_ms
+
+    def model(self) -> VerifyCostModel:
+        theta = np.linalg.solve(self.xtx + self.ridge, self.xty + self.ridge @ self.theta0)
+        step, token, draft_token, draft_step = np.maximum(theta, 0.0).tolist()
+        if step + token <= 0.0:
+            return self.prior
+        return VerifyCostModel(step, token, draft_token, draft_step)
 
 
 def allocate_verify_budget(
@@ -98,6 +134,6 @@ def allocate_verify_budget(
     order = np.argsort(-values, kind="stable")
     k = np.arange(values.size + 1)
     accepted = np.concatenate([[0.0], np.cumsum(values[order])]) * acceptance_scale
-    throughput = (num_decoding + accepted) / cost.step_time(num_decoding + k, k > 0)
+    throughput = (num_decoding + accepted) / cost.step_time(num_decoding, k)
     best = int(np.argmax(throughput))  # first maximum: ties go to fewer tokens
     return np.bincount(owner[order[:best]], minlength=len(counts)).astype(np.int64)

@@ -38,10 +38,9 @@ class TreePrunedConfig:
         batch_budget: allocate verified draft tokens batch-wide by marginal value against the
             step cost model (:mod:`tree_attn_backend.verify_budget`); off = every request
             keeps its pruned tree.
-        cost_step_ms, cost_token_ms: the cost model's fixed step time and time per query
-            token; ``None`` = measured at start-up by timing forward passes.
-        cost_draft_step_ms: fixed extra time of a step with drafts; ``None`` = measured while
-            serving (drafting + verification + compaction time).
+        cost_model: the budget's step cost model as ``{"step_ms", "token_ms",
+            "draft_token_ms", "draft_step_ms"}`` (see ``VerifyCostModel``), fixed; ``None`` =
+            measured: forward passes timed at start-up, then refitted from served steps.
     """
 
     speculative_token_tree: str = DEFAULT_TOKEN_TREE
@@ -53,9 +52,7 @@ class TreePrunedConfig:
     drafter_smoothing: float = 0.5
     log_every_steps: int = 50
     batch_budget: bool = True
-    cost_step_ms: "float | None" = None
-    cost_token_ms: "float | None" = None
-    cost_draft_step_ms: "float | None" = None
+    cost_model: "dict | None" = None
 
     def __post_init__(self) -> None:
         def require(ok: bool, name: str, allowed: str) -> None:
@@ -81,11 +78,12 @@ class TreePrunedConfig:
         require(is_num(self.drafter_smoothing) and self.drafter_smoothing >= 0, "drafter_smoothing", "a number >= 0")
         require(is_int(self.log_every_steps) and self.log_every_steps >= 0, "log_every_steps", "an integer >= 0")
         require(isinstance(self.batch_budget, bool), "batch_budget", "true or false")
-        for name in ("cost_step_ms", "cost_token_ms", "cost_draft_step_ms"):
-            value = getattr(self, name)
-            require(value is None or (is_num(value) and value >= 0), name, "null (measured) or a number >= 0")
-        require((self.cost_step_ms is None) == (self.cost_token_ms is None), "cost_token_ms",
-                "set together with cost_step_ms (both null = measured)")
+        if self.cost_model is not None:
+            require(isinstance(self.cost_model, dict), "cost_model", "null (measured) or a JSON object")
+            try:
+                self.configured_cost_model()
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"tree_pruned option cost_model = {self.cost_model!r}: {exc}") from None
         try:
             TreeShape.parse(self.speculative_token_tree)
         except ValueError as exc:
@@ -118,9 +116,7 @@ class TreePrunedConfig:
 
     def configured_cost_model(self) -> "VerifyCostModel | None":
         """The configured cost model, or ``None`` when it is to be measured."""
-        if self.cost_step_ms is None:
-            return None
-        return VerifyCostModel(float(self.cost_step_ms), float(self.cost_token_ms), float(self.cost_draft_step_ms or 0.0))
+        return None if self.cost_model is None else VerifyCostModel(**self.cost_model)
 
     @property
     def shape(self) -> TreeShape:

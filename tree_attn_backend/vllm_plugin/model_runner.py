@@ -32,7 +32,7 @@ from ..cpu_attention import segment_arange
 from ..kv_compaction import apply_compaction
 from ..tree import FlatTrees, depths_from_parents
 from ..verify import VerifyResult, verify_greedy, verify_sampling
-from ..verify_budget import VerifyCostModel
+from ..verify_budget import OnlineCostFit, VerifyCostModel
 from .config import TreePrunedConfig
 from .proposer import RequestDrafting, TreeProposer
 from .side_channel import TREE_STEP
@@ -88,7 +88,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         self._tree_step: "TreeStep | None" = None
         self._stats = _TreeStats(self.tree_config.log_every_steps)
         self._drafting: dict[str, RequestDrafting] = {}
-        self._draft_ms = 0.0  # this step's verification + compaction time, for the cost model
+        self._step_started: "tuple[float, int, int] | None" = None  # time, plain and draft tokens
 
     @property
     def _tree_proposer(self) -> "TreeProposer | None":
@@ -117,19 +117,15 @@ class TreeCPUModelRunner(CPUModelRunner):
         proposer = self._tree_proposer
         if proposer is None:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
-        verify_ms, self._draft_ms = self._draft_ms, 0.0
-        start = time.perf_counter()
         req_ids = list(self.input_batch.req_ids)
         proposer.bind_batch(req_ids, [self._request_drafting(r) for r in req_ids])
-        drafts = super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
-        if verify_ms > 0.0 or any(drafts):
-            proposer.record_draft_time(verify_ms + (time.perf_counter() - start) * 1e3)
-        return drafts
+        return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
 
     def measure_cost_model(self, token_counts: Sequence[int] = (1, 8, 32, 64), repeats: int = 3) -> None:
         """Give the proposer its step cost model: configured, or measured here by timing
         forward passes of ``token_counts`` tokens (fastest of ``repeats``; attention over an
-        empty cache, so the fit is the linear layers' cost, the bulk of a step)."""
+        empty cache, so the fit is the linear layers' cost, the bulk of a step) as the prior of
+        an online fit that every served step then updates (see ``execute_model``)."""
         proposer = self._tree_proposer
         if proposer is None:
             return
@@ -146,9 +142,10 @@ class TreeCPUModelRunner(CPUModelRunner):
                 self._dummy_run(n)
                 runs.append((time.perf_counter() - start) * 1e3)
             times.append(min(runs))
-        proposer.cost_model = VerifyCostModel.fit(counts, times)
-        logger.info("tree_pruned: measured step cost %.2f ms + %.3f ms per query token (forward passes of %s tokens: %s ms)",
-                    proposer.cost_model.step_ms, proposer.cost_model.token_ms, counts, [round(t, 2) for t in times])
+        prior = VerifyCostModel.fit(counts, times)
+        proposer.cost_model = OnlineCostFit(prior)
+        logger.info("tree_pruned: measured step cost %.2f ms + %.3f ms per query token (forward passes of %s tokens: %s ms); "
+                    "refitted from served steps from now on", prior.step_ms, prior.token_ms, counts, [round(t, 2) for t in times])
 
     # -- the verify forward pass -------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):  # noqa: ANN001
@@ -198,22 +195,33 @@ class TreeCPUModelRunner(CPUModelRunner):
         context = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64).copy()
         return TreeStep(np.array(rows), parents, query_start, context, slots)
 
-    def execute_model(self, *args, **kwargs):  # noqa: ANN002, ANN003
+    def execute_model(self, scheduler_output, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        spec = scheduler_output.scheduled_spec_decode_tokens or {}
+        num_draft = sum(len(d) for d in spec.values())
+        self._step_started = (time.perf_counter(), scheduler_output.total_num_scheduled_tokens - num_draft, num_draft)
         try:
-            return super().execute_model(*args, **kwargs)
+            return super().execute_model(scheduler_output, *args, **kwargs)
         finally:
             TREE_STEP.clear()  # the builder has run; warm-up runs must not see this step
+
+    def sample_tokens(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        output = super().sample_tokens(*args, **kwargs)
+        # A served step (forward, verification, compaction, drafting) updates the cost model.
+        cost = self._tree_proposer.cost_model if self._tree_proposer is not None else None
+        if self._step_started is not None and isinstance(cost, OnlineCostFit):
+            start, num_plain, num_draft = self._step_started
+            if num_plain + num_draft > 0:
+                cost.observe(num_plain, num_draft, (time.perf_counter() - start) * 1e3)
+        self._step_started = None
+        return output
 
     # -- verification and compaction ---------------------------------------------------
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:  # noqa: ANN001
         step, self._tree_step = self._tree_step, None
         if step is None or spec_decode_metadata is None:
             return super()._sample(logits, spec_decode_metadata)
-        start = time.perf_counter()
         result = self._verify_trees(step, logits, spec_decode_metadata)  # before vLLM may edit logits
-        verify_ms = (time.perf_counter() - start) * 1e3
         output = super()._sample(logits, spec_decode_metadata)
-        start = time.perf_counter()
         sampled = output.sampled_token_ids
         width = result.output_tokens.shape[1]
         if width > sampled.shape[1]:
@@ -226,7 +234,6 @@ class TreeCPUModelRunner(CPUModelRunner):
         num_accepted = result.num_accepted[rows].numpy()
         self._tree_proposer.record_acceptance([self.input_batch.req_ids[r] for r in step.rows], num_verified, num_accepted)
         self._stats.record(num_verified, num_accepted)
-        self._draft_ms += verify_ms + (time.perf_counter() - start) * 1e3
         return output
 
     def _verify_trees(self, step: TreeStep, logits: torch.Tensor, spec_md) -> VerifyResult:  # noqa: ANN001

@@ -17,7 +17,7 @@ from ..lookup_drafter import LookupIndex
 from ..pruning import PruningPolicy, expand_and_prune
 from ..tree import DraftTree
 from ..tree_shape import TreeShape
-from ..verify_budget import VerifyCostModel, allocate_verify_budget
+from ..verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget
 from .config import TreePrunedConfig
 
 
@@ -58,10 +58,9 @@ class TreeProposer:
         self.chain_shape = TreeShape.chain(self.shape.max_depth)
         self.indexes: dict[str, LookupIndex] = {}
         self.trees: dict[str, DraftTree] = {}
-        # Set by the runner before serving (configured, or measured at start-up).
-        self.cost_model: "VerifyCostModel | None" = None
+        # Set by the runner before serving: configured, or measured (then refitted as it serves).
+        self.cost_model: "VerifyCostModel | OnlineCostFit | None" = None
         self.acceptance_scale = _DecayedRatio()
-        self.draft_step_ms = 0.0  # measured drafting + verification time of steps with drafts
         self._batch: "tuple[list[str], list[RequestDrafting]] | None" = None
 
     def load_model(self, *args: object, **kwargs: object) -> None:
@@ -121,12 +120,9 @@ class TreeProposer:
 
     @property
     def cost_model_now(self) -> VerifyCostModel:
-        """The cost model with the measured draft-step overhead (unless configured)."""
         if self.cost_model is None:
             raise RuntimeError("the batch budget needs a cost model; the TREE_PRUNED runner sets it at start-up")
-        if self.config.cost_draft_step_ms is not None:
-            return self.cost_model
-        return VerifyCostModel(self.cost_model.step_ms, self.cost_model.token_ms, self.draft_step_ms)
+        return self.cost_model.model() if isinstance(self.cost_model, OnlineCostFit) else self.cost_model
 
     def _drafts_can_pay(self, num_decoding: int, max_draft_tokens: int) -> bool:
         """Whether any draft could raise expected throughput, even if every node were
@@ -135,13 +131,8 @@ class TreeProposer:
         cost = self.cost_model_now
         scale = self.acceptance_scale.value
         k = np.array([0, 1, max(max_draft_tokens, 1)])
-        throughput = (num_decoding + scale * k) / cost.step_time(num_decoding + k, k > 0)
+        throughput = (num_decoding + scale * k) / cost.step_time(num_decoding, k)
         return bool(throughput[1:].max() > throughput[0])
-
-    def record_draft_time(self, ms: float) -> None:
-        """The runner's measured time for drafts in one step (drafting, verification,
-        compaction), smoothed: the cost model's ``draft_step_ms``."""
-        self.draft_step_ms = ms if self.draft_step_ms == 0.0 else 0.9 * self.draft_step_ms + 0.1 * ms
 
     def record_acceptance(self, req_ids: Sequence[str], num_verified: Sequence[int], num_accepted: Sequence[int]) -> None:
         """After verification: calibrates path values (expected accepted tokens) against

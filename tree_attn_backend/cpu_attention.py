@@ -3,7 +3,10 @@
 ``plan()`` runs once per step on the host (shared by all layers, like FlashInfer's), ``run()``
 once per layer:
 
-* requests with a tree, or with at most ``short_query_max`` new tokens, are padded into
+* when no request is a long linear chunk and the native op ``tree_paged_attention``
+  (``csrc/tree_attention_cpu.cpp``) is built, it runs the whole step: one online-softmax pass
+  per query token over the paged context and the token's ancestors, no gathers, no masks;
+* otherwise requests with a tree, or with at most ``short_query_max`` new tokens, are padded into
   groups and run as one grouped-query masked attention per group (context + tree
   ancestors), in float32, reading K in its stored transposed layout (no transpose copy, no
   KV head repetition); groups are formed in order of KV length and capped in size, so
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from metadata import TreeAttentionMetadata
 from metadata.masks import ancestor_bits
 
+from .native import native_op
 from .paged_kv import read_blocks, read_blocks_for_scores
 
 
@@ -63,9 +67,13 @@ class CausalChunk:
 
 @dataclass
 class CpuAttentionPlan:
+    """Either ``native`` (int32 qo_indptr, context_lens, parents, paged_kv_indptr,
+    paged_kv_indices for ``tree_paged_attention``) or ``groups`` + ``chunks``."""
+
     groups: list[PaddedGroup]
     chunks: list[CausalChunk]
     num_tokens: int
+    native: "tuple[torch.Tensor, ...] | None" = None
 
 
 def _padded_group(meta: TreeAttentionMetadata, reqs: np.ndarray) -> PaddedGroup:
@@ -105,9 +113,10 @@ def _padded_group(meta: TreeAttentionMetadata, reqs: np.ndarray) -> PaddedGroup:
 
 
 def plan_cpu_attention(
-    meta: TreeAttentionMetadata, short_query_max: int = 128, max_group_keys: int = 1 << 16
+    meta: TreeAttentionMetadata, short_query_max: int = 128, max_group_keys: int = 1 << 16, use_native: bool = True
 ) -> CpuAttentionPlan:
-    """Split the step into padded groups and long causal chunks (host side, once per step).
+    """Plan the step (host side, once per step): the native op when it is built, allowed and
+    no request is a long chain; else padded groups and long causal chunks.
 
     ``max_group_keys`` caps ``G * P * block_size`` of a group (memory of the gathered K/V).
     """
@@ -115,6 +124,10 @@ def plan_cpu_attention(
     kv = meta.kv_lens.numpy().astype(np.int64)
     is_chain = meta.is_chain.numpy()
     long_chain = is_chain & (q > short_query_max)
+    if use_native and not long_chain.any() and native_op("tree_paged_attention") is not None:
+        native = tuple(t.to(torch.int32).contiguous() for t in (
+            meta.qo_indptr, meta.context_lens, meta.parents, meta.paged_kv_indptr, meta.paged_kv_indices))
+        return CpuAttentionPlan(groups=[], chunks=[], num_tokens=meta.num_tokens, native=native)
     short = np.flatnonzero(~long_chain)
     short = short[np.argsort(kv[short], kind="stable")]
     groups: list[PaddedGroup] = []
@@ -180,6 +193,13 @@ def run_cpu_attention(
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {kv_cache.shape[1]} KV heads")
     if out is None:
         out = torch.empty_like(query)
+    if plan.native is not None:
+        native_out = out if out.is_contiguous() and query.is_contiguous() and query.dtype == kv_cache.dtype else None
+        result = torch.empty_like(query, dtype=kv_cache.dtype) if native_out is None else native_out
+        native_op("tree_paged_attention")(query.to(kv_cache.dtype).contiguous(), kv_cache, *plan.native, scale, result)
+        if native_out is None:
+            out.copy_(result)
+        return out
     for group in plan.groups:
         key_t, value = read_blocks_for_scores(kv_cache, group.block_ids)
         width = group.mask.shape[-1]

@@ -233,7 +233,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         num_verified = np.diff(spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy(), prepend=0)[step.rows] - 1
         num_accepted = result.num_accepted[rows].numpy()
         self._tree_proposer.record_acceptance([self.input_batch.req_ids[r] for r in step.rows], num_verified, num_accepted)
-        self._stats.record(num_verified, num_accepted)
+        self._stats.record(num_verified, num_accepted, self._tree_proposer)
         return output
 
     def _verify_trees(self, step: TreeStep, logits: torch.Tensor, spec_md) -> VerifyResult:  # noqa: ANN001
@@ -317,7 +317,7 @@ class _TreeStats:
         self.sizes: list[int] = []
         self.accepted: list[int] = []
 
-    def record(self, draft_sizes: np.ndarray, accepted: np.ndarray) -> None:
+    def record(self, draft_sizes: np.ndarray, accepted: np.ndarray, proposer: TreeProposer) -> None:
         self.steps += 1
         self.sizes.extend(int(x) for x in draft_sizes)
         self.accepted.extend(int(x) for x in accepted)
@@ -328,5 +328,8 @@ class _TreeStats:
                 "accepted per tree mean %.2f",
                 self.every, len(sizes), sizes.min(), sizes.mean(), sizes.max(), float(np.mean(self.accepted)),
             )
+            if proposer.cost_model is not None:
+                logger.info("tree_pruned: budget cost model %s, acceptance scale %.3f",
+                            proposer.cost_model_now, proposer.acceptance_scale.value)
             self.sizes.clear()
             self.accepted.clear()

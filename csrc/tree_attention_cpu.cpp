@@ -1,0 +1,195 @@
+// Tree attention over vLLM's CPU paged KV cache ("vec" layout), one pass per query token.
+//
+// tree_pruned::tree_paged_attention(query, kv_cache, qo_indptr, context_lens, parents,
+//                                   page_indptr, page_indices, scale, out)
+//
+//   query, out:    [N, Hq, D], float32 / bfloat16 / float16, contiguous (same dtype as the cache)
+//   kv_cache:      [num_blocks, Hkv, block_size, 2 * D]; per (block, kv head) K is stored
+//                  transposed [D, block_size], then V [block_size, D]
+//   qo_indptr:     int32 [R + 1], request r's query tokens are qo_indptr[r]..qo_indptr[r+1]
+//   context_lens:  int32 [R], committed tokens before the step
+//   parents:       int32 [N], request-local parent of every query token (-1 at a root); a
+//                  request's token i has its K/V at linear position context_lens[r] + i
+//   page_indptr:   int32 [R + 1], page_indices: int32 [pages], the request's cache blocks in order
+//
+// Query token i of request r attends to r's context (positions < context_lens[r]) and to its
+// tree ancestors and itself. Online softmax in float32; all query tokens of a request and all
+// query heads sharing a KV head are processed together, so each K/V block is read once per
+// (request, KV head). The torch
+// path in tree_attn_backend/cpu_attention.py is the fallback and the fuzzed oracle.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 (scores minus their running maximum), float32 accurate to a few ulp:
+// 2^(x log2 e) split into an integer power (built in the exponent bits) and a degree-6
+// polynomial on [-0.5, 0.5]. Branch-free, so the loops calling it vectorize; std::exp does not.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // below, exp underflows to 0 anyway
+  const float t = x * 1.44269504088896341f;
+  const float k = std::nearbyint(t);
+  const float f = (t - k) * 0.693147180559945309f;  // exp(x) = 2^k * exp(f), |f| <= ln2 / 2
+  float p = 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// One request, one KV head: rows = its query tokens x the query heads of that KV head, so each
+// K/V block is read once for all of them.
+template <typename scalar_t>
+void attend_request(const scalar_t* q, const scalar_t* cache, scalar_t* out, int64_t num_queries, int64_t group,
+                    int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t block_stride,
+                    const int32_t* pages, int64_t context_len, const int32_t* parents, float scale,
+                    std::vector<float>& work) {
+  const int64_t rows = num_queries * group;
+  work.resize(rows * (2 * head_dim + 2 + block_size) + block_size);
+  float* qs = work.data();               // [rows, D] scaled queries
+  float* acc = qs + rows * head_dim;     // [rows, D]
+  float* max_score = acc + rows * head_dim;
+  float* sum = max_score + rows;
+  float* scores = sum + rows;            // [rows, block_size]
+  float* probs = scores + rows * block_size;  // [block_size], one row's at a time
+  // Row (i, g) is query token i, head kv_head * group + g: q[(i * num_heads + g) * D].
+  for (int64_t i = 0; i < num_queries; ++i)
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t d = 0; d < head_dim; ++d)
+        qs[(i * group + g) * head_dim + d] = static_cast<float>(q[(i * num_heads + g) * head_dim + d]) * scale;
+  std::fill(acc, acc + rows * head_dim, 0.0f);
+  std::fill(max_score, max_score + rows, -std::numeric_limits<float>::infinity());
+  std::fill(sum, sum + rows, 0.0f);
+
+  // Folds row's scores[0..n) (at s) with V rows v_row(t) into its running softmax.
+  auto fold = [&](int64_t row, const float* s, int64_t n, auto v_row) {
+    float block_max = max_score[row];
+    for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
+    const float rescale = std::exp(max_score[row] - block_max);  // 0 on the first fold
+    float* a = acc + row * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) a[d] *= rescale;
+    float total = sum[row] * rescale;
+    for (int64_t t = 0; t < n; ++t) {
+      probs[t] = exp_nonpositive(s[t] - block_max);
+      total += probs[t];
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const float p = probs[t];
+      const scalar_t* v = v_row(t);
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(v[d]);
+    }
+    sum[row] = total;
+    max_score[row] = block_max;
+  };
+
+  const int64_t num_context_blocks = (context_len + block_size - 1) / block_size;
+  for (int64_t b = 0; b < num_context_blocks; ++b) {
+    const scalar_t* base = cache + static_cast<int64_t>(pages[b]) * block_stride;
+    const scalar_t* v_base = base + head_dim * block_size;
+    const int64_t n = std::min(block_size, context_len - b * block_size);
+    std::fill(scores, scores + rows * block_size, 0.0f);
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const scalar_t* k_row = base + d * block_size;  // K transposed: contiguous over tokens
+      for (int64_t row = 0; row < rows; ++row) {
+        const float qd = qs[row * head_dim + d];
+        float* s = scores + row * block_size;
+        for (int64_t t = 0; t < n; ++t) s[t] += qd * static_cast<float>(k_row[t]);
+      }
+    }
+    for (int64_t row = 0; row < rows; ++row)
+      fold(row, scores + row * block_size, n, [&](int64_t t) { return v_base + t * head_dim; });
+  }
+  // The tree part: each token's ancestors and itself (depth <= a few dozen), one at a time.
+  for (int64_t i = 0; i < num_queries; ++i) {
+    for (int64_t node = i; node >= 0; node = parents[node]) {
+      const int64_t pos = context_len + node;
+      const scalar_t* base = cache + static_cast<int64_t>(pages[pos / block_size]) * block_stride;
+      const int64_t off = pos % block_size;
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t row = i * group + g;
+        float s = 0.0f;
+        for (int64_t d = 0; d < head_dim; ++d) s += qs[row * head_dim + d] * static_cast<float>(base[d * block_size + off]);
+        fold(row, &s, 1, [&](int64_t) { return base + head_dim * block_size + off * head_dim; });
+      }
+    }
+  }
+  for (int64_t i = 0; i < num_queries; ++i)
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t d = 0; d < head_dim; ++d)
+        out[(i * num_heads + g) * head_dim + d] =
+            static_cast<scalar_t>(acc[(i * group + g) * head_dim + d] / sum[i * group + g]);
+}
+
+void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& qo_indptr,
+                          const at::Tensor& context_lens, const at::Tensor& parents, const at::Tensor& page_indptr,
+                          const at::Tensor& page_indices, double scale, const at::Tensor& out) {
+  TORCH_CHECK(query.dim() == 3 && query.is_contiguous(), "query must be a contiguous [N, Hq, D] tensor, got ", query.sizes());
+  TORCH_CHECK(out.sizes() == query.sizes() && out.is_contiguous() && out.scalar_type() == query.scalar_type(),
+              "out must be contiguous and match query ", query.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.scalar_type() == query.scalar_type(),
+              "kv_cache must be a contiguous [blocks, Hkv, block_size, 2*D] tensor of the query's dtype, got ",
+              kv_cache.sizes(), " ", kv_cache.scalar_type());
+  const int64_t num_tokens = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t num_kv_heads = kv_cache.size(1), block_size = kv_cache.size(2);
+  TORCH_CHECK(kv_cache.size(3) == 2 * head_dim, "kv_cache last dim ", kv_cache.size(3), " != 2 * head_dim ", 2 * head_dim);
+  TORCH_CHECK(num_heads % num_kv_heads == 0, num_heads, " query heads are not a multiple of ", num_kv_heads, " KV heads");
+  for (const at::Tensor* t : {&qo_indptr, &context_lens, &parents, &page_indptr, &page_indices})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->dim() == 1, "metadata tensors must be contiguous int32 vectors");
+  const int64_t num_reqs = context_lens.size(0);
+  TORCH_CHECK(qo_indptr.size(0) == num_reqs + 1 && page_indptr.size(0) == num_reqs + 1, "indptr sizes must be num_reqs + 1");
+  TORCH_CHECK(parents.size(0) == num_tokens, "parents has ", parents.size(0), " entries for ", num_tokens, " tokens");
+  const int32_t* qo = qo_indptr.data_ptr<int32_t>();
+  const int32_t* ctx = context_lens.data_ptr<int32_t>();
+  const int32_t* par = parents.data_ptr<int32_t>();
+  const int32_t* pip = page_indptr.data_ptr<int32_t>();
+  const int32_t* pages = page_indices.data_ptr<int32_t>();
+  TORCH_CHECK(qo[num_reqs] == num_tokens, "qo_indptr ends at ", qo[num_reqs], ", expected ", num_tokens);
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    TORCH_CHECK(qo[r + 1] >= qo[r], "qo_indptr decreases at request ", r);
+    TORCH_CHECK(static_cast<int64_t>(pip[r + 1] - pip[r]) * block_size >= static_cast<int64_t>(ctx[r]) + qo[r + 1] - qo[r],
+                "request ", r, " has ", pip[r + 1] - pip[r], " pages for ", ctx[r] + qo[r + 1] - qo[r], " tokens");
+  }
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t block_stride = num_kv_heads * block_size * 2 * head_dim;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "tree_paged_attention", [&] {
+    const scalar_t* q = query.data_ptr<scalar_t>();
+    const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, num_reqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> work;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item / num_kv_heads, kv_head = item % num_kv_heads;
+        const int64_t head_offset = (qo[r] * num_heads + kv_head * group) * head_dim;
+        attend_request<scalar_t>(q + head_offset, cache + kv_head * block_size * 2 * head_dim, o + head_offset,
+                                 qo[r + 1] - qo[r], group, num_heads, head_dim, block_size, block_stride, pages + pip[r],
+                                 ctx[r], par + qo[r], static_cast<float>(scale), work);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tree_pruned, m) {
+  m.def(
+      "tree_paged_attention(Tensor query, Tensor kv_cache, Tensor qo_indptr, Tensor context_lens, Tensor parents, "
+      "Tensor page_indptr, Tensor page_indices, float scale, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tree_pruned, CPU, m) { m.impl("tree_paged_attention", &tree_paged_attention); }

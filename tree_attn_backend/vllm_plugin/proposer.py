@@ -90,17 +90,14 @@ class TreeProposer:
         (req_ids, drafting), self._batch = self._batch, None
         decoding = [row for row in range(len(req_ids)) if sampled_token_ids[row]]  # else prefill in progress
         budgeted = [row for row in decoding if drafting[row].batch_budget]
-        if budgeted and not self._drafts_can_pay(len(decoding), sum(drafting[r].policy.max_nodes or 0 for r in budgeted)):
-            skip = set(budgeted)
-            budgeted = []
-        else:
-            skip = set()
+        max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
+        budget_can_pay = bool(budgeted) and self._drafts_can_pay(len(decoding), max_budgeted)
         for req_id in req_ids:
             self.trees.pop(req_id, None)
         for row in decoding:
-            if row not in skip:
+            if budget_can_pay or not drafting[row].batch_budget:
                 self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], token_ids_cpu[row, : int(num_tokens_no_spec[row])])
-        if budgeted:
+        if budget_can_pay:
             trees = [self.trees[req_ids[row]] for row in budgeted]
             keep = allocate_verify_budget([t.path_probs[1:] for t in trees], len(decoding), self.cost_model_now,
                                           self.acceptance_scale.value)

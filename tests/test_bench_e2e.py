@@ -62,6 +62,8 @@ def test_summarize_rows_by_hand():
 def test_bench_e2e_argument_errors(tmp_path):
     with pytest.raises(SystemExit):
         main(["bench", "e2e", "--modes", "none,tree"])
+    with pytest.raises(SystemExit, match="--per-category 0: must be >= 1"):
+        main(["bench", "e2e", "--per-category", "0"])
     with pytest.raises(ValueError, match="must include 'none'"):
         E2EConfig(model="m", prompts=({"category": "qa", "messages": []},), modes=("chain",))
     bad = tmp_path / "bad.jsonl"

@@ -59,7 +59,10 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     from .default_model import default_model_dir
 
     try:
-        prompts = e2e.load_prompts(args.prompts, per_category=1 if args.quick else None)
+        if args.per_category is not None and args.per_category < 1:
+            raise ValueError(f"--per-category {args.per_category}: must be >= 1")
+        per_category = args.per_category if args.per_category is not None else (1 if args.quick else None)
+        prompts = e2e.load_prompts(args.prompts, per_category=per_category)
         config = e2e.E2EConfig(
             model=str(default_model_dir()),
             prompts=tuple(prompts),
@@ -136,6 +139,7 @@ def main(argv: "list[str] | None" = None) -> int:
     e2e_p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     e2e_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
                        help="Spec-Bench-style JSONL (default: the shipped mixed set)")
+    e2e_p.add_argument("--per-category", type=int, default=None, help="the first N prompts of each category (default: all)")
     e2e_p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
     e2e_p.add_argument("--modes", type=_modes, default=("none", "chain", "static_tree", "pruned_tree", "pruned_budget"),
                        help="comma-separated subset of none,chain,static_tree,pruned_tree,pruned_budget (none is required)")

@@ -11,17 +11,27 @@ import pytest
 
 from tree_attn_backend.bench.e2e import METRICS, MODES, E2EConfig, load_prompts, summarize
 from tree_attn_backend.bench.e2e_report import check_targets, format_table
+from tree_attn_backend.bench.replay import ReplaySetting, replay
+from tree_attn_backend.pruning import PruningPolicy
+from tree_attn_backend.tree_shape import TreeShape
 from tree_attn_backend.cli import main
 
 
-def test_bench_e2e_all_modes_through_real_engines(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "tree_attn_backend.cli", "bench", "e2e", "--quick", "--concurrency", "2",
-         "--max-tokens", "8", "--json", "--plot", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
-    )
+def _cli_json(*args: str) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "tree_attn_backend.cli", "bench", *args, "--json"],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    rows = json.loads(proc.stdout)["rows"]
+    return json.loads(proc.stdout)["rows"]
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory) -> tuple[list[dict], object]:
+    plots = tmp_path_factory.mktemp("plots")
+    return _cli_json("e2e", "--quick", "--concurrency", "2", "--max-tokens", "8", "--plot", str(plots)), plots
+
+
+def test_bench_e2e_all_modes_through_real_engines(e2e_run):
+    rows, plots = e2e_run
     overall = {r["mode"]: r for r in rows if r["category"] == "all"}
     assert sorted(overall) == sorted(MODES)
     categories = {r["category"] for r in rows} - {"all"}
@@ -33,7 +43,18 @@ def test_bench_e2e_all_modes_through_real_engines(tmp_path):
     assert overall["none"]["draft_tokens_per_step"] == 0 and overall["none"]["accepted_tokens_per_step"] == 0
     for mode in ("chain", "static_tree", "pruned_tree"):
         assert overall[mode]["draft_tokens_per_step"] > 0, mode
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft_vs_accepted.png", "tokens_per_s.png", "tpot_cdf.png"]
+    assert sorted(p.name for p in plots.iterdir()) == ["draft_vs_accepted.png", "tokens_per_s.png", "tpot_cdf.png"]
+
+
+def test_replay_reproduces_the_engines_draft_and_accepted_counts(e2e_run):
+    """Offline replay on the stock engine's greedy outputs gives exactly the tree engine's
+    per-step draft and accepted tokens (same prompts, same drafter and pruning)."""
+    rows, _ = e2e_run
+    overall = {r["mode"]: r for r in rows if r["category"] == "all"}
+    replayed = {r["setting"]: r for r in _cli_json("replay", "--per-category", "1", "--max-tokens", "8", "--path-probs", "0.1")}
+    for setting, mode in (("static_tree", "static_tree"), ("defaults", "pruned_tree")):
+        for key in ("draft_tokens_per_step", "accepted_tokens_per_step"):
+            assert replayed[setting][key] == overall[mode][key], (setting, key)
 
 
 def _request(i: int, category: str, tokens: list[int], steps: int, t0: float) -> dict:
@@ -70,3 +91,14 @@ def test_bench_e2e_argument_errors(tmp_path):
     bad.write_text('{"category": "qa", "turns": ["hi"]}\n{"turns": []}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not a Spec-Bench record"):
         load_prompts(bad)
+
+
+def test_replay_by_hand():
+    # Prompt "1 2 3 1 2", greedy output "3 1 2 3 9": after "3" the drafter has seen 3 -> 1 -> 2 -> 3,
+    # so a depth-3 chain drafts "1 2 3", all accepted, and 9 is the bonus token: one step.
+    setting = ReplaySetting("chain", PruningPolicy(0.0, 0.0, 16), smoothing=0.5)
+    assert replay(TreeShape.chain(3), setting, [[1, 2, 3, 1, 2]], [[3, 1, 2, 3, 9]]) == (3.0, 3.0)
+    # Output "3 7 7 7": "1 2 3" fails (3 drafted); after "7" nothing was ever seen (0 drafted); after
+    # "7 7" the drafter guesses "7 7 7" (3 drafted), whose first token matches but the output ends
+    # there, so nothing is kept: 3 steps, 6 drafts, 0 accepted.
+    assert replay(TreeShape.chain(3), setting, [[1, 2, 3, 1, 2]], [[3, 7, 7, 7]]) == (2.0, 0.0)

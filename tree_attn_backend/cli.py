@@ -3,6 +3,7 @@
     tree-pruned fuzz --examples N [pytest args]   the Hypothesis property suite, N examples each
     tree-pruned bench metadata [--json]   builder vs per-node Python builder
     tree-pruned bench e2e [--quick] [--json] [--plot DIR] [--prompts FILE]   modes x concurrency in vLLM
+    tree-pruned bench replay [--prompts FILE] [--path-probs P,...]   pruning scored offline on greedy outputs
     tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
 """
 
@@ -93,6 +94,33 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_replay(args: argparse.Namespace) -> int:
+    from .bench import e2e, replay
+    from .default_model import default_model_dir
+
+    try:
+        if args.per_category is not None and args.per_category < 1:
+            raise ValueError(f"--per-category {args.per_category}: must be >= 1")
+        prompts = e2e.load_prompts(args.prompts, per_category=args.per_category)
+        # At most one request per prompt: every prompt runs exactly once.
+        config = e2e.E2EConfig(model=str(default_model_dir()), prompts=tuple(prompts), modes=("none",),
+                               concurrency=(min(16, len(prompts)),), max_tokens=args.max_tokens)
+        path_probs = [float(x) for x in args.path_probs.split(",")] if args.path_probs else []
+        settings = replay.replay_settings(path_probs)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"tree-pruned bench replay: {exc}") from None
+    print(f"greedy outputs of {len(prompts)} prompts from the stock engine...", file=sys.stderr)
+    (run,) = e2e.run_engines(config)
+    token_ids = [p["prompt_token_ids"] for p in e2e.tokenize_prompts(config)]
+    ordered = [token_ids[int(r["request_id"].rsplit("req", 1)[1]) % len(token_ids)] for r in run["requests"]]
+    rows = replay.replay_rows(ordered, [r["tokens"] for r in run["requests"]], settings)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    else:
+        _print_table(rows)
+    return 0
+
+
 def _modes(text: str) -> tuple[str, ...]:
     from .bench.e2e import MODES
 
@@ -146,6 +174,14 @@ def main(argv: "list[str] | None" = None) -> int:
     e2e_p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64, quick 16)")
     e2e_p.add_argument("--categories", action="store_true", help="table rows per prompt category too (JSON always has them)")
     e2e_p.set_defaults(func=_bench_e2e)
+    replay_p = bench_sub.add_parser("replay", help="score pruning settings offline on greedy outputs (exact for greedy)")
+    replay_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
+                          help="Spec-Bench-style JSONL (default: the shipped mixed set)")
+    replay_p.add_argument("--per-category", type=int, default=None, help="the first N prompts of each category (default: all)")
+    replay_p.add_argument("--max-tokens", type=int, default=128, help="greedy output tokens per prompt (default 128)")
+    replay_p.add_argument("--path-probs", default="0.02,0.05,0.08,0.12", help="path thresholds to score besides the defaults")
+    replay_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
+    replay_p.set_defaults(func=_bench_replay)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
     serve_p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     serve_p.set_defaults(func=_serve)

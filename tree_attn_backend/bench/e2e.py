@@ -130,7 +130,8 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
     return processes
 
 
-def _tokenize(config: E2EConfig) -> list[dict]:
+def tokenize_prompts(config: E2EConfig) -> list[dict]:
+    """``{"category", "prompt_token_ids"}`` per prompt, through the model's chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -142,7 +143,7 @@ def _tokenize(config: E2EConfig) -> list[dict]:
 def run_engines(config: E2EConfig, progress: "Callable[[str, int], None] | None" = None) -> list[dict]:
     """Run every engine; returns all runs' records (see ``e2e_engine``).
     ``progress(description, runs_done)`` is called as runs finish."""
-    prompts = _tokenize(config)
+    prompts = tokenize_prompts(config)
     results: list[dict] = []
     done = 0
     with tempfile.TemporaryDirectory(prefix="tree-pruned-e2e-") as tmp:

@@ -58,7 +58,7 @@ def test_replay_reproduces_the_engines_draft_and_accepted_counts(e2e_run):
 
 
 def _request(i: int, category: str, tokens: list[int], steps: int, t0: float) -> dict:
-    return {"request_id": f"run0-req{i}", "category": category, "tokens": tokens, "steps": steps,
+    return {"request_id": f"run0-req{i}", "index": i, "category": category, "tokens": tokens, "steps": steps,
             "arrival": t0, "first_token": t0 + 0.1, "last_token": t0 + 0.1 + 0.01 * (len(tokens) - 1)}
 
 

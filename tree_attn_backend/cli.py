@@ -15,6 +15,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .bench.e2e import E2EConfig
 
 
 def _fuzz(args: argparse.Namespace) -> int:
@@ -53,33 +57,38 @@ def _bench_metadata(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_e2e(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .bench import e2e, e2e_report
+def _bench_config(args: argparse.Namespace, per_category: "int | None", **options: object) -> "E2EConfig":
+    """The prompts (``--prompts``, ``--per-category`` else ``per_category``) and the default
+    model in an ``E2EConfig`` with ``options``; ``concurrency=None`` = one request per prompt,
+    at most 16 at a time. A bad argument exits naming its value."""
+    from .bench import e2e
     from .default_model import default_model_dir
 
     try:
         if args.per_category is not None and args.per_category < 1:
             raise ValueError(f"--per-category {args.per_category}: must be >= 1")
-        per_category = args.per_category if args.per_category is not None else (1 if args.quick else None)
-        prompts = e2e.load_prompts(args.prompts, per_category=per_category)
-        config = e2e.E2EConfig(
-            model=str(default_model_dir()),
-            prompts=tuple(prompts),
-            modes=args.modes,
-            concurrency=args.concurrency,
-            max_tokens=args.max_tokens or (16 if args.quick else 64),
-        )
+        prompts = e2e.load_prompts(args.prompts, per_category=args.per_category if args.per_category is not None else per_category)
+        if options.get("concurrency") is None:
+            options["concurrency"] = (min(16, len(prompts)),)
+        return e2e.E2EConfig(model=str(default_model_dir()), prompts=tuple(prompts), **options)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"tree-pruned bench e2e: {exc}") from None
+        raise SystemExit(f"tree-pruned bench {args.bench}: {exc}") from None
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .bench import e2e, e2e_report
+
+    config = _bench_config(args, 1 if args.quick else None, modes=args.modes, concurrency=args.concurrency,
+                           max_tokens=args.max_tokens or (16 if args.quick else 64))
     total = len(config.modes) * len(config.concurrency)
     with tqdm(total=total, desc="bench e2e", unit="run", file=sys.stderr) as bar:
         def progress(description: str, done: int) -> None:
             bar.set_description(description)
             bar.update(done - bar.n)
 
-        runs = e2e.run_engines(config, progress)
+        runs = e2e.run_engines(config, e2e.tokenize_prompts(config), progress)
     rows = e2e.summarize(runs)
     if args.plot:
         for path in e2e_report.plot(rows, runs, args.plot):
@@ -96,23 +105,17 @@ def _bench_e2e(args: argparse.Namespace) -> int:
 
 def _bench_replay(args: argparse.Namespace) -> int:
     from .bench import e2e, replay
-    from .default_model import default_model_dir
 
+    # Every prompt runs exactly once (concurrency None).
+    config = _bench_config(args, None, modes=("none",), concurrency=None, max_tokens=args.max_tokens)
     try:
-        if args.per_category is not None and args.per_category < 1:
-            raise ValueError(f"--per-category {args.per_category}: must be >= 1")
-        prompts = e2e.load_prompts(args.prompts, per_category=args.per_category)
-        # At most one request per prompt: every prompt runs exactly once.
-        config = e2e.E2EConfig(model=str(default_model_dir()), prompts=tuple(prompts), modes=("none",),
-                               concurrency=(min(16, len(prompts)),), max_tokens=args.max_tokens)
-        path_probs = [float(x) for x in args.path_probs.split(",")] if args.path_probs else []
-        settings = replay.replay_settings(path_probs)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"tree-pruned bench replay: {exc}") from None
-    print(f"greedy outputs of {len(prompts)} prompts from the stock engine...", file=sys.stderr)
-    (run,) = e2e.run_engines(config)
-    token_ids = [p["prompt_token_ids"] for p in e2e.tokenize_prompts(config)]
-    ordered = [token_ids[int(r["request_id"].rsplit("req", 1)[1]) % len(token_ids)] for r in run["requests"]]
+        settings = replay.replay_settings([float(x) for x in args.path_probs.split(",")] if args.path_probs else [])
+    except ValueError as exc:
+        raise SystemExit(f"tree-pruned bench replay: --path-probs {args.path_probs!r}: {exc}") from None
+    print(f"greedy outputs of {len(config.prompts)} prompts from the stock engine...", file=sys.stderr)
+    prompts = e2e.tokenize_prompts(config)
+    (run,) = e2e.run_engines(config, prompts)
+    ordered = [prompts[r["index"] % len(prompts)]["prompt_token_ids"] for r in run["requests"]]
     rows = replay.replay_rows(ordered, [r["tokens"] for r in run["requests"]], settings)
     if args.json:
         print(json.dumps({"rows": rows}))

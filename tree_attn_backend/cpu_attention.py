@@ -194,10 +194,11 @@ def run_cpu_attention(
     if out is None:
         out = torch.empty_like(query)
     if plan.native is not None:
-        native_out = out if out.is_contiguous() and query.is_contiguous() and query.dtype == kv_cache.dtype else None
-        result = torch.empty_like(query, dtype=kv_cache.dtype) if native_out is None else native_out
-        native_op("tree_paged_attention")(query.to(kv_cache.dtype).contiguous(), kv_cache, *plan.native, scale, result)
-        if native_out is None:
+        # The op computes in the cache's dtype into a contiguous buffer: ``out`` itself if it is one.
+        q = query.to(kv_cache.dtype).contiguous()
+        result = out if out.is_contiguous() and out.dtype == kv_cache.dtype else torch.empty_like(q)
+        native_op("tree_paged_attention")(q, kv_cache, *plan.native, scale, result)
+        if result is not out:
             out.copy_(result)
         return out
     for group in plan.groups:

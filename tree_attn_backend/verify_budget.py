@@ -103,6 +103,21 @@ class OnlineCostFit:
         return VerifyCostModel(step, token, draft_token, draft_step)
 
 
+def _expected_throughput(num_decoding: int, accepted: np.ndarray, num_draft: np.ndarray, cost: VerifyCostModel) -> np.ndarray:
+    """Expected tokens per ms of a step with ``num_draft`` draft tokens expected to yield
+    ``accepted`` accepted ones (vectorised over both)."""
+    return (num_decoding + accepted) / cost.step_time(num_decoding, num_draft)
+
+
+def drafts_can_pay(num_decoding: int, max_draft_tokens: int, cost: VerifyCostModel, acceptance_scale: float = 1.0) -> bool:
+    """Whether any draft of up to ``max_draft_tokens`` tokens could raise expected throughput
+    over no draft, even if every node were certain (path value 1). The throughput is monotone
+    in the token count beyond the first, so one token and the largest draft decide."""
+    k = np.array([0, 1, max(max_draft_tokens, 1)])
+    throughput = _expected_throughput(num_decoding, acceptance_scale * k, k, cost)
+    return bool(throughput[1:].max() > throughput[0])
+
+
 def allocate_verify_budget(
     path_values: Sequence[np.ndarray], num_decoding: int, cost: VerifyCostModel, acceptance_scale: float = 1.0
 ) -> np.ndarray:
@@ -134,6 +149,5 @@ def allocate_verify_budget(
     order = np.argsort(-values, kind="stable")
     k = np.arange(values.size + 1)
     accepted = np.concatenate([[0.0], np.cumsum(values[order])]) * acceptance_scale
-    throughput = (num_decoding + accepted) / cost.step_time(num_decoding, k)
-    best = int(np.argmax(throughput))  # first maximum: ties go to fewer tokens
+    best = int(np.argmax(_expected_throughput(num_decoding, accepted, k, cost)))  # first maximum: ties go to fewer tokens
     return np.bincount(owner[order[:best]], minlength=len(counts)).astype(np.int64)

@@ -140,10 +140,10 @@ def tokenize_prompts(config: E2EConfig) -> list[dict]:
             for p, text in zip(config.prompts, texts)]
 
 
-def run_engines(config: E2EConfig, progress: "Callable[[str, int], None] | None" = None) -> list[dict]:
-    """Run every engine; returns all runs' records (see ``e2e_engine``).
-    ``progress(description, runs_done)`` is called as runs finish."""
-    prompts = tokenize_prompts(config)
+def run_engines(config: E2EConfig, prompts: list[dict],
+                progress: "Callable[[str, int], None] | None" = None) -> list[dict]:
+    """Run every engine on ``prompts`` (``tokenize_prompts(config)``); returns all runs'
+    records (see ``e2e_engine``). ``progress(description, runs_done)`` is called as runs finish."""
     results: list[dict] = []
     done = 0
     with tempfile.TemporaryDirectory(prefix="tree-pruned-e2e-") as tmp:
@@ -171,6 +171,12 @@ def run_engines(config: E2EConfig, progress: "Callable[[str, int], None] | None"
     return results
 
 
+def tpot_ms(requests: list[dict]) -> list[float]:
+    """Time per output token of each request with two tokens or more: (last token - first
+    token) / (output tokens - 1), in ms."""
+    return [(r["last_token"] - r["first_token"]) / (len(r["tokens"]) - 1) * 1e3 for r in requests if len(r["tokens"]) > 1]
+
+
 def _percentile(values: Sequence[float], q: float) -> "float | None":
     return round(float(np.percentile(values, q)), 2) if len(values) else None
 
@@ -181,7 +187,7 @@ def _row(mode: str, concurrency: int, category: str, requests: list[dict], wall_
     decode_steps = sum(max(r["steps"] - 1, 0) for r in requests)
     accepted = sum(len(r["tokens"]) - r["steps"] for r in requests)
     drafts = counters.get("num_draft_tokens", 0) if counters is not None else None
-    tpot = [(r["last_token"] - r["first_token"]) / (len(r["tokens"]) - 1) * 1e3 for r in requests if len(r["tokens"]) > 1]
+    tpot = tpot_ms(requests)
     ttft = [(r["first_token"] - r["arrival"]) * 1e3 for r in requests if r["first_token"] is not None]
     return {
         "mode": mode,
@@ -197,14 +203,14 @@ def _row(mode: str, concurrency: int, category: str, requests: list[dict], wall_
         "tpot_ms_p90": _percentile(tpot, 90),
         "tpot_ms_p99": _percentile(tpot, 99),
         "identical_to_baseline": None if baseline is None else all(
-            r["tokens"] == baseline[int(r["request_id"].rsplit("req", 1)[1])] for r in requests),
+            r["tokens"] == baseline[r["index"]] for r in requests),
     }
 
 
 def summarize(runs: list[dict]) -> list[dict]:
     """Rows from the engines' records: per run an ``all`` row, then one per category."""
     baselines = {
-        run["concurrency"]: {int(r["request_id"].rsplit("req", 1)[1]): r["tokens"] for r in run["requests"]}
+        run["concurrency"]: {r["index"]: r["tokens"] for r in run["requests"]}
         for run in runs if run["mode"] == "none"
     }
     rows = []

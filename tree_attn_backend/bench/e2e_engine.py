@@ -12,9 +12,10 @@ exact. SPEC::
      "prompts": [{"category", "prompt_token_ids"}], "num_requests": {concurrency: n}, "max_tokens": N}
 
 A run keeps ``concurrency`` greedy requests in flight (closed loop; prompts in order, cycled)
-until ``num_requests`` are done, and records per request: category, output tokens, arrival /
+until ``num_requests`` are done, and records per request: its index (request ``i`` runs prompt
+``i % len(prompts)``), category, output tokens, arrival /
 first / last token times and the number of engine steps that produced its tokens; per run:
-wall time and vLLM's speculative-decoding counters. Prints ``PROGRESS <done>`` after each run.
+wall time and vLLM's count of verified draft tokens. Prints ``PROGRESS <done>`` after each run.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
 
 
 class SpecCounters(StatLoggerBase):
-    """Sums vLLM's speculative-decoding counters over the engine's steps."""
+    """Sums vLLM's count of verified draft tokens over the engine's steps (accepted tokens
+    are counted per request, from the outputs)."""
 
     totals: Counter = Counter()
 
@@ -46,9 +48,7 @@ class SpecCounters(StatLoggerBase):
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:  # noqa: ANN001
         spec = getattr(scheduler_stats, "spec_decoding_stats", None)
         if spec is not None:
-            SpecCounters.totals["num_drafts"] += spec.num_drafts
             SpecCounters.totals["num_draft_tokens"] += spec.num_draft_tokens
-            SpecCounters.totals["num_accepted_tokens"] += spec.num_accepted_tokens
 
     def log_engine_initialized(self) -> None:
         pass
@@ -67,7 +67,7 @@ def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> di
         i = submitted
         prompt = prompts[i % len(prompts)]
         request_id = f"run{run_index}-req{i}"
-        records[request_id] = {"request_id": request_id, "category": prompt["category"], "tokens": [], "steps": 0,
+        records[request_id] = {"request_id": request_id, "index": i, "category": prompt["category"], "tokens": [], "steps": 0,
                                "arrival": time.perf_counter(), "first_token": None, "last_token": None}
         engine.add_request(request_id, {"prompt_token_ids": prompt["prompt_token_ids"]}, params)
         submitted += 1
@@ -95,7 +95,7 @@ def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> di
     counters = Counter(SpecCounters.totals)
     counters.subtract(before)
     return {"mode": run["mode"], "concurrency": run["concurrency"], "wall_s": wall, "counters": dict(counters),
-            "requests": sorted(records.values(), key=lambda r: int(r["request_id"].rsplit("req", 1)[1]))}
+            "requests": sorted(records.values(), key=lambda r: r["index"])}
 
 
 def main(spec_path: str, out_path: str) -> None:

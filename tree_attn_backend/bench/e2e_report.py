@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .e2e import MODES
+from .e2e import MODES, tpot_ms
 
 
 def _all_rows(rows: list[dict]) -> dict[tuple[str, int], dict]:
@@ -75,49 +75,45 @@ def plot(rows: list[dict], runs: list[dict], out_dir: "str | Path") -> list[Path
     modes = [m for m in MODES if any(k[0] == m for k in by)]
     levels = sorted({c for _, c in by})
     x = np.arange(len(levels))
-    width = 0.8 / len(modes)
     colors = dict(zip(MODES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     paths = []
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, mode in enumerate(modes):
-        ax.bar(x + i * width, [by[(mode, c)]["tokens_per_s"] if (mode, c) in by else 0 for c in levels], width,
-               label=mode, color=colors[mode])
-    ax.set_xticks(x + width * (len(modes) - 1) / 2, [str(c) for c in levels])
-    ax.set_xlabel("concurrency")
-    ax.set_ylabel("generated tokens / s")
-    ax.set_title("Throughput by mode")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "tokens_per_s.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    def bars_by_concurrency(name: str, shown: list[str], draw, ylabel: str, title: str) -> None:  # noqa: ANN001
+        """One bar group per concurrency level, one bar per mode; ``draw(ax, mode, x, width)``."""
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / max(len(shown), 1)
+        for i, mode in enumerate(shown):
+            draw(ax, mode, x + i * width, width)
+        ax.set_xticks(x + width * (len(shown) - 1) / 2, [str(c) for c in levels])
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    spec_modes = [m for m in modes if m != "none"]
-    w = 0.8 / max(len(spec_modes), 1)
-    for i, mode in enumerate(spec_modes):
-        drafted = [by[(mode, c)]["draft_tokens_per_step"] or 0 if (mode, c) in by else 0 for c in levels]
-        accepted = [by[(mode, c)]["accepted_tokens_per_step"] if (mode, c) in by else 0 for c in levels]
-        ax.bar(x + i * w, drafted, w, color=colors[mode], alpha=0.35)
-        ax.bar(x + i * w, accepted, w, color=colors[mode], label=mode)
-    ax.set_xticks(x + w * (len(spec_modes) - 1) / 2, [str(c) for c in levels])
-    ax.set_xlabel("concurrency")
-    ax.set_ylabel("tokens per request-step")
-    ax.set_title("Draft tokens verified (light) vs accepted (dark) per step")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "draft_vs_accepted.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    def metric(mode: str, key: str) -> list[float]:
+        return [(by[(mode, c)][key] or 0) if (mode, c) in by else 0 for c in levels]
+
+    def throughput(ax, mode: str, xs, width: float) -> None:  # noqa: ANN001
+        ax.bar(xs, metric(mode, "tokens_per_s"), width, label=mode, color=colors[mode])
+
+    def drafted_and_accepted(ax, mode: str, xs, width: float) -> None:  # noqa: ANN001
+        ax.bar(xs, metric(mode, "draft_tokens_per_step"), width, color=colors[mode], alpha=0.35)
+        ax.bar(xs, metric(mode, "accepted_tokens_per_step"), width, color=colors[mode], label=mode)
+
+    bars_by_concurrency("tokens_per_s.png", modes, throughput, "generated tokens / s", "Throughput by mode")
+    bars_by_concurrency("draft_vs_accepted.png", [m for m in modes if m != "none"], drafted_and_accepted,
+                        "tokens per request-step", "Draft tokens verified (light) vs accepted (dark) per step")
 
     fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.6), squeeze=False)
     for ax, c in zip(axes[0], levels):
         for run in runs:
             if run["concurrency"] != c:
                 continue
-            tpot = np.sort([(r["last_token"] - r["first_token"]) / (len(r["tokens"]) - 1) * 1e3
-                            for r in run["requests"] if len(r["tokens"]) > 1])
+            tpot = np.sort(tpot_ms(run["requests"]))
             if tpot.size:
                 ax.step(tpot, np.arange(1, tpot.size + 1) / tpot.size, where="post", label=run["mode"], color=colors[run["mode"]])
         ax.set_title(f"concurrency {c}")

@@ -154,7 +154,8 @@ class TreeCPUModelRunner(CPUModelRunner):
         if self._tree_step is not None:
             step = self._tree_step
             n = int(step.query_start[-1])
-            starts = np.repeat(step.query_start[:-1], np.diff(step.query_start))
+            counts = np.diff(step.query_start)
+            starts = np.repeat(step.query_start[:-1], counts)
             global_parents = np.where(step.parents < 0, -1, step.parents + starts)
             depth = depths_from_parents(global_parents)
             linear = np.arange(n) - starts
@@ -162,7 +163,6 @@ class TreeCPUModelRunner(CPUModelRunner):
             self.positions[:n] += torch.from_numpy((depth - linear).astype(np.int64))
             # Only branching trees need masked attention; chains are what vLLM's causal kernel does.
             branching = depth != linear
-            counts = np.diff(step.query_start)
             rows = np.flatnonzero(np.add.reduceat(branching, step.query_start[:-1]) > 0)  # every row has >= 1 token
             tokens = segment_arange(step.query_start[rows], counts[rows])
             TREE_STEP.publish(rows, step.parents[tokens])

@@ -17,7 +17,7 @@ from ..lookup_drafter import LookupIndex
 from ..pruning import PruningPolicy, expand_and_prune
 from ..tree import DraftTree
 from ..tree_shape import TreeShape
-from ..verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget
+from ..verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget, drafts_can_pay
 from .config import TreePrunedConfig
 
 
@@ -91,7 +91,9 @@ class TreeProposer:
         decoding = [row for row in range(len(req_ids)) if sampled_token_ids[row]]  # else prefill in progress
         budgeted = [row for row in decoding if drafting[row].batch_budget]
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
-        budget_can_pay = bool(budgeted) and self._drafts_can_pay(len(decoding), max_budgeted)
+        # When not even certain drafts could pay, do not grow the trees the budget would drop.
+        budget_can_pay = bool(budgeted) and drafts_can_pay(len(decoding), max_budgeted, self.cost_model_now,
+                                                           self.acceptance_scale.value)
         for req_id in req_ids:
             self.trees.pop(req_id, None)
         for row in decoding:
@@ -120,16 +122,6 @@ class TreeProposer:
         if self.cost_model is None:
             raise RuntimeError("the batch budget needs a cost model; the TREE_PRUNED runner sets it at start-up")
         return self.cost_model.model() if isinstance(self.cost_model, OnlineCostFit) else self.cost_model
-
-    def _drafts_can_pay(self, num_decoding: int, max_draft_tokens: int) -> bool:
-        """Whether any draft could raise expected throughput, even if every node were
-        certain: the throughput ratio is monotone in the token count, so the smallest and
-        the largest draft decide. Saves growing trees the budget would drop anyway."""
-        cost = self.cost_model_now
-        scale = self.acceptance_scale.value
-        k = np.array([0, 1, max(max_draft_tokens, 1)])
-        throughput = (num_decoding + scale * k) / cost.step_time(num_decoding, k)
-        return bool(throughput[1:].max() > throughput[0])
 
     def record_acceptance(self, req_ids: Sequence[str], num_verified: Sequence[int], num_accepted: Sequence[int]) -> None:
         """After verification: calibrates path values (expected accepted tokens) against

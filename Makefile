@@ -4,10 +4,13 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.deps-installed
 CSRC_SO := tree_attn_backend/_C/tree_pruned_C.so
+CUDA_SO := tree_attn_backend/_C/tree_pruned_cuda.so
+# The CUDA helpers build wherever nvcc exists (no GPU needed); without nvcc they are skipped.
+NVCC    := $(shell command -v nvcc 2>/dev/null || ls $${CUDA_HOME:-/usr/local/cuda}/bin/nvcc 2>/dev/null)
 
 .PHONY: setup test fuzz bench serve clean
 
-setup: $(STAMP) $(CSRC_SO)
+setup: $(STAMP) $(CSRC_SO) $(if $(NVCC),$(CUDA_SO))
 
 # Re-runs only when pyproject.toml changes, so a set-up machine reinstalls nothing.
 $(STAMP): pyproject.toml
@@ -20,7 +23,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(CSRC_SO): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h)
-	$(PY) -m tree_attn_backend.csrc_build
+	$(PY) -m tree_attn_backend.csrc_build cpu
+
+$(CUDA_SO): $(STAMP) $(wildcard csrc/*.cu)
+	$(PY) -m tree_attn_backend.csrc_build cuda
 
 test: setup
 	$(PY) -m pytest -q

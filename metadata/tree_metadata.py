@@ -19,6 +19,17 @@ from tree_attn_backend.native import native_op
 from .masks import ancestor_bits, pack_segments, row_columns, unpack_rows
 
 
+def _gather_segments(indptr: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rebased int32 indptr ``[K+1]`` of the chosen segments and the int64 indices of their
+    elements in the original flat array, segment after segment."""
+    starts = indptr[:-1].to(torch.int64)[segments]
+    sizes = (indptr[1:] - indptr[:-1]).to(torch.int64)[segments]
+    new_indptr = torch.zeros(segments.numel() + 1, dtype=torch.int64)
+    torch.cumsum(sizes, 0, out=new_indptr[1:])
+    within = torch.arange(int(new_indptr[-1])) - torch.repeat_interleave(new_indptr[:-1], sizes)
+    return new_indptr.to(torch.int32), torch.repeat_interleave(starts, sizes) + within
+
+
 class MaskWorkspace:
     """Reusable output buffers for the masks, owned by whoever builds metadata step after
     step (as FlashInfer's wrappers own theirs). Masks of several MB then land in pages that
@@ -169,6 +180,40 @@ class TreeAttentionMetadata:
     def mask_indptr(self) -> torch.Tensor:
         """int32 ``[B+1]`` *byte* offsets of each request in :attr:`packed_custom_mask`."""
         return self._packed[1]
+
+    def token_indices(self, requests: torch.Tensor) -> torch.Tensor:
+        """int64 indices of the listed requests' tokens in this batch, request after request."""
+        return _gather_segments(self.qo_indptr, torch.as_tensor(requests, dtype=torch.int64))[1]
+
+    def select(self, requests: torch.Tensor) -> "TreeAttentionMetadata":
+        """The metadata of the listed requests alone, in the given order (int64 ``[K]``):
+        what :func:`~metadata.builder.build_tree_attention_metadata` gives for that sub-batch.
+        Token fields are gathered, indptrs rebased; the mask workspace is not shared."""
+        requests = torch.as_tensor(requests, dtype=torch.int64)
+        if requests.dim() != 1 or (requests.numel() and (int(requests.min()) < 0 or int(requests.max()) >= self.num_reqs)):
+            raise ValueError(f"requests {requests.tolist()} must be 1-D indices below {self.num_reqs}")
+        qo_indptr, tokens = _gather_segments(self.qo_indptr, requests)
+        kv_indptr, kv_pages = _gather_segments(self.paged_kv_indptr, requests)
+        pre_indptr, pre_pages = _gather_segments(self.prefix_kv_indptr, requests)
+        return TreeAttentionMetadata(
+            num_reqs=int(requests.numel()),
+            num_tokens=int(tokens.numel()),
+            block_size=self.block_size,
+            qo_indptr=qo_indptr,
+            context_lens=self.context_lens[requests],
+            kv_lens=self.kv_lens[requests],
+            parents=self.parents[tokens],
+            depths=self.depths[tokens],
+            positions=self.positions[tokens],
+            slot_mapping=self.slot_mapping[tokens],
+            is_chain=self.is_chain[requests],
+            paged_kv_indptr=kv_indptr,
+            paged_kv_indices=self.paged_kv_indices[kv_pages],
+            paged_kv_last_page_len=self.paged_kv_last_page_len[requests],
+            prefix_kv_indptr=pre_indptr,
+            prefix_kv_indices=self.prefix_kv_indices[pre_pages],
+            prefix_kv_last_page_len=self.prefix_kv_last_page_len[requests],
+        )
 
     def materialize(self) -> list[torch.Tensor]:
         """Dense per-request masks: bool ``[q_b, kv_b]`` (True = the query attends the key)."""

@@ -2,6 +2,7 @@
 
     tree-pruned fuzz --examples N [pytest args]   the Hypothesis property suite, N examples each
     tree-pruned bench metadata [--json]   builder vs per-node Python builder
+    tree-pruned bench kernels [--json] [--device cuda|cpu]   tree attention per kernel path (FlashInfer on a GPU)
     tree-pruned bench e2e [--quick] [--json] [--plot DIR] [--prompts FILE]   modes x concurrency in vLLM
     tree-pruned bench replay [--prompts FILE] [--path-probs P,...]   pruning scored offline on greedy outputs
     tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
@@ -54,6 +55,34 @@ def _bench_metadata(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
     else:
         _print_table(rows)
+    return 0
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .bench import kernels
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("tree-pruned bench kernels: --device cuda but torch sees no CUDA device")
+    grid = dict(kernels.GPU_GRID if device.type == "cuda" else kernels.CPU_GRID)
+    for name in ("batches", "tree_nodes", "contexts"):
+        if getattr(args, name) is not None:
+            grid[name] = getattr(args, name)
+    rows = []
+    cells = kernels.grid_cells(grid)
+    with tqdm(total=len(cells), desc=f"bench kernels ({device.type})", unit="row", file=sys.stderr) as bar:
+        for row in kernels.run(grid, device):
+            rows.append(row)
+            bar.update()
+    targets = kernels.check_targets(rows)
+    if args.json:
+        print(json.dumps({"rows": rows, "targets": targets}))
+    else:
+        print(kernels.format_table(rows))
+        print("\n".join(targets))
     return 0
 
 
@@ -164,6 +193,13 @@ def main(argv: "list[str] | None" = None) -> int:
     meta.add_argument("--tree-nodes", type=_int_list, default=metadata_bench_defaults("TREE_NODES"), help="e.g. 8,32,64")
     meta.add_argument("--contexts", type=_int_list, default=metadata_bench_defaults("CONTEXTS"), help="e.g. 512,4096")
     meta.set_defaults(func=_bench_metadata)
+    kern = bench_sub.add_parser("kernels", help="one tree-verify attention layer per kernel path (GPU grid, or a reduced CPU grid)")
+    kern.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...], "targets": [...]}')
+    kern.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when torch sees one")
+    kern.add_argument("--batches", type=_int_list, default=None, help="default: 1,8,32,128 on cuda, 1,4 on cpu")
+    kern.add_argument("--tree-nodes", type=_int_list, default=None, help="default: 8,32,64 on cuda, 8,32 on cpu")
+    kern.add_argument("--contexts", type=_int_list, default=None, help="default: 1024,8192 on cuda, 256,1024 on cpu")
+    kern.set_defaults(func=_bench_kernels)
     e2e_p = bench_sub.add_parser("e2e", help="end to end in vLLM: modes x concurrency (tokens/s, drafts, latency)")
     e2e_p.add_argument("--quick", action="store_true", help="one prompt per category, 16 tokens (under 4 minutes)")
     e2e_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')

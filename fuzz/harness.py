@@ -54,6 +54,26 @@ def make_block_table(kv_lens: Sequence[int], block_size: int, spare_blocks: int,
     return table, num_blocks
 
 
+def nhd_cache(case: AttentionCase, device: "torch.device | str", seed: int = 0) -> torch.Tensor:
+    """The case's KV (every context token and every new token) in FlashInfer's NHD layout
+    ``[num_blocks, 2, block_size, Hkv, D]`` on ``device``; unwritten slots hold garbage."""
+    from tree_attn_backend.gpu import paged_cache
+
+    spec = case.spec
+    num_blocks = case.kv_cache.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randn(num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_size, generator=gen)
+    cache = cache.to(device=device, dtype=case.query.dtype)
+    for b, req in enumerate(case.reference):
+        ctx = req.context_key.shape[0]
+        linear = torch.arange(ctx)
+        blocks = torch.from_numpy(case.batch.block_table[b])
+        slots = blocks[linear // spec.block_size] * spec.block_size + linear % spec.block_size
+        paged_cache.write_kv(cache, req.context_key.to(device), req.context_value.to(device), slots.to(device))
+    paged_cache.write_kv(cache, case.key.to(device), case.value.to(device), case.meta.slot_mapping.to(device))
+    return cache
+
+
 def make_attention_case(spec: BatchSpec, dtype: torch.dtype, seed: int) -> AttentionCase:
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)

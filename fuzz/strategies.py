@@ -96,7 +96,13 @@ def request_parents(draw: st.DrawFn, max_chunk: int = 300) -> tuple[int, ...]:
 
 
 @st.composite
-def batch_specs(draw: st.DrawFn, max_reqs: int = 6, max_context: int = 4096, max_chunk: int = 300) -> BatchSpec:
+def batch_specs(
+    draw: st.DrawFn,
+    max_reqs: int = 6,
+    max_context: int = 4096,
+    max_chunk: int = 300,
+    head_sizes: tuple[int, ...] = (64, 128, 256),
+) -> BatchSpec:
     """A mixed batch: prefill chunks, decodes and trees; contexts across page boundaries; GQA."""
     n = draw(st.integers(1, max_reqs))
     block_size = draw(st.sampled_from(FUZZ_BLOCK_SIZES))
@@ -112,7 +118,7 @@ def batch_specs(draw: st.DrawFn, max_reqs: int = 6, max_context: int = 4096, max
         block_size=block_size,
         num_kv_heads=kv_heads,
         num_q_heads=kv_heads * draw(st.sampled_from([1, 2, 4])),
-        head_size=draw(st.sampled_from([64, 128, 256])),
+        head_size=draw(st.sampled_from(head_sizes)),
     )
 
 

@@ -66,7 +66,7 @@ def reference_tree_attention(requests: Sequence[ReferenceRequest], scale: float)
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,khd->htk", q, k) * scale
-        mask = reference_tree_mask(req.parents, req.context_key.shape[0])
+        mask = reference_tree_mask(req.parents, req.context_key.shape[0]).to(scores.device)
         scores = scores.masked_fill(~mask, float("-inf"))
         outputs.append(torch.einsum("htk,khd->thd", torch.softmax(scores, dim=-1), v))
     return torch.cat(outputs) if outputs else torch.zeros(0)

@@ -127,7 +127,7 @@ def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.
         return
     first = kv_caches[0]
     for layer, cache in enumerate(kv_caches):
-        paged_cache.slot_views(cache)  # validates the layout
+        paged_cache.check_nhd(cache)
         if cache.shape != first.shape or cache.dtype != first.dtype or cache.device != first.device:
             raise ValueError(
                 f"kv_caches[{layer}] is {tuple(cache.shape)} {cache.dtype} on {cache.device}; "

@@ -8,7 +8,7 @@ CUDA_SO := tree_attn_backend/_C/tree_pruned_cuda.so
 # The CUDA helpers build wherever nvcc exists (no GPU needed); without nvcc they are skipped.
 NVCC    := $(shell command -v nvcc 2>/dev/null || ls $${CUDA_HOME:-/usr/local/cuda}/bin/nvcc 2>/dev/null)
 
-.PHONY: setup test fuzz bench serve clean
+.PHONY: setup test fuzz bench serve gpu-bundle clean
 
 setup: $(STAMP) $(CSRC_SO) $(if $(NVCC),$(CUDA_SO))
 
@@ -39,6 +39,10 @@ bench: setup
 
 serve: setup
 	$(VENV)/bin/tree-pruned serve
+
+# What scripts/gpu_check.sh installs on a bare GPU machine (needs nvcc and the package index; ~5 min).
+gpu-bundle: setup
+	$(PY) -m tree_attn_backend.gpu.bundle build
 
 clean:
 	rm -rf $(VENV) build tree_attn_backend/_C

@@ -77,12 +77,10 @@ def _bench_kernels(args: argparse.Namespace) -> int:
         for row in kernels.run(grid, device):
             rows.append(row)
             bar.update()
-    targets = kernels.check_targets(rows)
     if args.json:
-        print(json.dumps({"rows": rows, "targets": targets}))
+        print(json.dumps({"rows": rows, "targets": kernels.check_targets(rows)}))
     else:
-        print(kernels.format_table(rows))
-        print("\n".join(targets))
+        print(kernels.report(rows))
     return 0
 
 

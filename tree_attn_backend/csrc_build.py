@@ -56,6 +56,17 @@ def find_nvcc() -> "Path | None":
     return Path(found) if found else None
 
 
+def cuda_home(nvcc: Path) -> Path:
+    """The toolkit root of ``nvcc`` as nvcc itself reports it (``TOP`` of ``--dryrun``):
+    ``nvcc`` on PATH may be a wrapper script or a link."""
+    result = subprocess.run([str(nvcc), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                            capture_output=True, text=True)
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return Path(line.split("=", 1)[1].strip()).resolve()
+    return nvcc.resolve().parent.parent
+
+
 def gencode_flags(archs: str) -> list[str]:
     """nvcc ``-gencode`` flags for ``archs`` ("90a 100a", say): SASS for each, plus portable PTX
     of the newest one's base architecture ("90" for "90a": arch-specific PTX runs nowhere else)

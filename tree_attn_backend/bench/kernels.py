@@ -21,9 +21,12 @@ full-mask and cascade outputs (both exact; it is bf16 rounding).
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -206,3 +209,21 @@ def check_targets(rows: list[dict]) -> list[str]:
         f"[{'met' if worst_plan <= 0.05 else 'NOT MET'}] plan + builder <= 5% of attention over {MODEL_LAYERS} layers: "
         f"worst {100 * worst_plan:.2f}%",
     ]
+
+
+def report(rows: list[dict]) -> str:
+    """The table, then one line per target."""
+    return "\n".join([format_table(rows), *check_targets(rows)])
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """``python -m tree_attn_backend.bench.kernels RESULTS.json``: the report of a saved run."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m tree_attn_backend.bench.kernels RESULTS.json")
+    print(report(json.loads(Path(args[0]).read_text())["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

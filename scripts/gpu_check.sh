@@ -3,7 +3,8 @@
 # from the repository root, with the bundle built here beforehand (`make gpu-bundle`, carried
 # as gpu-bundle/, under 48 MiB). Steps, each time-boxed so the whole run stays under 8 minutes:
 #   1. environment report (GPU, driver, torch)                      -> $OUT/env.txt
-#   2. install the bundle (FlashInfer + its sm_90a modules, tvm-ffi, the CUDA helpers)
+#   2. install the bundle (FlashInfer + its sm_90a modules, tvm-ffi, the CUDA helpers), and
+#      build the native CPU ops against the machine's torch
 #   3. the fuzz properties against the GPU paths, reference in float64 on the GPU,
 #      and the CPU tests of the GPU path                            -> $OUT/fuzz.log, fuzz.xml
 #   4. the kernel benchmark                                         -> $OUT/kernels.json, kernels.txt
@@ -30,7 +31,8 @@ PYTHON="${PYTHON:-python3}"
 BUNDLE="${TREE_PRUNED_GPU_BUNDLE:-gpu-bundle}"
 SITE="${TMPDIR:-/tmp}/tree-pruned-site"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# JIT off: the bundle carries every module the GPU path loads, and no kernel sources to compile.
+export PYTHONUNBUFFERED=1 FLASHINFER_DISABLE_JIT=1 PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$dry_run" = 1 ]; then
   export TREE_PRUNED_FUZZ_EXAMPLES="${TREE_PRUNED_FUZZ_EXAMPLES:-5}"
   bench_args=(--device cpu --batches 1,2 --tree-nodes 8 --contexts 64)
@@ -60,8 +62,8 @@ cat "$OUT/env.txt"
 
 if [ "$dry_run" = 1 ]; then
   if [ -f "$BUNDLE/MANIFEST.json" ]; then
-    step "verify the bundle in $BUNDLE"
-    "$PYTHON" -m tree_attn_backend.gpu.bundle install "$BUNDLE" --site "$SITE" --check-only 2>&1 | tee "$OUT/install.log"
+    step "verify the bundle in $BUNDLE and load its modules here"
+    timeout 120 "$PYTHON" -m tree_attn_backend.gpu.bundle install "$BUNDLE" --site "$SITE" --check-only 2>&1 | tee "$OUT/install.log"
     record "verify bundle" "${PIPESTATUS[0]}"
   else
     step "no bundle at $BUNDLE (make gpu-bundle builds one): nothing to verify"
@@ -74,13 +76,17 @@ else
   record "import flashinfer" "${PIPESTATUS[0]}"
 fi
 
+step "build the native CPU ops for this torch (the metadata builder's fast path; plan_us depends on it)"
+timeout 90 "$PYTHON" -m tree_attn_backend.csrc_build cpu 2>&1 | tail -3 | tee "$OUT/csrc_build.log"
+record "csrc build" "${PIPESTATUS[0]}"
+
 step "fuzz: GPU properties ($TREE_PRUNED_FUZZ_EXAMPLES examples each) and the GPU path's tests"
-timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider fuzz/test_gpu_props.py tests/test_gpu_path.py \
+timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider fuzz/test_gpu_props.py tests/test_gpu_path.py \
   --junitxml "$OUT/fuzz.xml" 2>&1 | tee "$OUT/fuzz.log"
 record "fuzz" "${PIPESTATUS[0]}"
 
 step "kernel benchmark (${bench_args[*]})"
-timeout 150 "$PYTHON" -m tree_attn_backend.cli bench kernels --json "${bench_args[@]}" > "$OUT/kernels.json" 2> "$OUT/bench.log"
+timeout 120 "$PYTHON" -m tree_attn_backend.cli bench kernels --json "${bench_args[@]}" > "$OUT/kernels.json" 2> "$OUT/bench.log"
 record "bench" "$?"
 "$PYTHON" -m tree_attn_backend.bench.kernels "$OUT/kernels.json" | tee "$OUT/kernels.txt"
 record "bench report" "${PIPESTATUS[0]}"

@@ -4,7 +4,8 @@ The target machine (an H200 with torch 2.11 / CUDA 13, Python 3.12, nvcc, no int
 FlashInfer) takes at most 64 MiB along with the working tree, and FlashInfer's wheel alone is
 62 MB (its kernel sources). So the bundle is built here, once, with nvcc and no GPU:
 
-- ``flashinfer.tar.xz``: FlashInfer's Python package without its sources (``data/``), plus the
+- ``flashinfer.tar.xz``: FlashInfer's Python package without its kernel sources and headers
+  (``data/``, but for the top-level templates and entry files its module specs read), plus the
   JIT modules this project's GPU path loads, compiled here for sm_90a and placed where
   FlashInfer looks for ahead-of-time builds (``flashinfer/data/aot/<name>/<name>.so``);
 - ``wheels/``: ``apache-tvm-ffi`` for CPython 3.12 (FlashInfer's kernel ABI; pure C, torch-free);
@@ -12,8 +13,9 @@ FlashInfer) takes at most 64 MiB along with the working tree, and FlashInfer's w
 - ``MANIFEST.json``: versions, module names and a SHA-256 of every file.
 
 ``python -m tree_attn_backend.gpu.bundle build [DIR]`` builds it (about 5 minutes on 2 cores,
-needs the package index and nvcc); ``install DIR --site SITE`` unpacks it (``--check-only``:
-verify the checksums, install nothing; what ``gpu_check.sh --dry-run`` does).
+needs the package index and nvcc); ``install DIR --site SITE`` unpacks it; ``install DIR
+--check-only`` installs nothing: it verifies the checksums and, on the machine that built the
+bundle, loads every module with JIT disabled (what ``gpu_check.sh --dry-run`` does).
 """
 
 from __future__ import annotations
@@ -124,16 +126,18 @@ def build(bundle: Path) -> dict:
     nvcc = find_nvcc()
     if nvcc is None:
         raise SystemExit("the GPU bundle needs nvcc (set CUDA_HOME or PATH)")
+    # build/gpu_bundle keeps the downloads, the host install and FlashInfer's ninja trees, so a
+    # rebuild (same versions) recompiles nothing; delete it to start over.
     work = REPO_ROOT / "build" / "gpu_bundle"
-    shutil.rmtree(work, ignore_errors=True)
     downloads, host_site = work / "downloads", work / "host-site"
-    _pip("download", "--no-deps", "-d", str(downloads), f"flashinfer-python=={FLASHINFER_VERSION}")
     target_args = ["--only-binary=:all:", "--python-version", TARGET_PYTHON, "--implementation", "cp"]
     for platform in MANYLINUX:
         target_args += ["--platform", platform]
     _pip("download", "--no-deps", "-d", str(downloads / "target"), *target_args, TVM_FFI_SPEC)
-    _pip("install", "--no-deps", "--target", str(host_site), *map(str, downloads.glob("flashinfer_python-*.whl")),
-         TVM_FFI_SPEC, *HOST_IMPORT_DEPS)
+    if not (host_site / "flashinfer").exists():
+        _pip("download", "--no-deps", "-d", str(downloads), f"flashinfer-python=={FLASHINFER_VERSION}")
+        _pip("install", "--no-deps", "--target", str(host_site), *map(str, downloads.glob("flashinfer_python-*.whl")),
+             TVM_FFI_SPEC, *HOST_IMPORT_DEPS)
 
     print("compiling FlashInfer modules for sm_90a (a few minutes)", file=sys.stderr)
     modules = _compile_modules(host_site, work, nvcc)
@@ -148,10 +152,16 @@ def build(bundle: Path) -> dict:
     print("packing flashinfer.tar.xz", file=sys.stderr)
 
     def keep(info: tarfile.TarInfo) -> "tarfile.TarInfo | None":
+        # Of data/ only aot/ (the modules) and csrc/'s top-level files: building a module's spec
+        # reads its templates and entry sources even when the compiled module is already there.
         parts = Path(info.name).parts
-        if "__pycache__" in parts or (len(parts) > 2 and parts[1] == "data" and parts[2] != "aot"):
+        if "__pycache__" in parts:
             return None
-        return info
+        if len(parts) <= 2 or parts[1] != "data":
+            return info
+        if parts[2] == "aot" or (parts[2] == "csrc" and (len(parts) == 3 or (len(parts) == 4 and info.isfile()))):
+            return info
+        return None
 
     with tarfile.open(bundle / "flashinfer.tar.xz", "w:xz") as tar:
         tar.add(package, arcname="flashinfer", filter=keep)
@@ -191,6 +201,46 @@ def verify(bundle: Path) -> dict:
     return manifest
 
 
+def check_loads(bundle: Path) -> "list[str] | None":
+    """Load every bundled FlashInfer module here, with no GPU: unpack the bundle's FlashInfer
+    into a temporary folder and, with FlashInfer's JIT disabled (as on the GPU machine), build
+    and load each spec of :func:`required_jit_specs` against a libcuda stub. Proves the modules
+    are found as ahead-of-time builds, match the names the wrappers ask for, and link. Needs
+    the host packages a ``build`` left in ``build/gpu_bundle``; ``None`` when they are absent."""
+    from tree_attn_backend.csrc_build import cuda_home, find_nvcc
+
+    work = REPO_ROOT / "build" / "gpu_bundle"
+    nvcc = find_nvcc()
+    if not (work / "host-site" / "tvm_ffi").exists() or nvcc is None:
+        return None
+    stub = _libcuda_stub(work / "stub")
+    (stub / "libcuda.so.1").unlink(missing_ok=True)
+    (stub / "libcuda.so.1").symlink_to("libcuda.so")
+    with tempfile.TemporaryDirectory() as site:
+        with tarfile.open(bundle / "flashinfer.tar.xz") as tar:
+            tar.extractall(site, filter="data")
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([site, str(work / "host-site"), str(REPO_ROOT)]),
+            LD_LIBRARY_PATH=os.pathsep.join([str(stub), str(cuda_home(nvcc) / "lib64")]),
+            FLASHINFER_DISABLE_JIT="1",
+            FLASHINFER_CUDA_ARCH_LIST=TARGET_ARCH,
+        )
+        script = (
+            "import json\n"
+            "from tree_attn_backend.gpu.bundle import required_jit_specs\n"
+            "specs = required_jit_specs()\n"
+            "for spec in specs:\n"
+            "    assert spec.is_aot, f'{spec.name} is not an ahead-of-time module'\n"
+            "    spec.build_and_load()\n"
+            "print(json.dumps([spec.name for spec in specs]))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    if result.returncode:
+        raise SystemExit(f"loading the bundled FlashInfer modules failed (exit {result.returncode})")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def install(bundle: Path, site: Path) -> None:
     """Unpack the bundle: FlashInfer and the wheels into ``site`` (put it on ``PYTHONPATH``), the
     CUDA helpers into the package's ``_C``."""
@@ -215,7 +265,8 @@ def main(argv: "list[str] | None" = None) -> int:
     install_p = sub.add_parser("install", help="install a built bundle")
     install_p.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE)
     install_p.add_argument("--site", type=Path, required=True, help="folder to put on PYTHONPATH")
-    install_p.add_argument("--check-only", action="store_true", help="verify the checksums, install nothing")
+    install_p.add_argument("--check-only", action="store_true",
+                           help="verify the checksums and load the modules here, install nothing")
     args = parser.parse_args(argv)
     if args.command == "build":
         manifest = build(args.bundle)
@@ -223,6 +274,13 @@ def main(argv: "list[str] | None" = None) -> int:
     elif args.check_only:
         manifest = verify(args.bundle)
         print(f"bundle {args.bundle} verified: {len(manifest['files'])} files, built {manifest['created']}")
+        loaded = check_loads(args.bundle)
+        if loaded is None:
+            print("module load check skipped: no build/gpu_bundle host packages or nvcc here")
+        elif loaded != manifest["modules"]:
+            raise SystemExit(f"the bundle's modules {manifest['modules']} differ from those the GPU path loads {loaded}")
+        else:
+            print(f"loaded {len(loaded)} bundled FlashInfer modules with JIT disabled: {', '.join(loaded)}")
     else:
         install(args.bundle, args.site)
         print(f"installed {args.bundle} into {args.site}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from metadata import TreeAttentionMetadata
@@ -37,7 +38,7 @@ GPU_MODES = ("cascade", "full_mask")
 # The issue's rule: the default is whichever mode the kernel benchmark measures faster. Until an
 # H200 run says otherwise this is the cascade, whose mask is q x q instead of q x (context + q).
 DEFAULT_GPU_MODE = "cascade"
-DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
+DEFAULT_WORKSPACE_BYTES = 512 * 1024 * 1024
 
 
 def _import_flashinfer():  # noqa: ANN202 - the module
@@ -66,14 +67,14 @@ def split_step(meta: TreeAttentionMetadata, mode: str) -> StepGroups:
     """Which kernel serves which request (see the module docstring)."""
     if mode not in GPU_MODES:
         raise ValueError(f"mode = {mode!r}: expected one of {GPU_MODES}")
-    chain = meta.is_chain
-    single = meta.query_lens == 1
+    # numpy, not torch: a handful of tiny arrays, and plan() time counts against every step.
+    chain = meta.is_chain.numpy()
+    single = np.diff(meta.qo_indptr.numpy()) == 1
     tree = ~chain
-    with_context = meta.context_lens > 0
-    cascade = tree & with_context if mode == "cascade" else torch.zeros_like(tree)
+    cascade = tree & (meta.context_lens.numpy() > 0) if mode == "cascade" else np.zeros_like(tree)
 
-    def where(flags: torch.Tensor) -> torch.Tensor:
-        return torch.nonzero(flags, as_tuple=True)[0]
+    def where(flags: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.flatnonzero(flags))
 
     return StepGroups(
         decode=where(chain & single),
@@ -83,8 +84,9 @@ def split_step(meta: TreeAttentionMetadata, mode: str) -> StepGroups:
     )
 
 
-# (query rows, their token indices, the step's key, value, kv_cache) -> output rows
-_GroupRun = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (query rows, their token indices or None for the whole batch, the step's key, value, kv_cache)
+# -> output rows
+_GroupRun = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -144,12 +146,13 @@ class FlashInferTreeAttention:
         shape = dict(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads)
         types = dict(q_data_type=dtype, kv_data_type=dtype, sm_scale=scale)
         page = meta.block_size
-        rows = [meta.token_indices(g) for g in (groups.decode, groups.causal, groups.full_mask, groups.cascade)]
-        self._upload_rows(torch.cat(rows))
-        device_rows, at = [], 0
-        for r in rows:
-            device_rows.append(self._rows_buffer[at : at + r.numel()])
-            at += r.numel()
+        # Every group's token indices in one gather and one upload; group g owns a slice.
+        order = [groups.decode, groups.causal, groups.full_mask, groups.cascade]
+        tokens = meta.token_indices(torch.cat(order))
+        self._upload_rows(tokens)
+        sizes = np.diff(meta.qo_indptr.numpy())
+        ends = np.cumsum([int(sizes[g.numpy()].sum()) for g in order])
+        device_rows = [self._rows_buffer[end - size : end] for end, size in zip(ends, np.diff(ends, prepend=0))]
         planned: list[_PlannedGroup] = []
 
         if groups.decode.numel():
@@ -178,7 +181,7 @@ class FlashInferTreeAttention:
         self._groups = planned
         self._num_tokens = meta.num_tokens
         # One group in batch order (a pure decode or pure tree step): no gather / scatter.
-        self._whole_batch = len(planned) == 1 and torch.equal(torch.cat(rows), torch.arange(meta.num_tokens))
+        self._whole_batch = len(planned) == 1 and bool(np.array_equal(tokens.numpy(), np.arange(meta.num_tokens)))
         return groups
 
     def _upload_rows(self, rows: torch.Tensor) -> None:
@@ -189,10 +192,12 @@ class FlashInferTreeAttention:
         self._rows_buffer[: rows.numel()].copy_(rows)
 
     def _run_cascade(
-        self, q: torch.Tensor, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor
+        self, q: torch.Tensor, rows: "torch.Tensor | None", key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor
     ) -> torch.Tensor:
         out, lse = self._prefix.run(q, cache, return_lse=True)
-        tree_out, tree_lse = self._tree.run(q, key.index_select(0, rows), value.index_select(0, rows), return_lse=True)
+        if rows is not None:
+            key, value = key.index_select(0, rows), value.index_select(0, rows)
+        tree_out, tree_lse = self._tree.run(q, key, value, return_lse=True)
         self._merge_state_in_place(out, lse, tree_out, tree_lse)  # both LSEs base 2, FlashInfer's own
         return out
 
@@ -216,7 +221,7 @@ class FlashInferTreeAttention:
         if query.shape[0] != self._num_tokens:
             raise ValueError(f"query has {query.shape[0]} tokens; the planned step has {self._num_tokens}")
         if self._whole_batch:
-            result = self._groups[0].run(query, self._groups[0].rows, key, value, kv_cache)
+            result = self._groups[0].run(query, None, key, value, kv_cache)
             return result if out is None else out.copy_(result)
         if out is None:
             out = torch.empty_like(query)

@@ -42,9 +42,17 @@ def build_cpu_ops(verbose: bool = False) -> Path:
         is_python_module=False,
         verbose=verbose,
     )
-    LIBRARY_PATH.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(BUILD_DIR / "tree_pruned_C.so", LIBRARY_PATH)
+    install_library(BUILD_DIR / "tree_pruned_C.so", LIBRARY_PATH)
     return LIBRARY_PATH
+
+
+def install_library(built: Path, target: Path) -> None:
+    """Put ``built`` at ``target`` by rename: a process that has the old library loaded keeps
+    its (unlinked) file; writing over it in place would crash that process."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.tmp")
+    shutil.copy(built, staged)  # a fresh mtime: make compares it with the sources
+    os.replace(staged, target)
 
 
 def find_nvcc() -> "Path | None":
@@ -86,12 +94,14 @@ def build_cuda_helpers(nvcc: Path, archs: str = DEFAULT_CUDA_ARCHS, verbose: boo
     sources = sorted(str(p) for p in CSRC.glob("*.cu"))
     if not sources:
         raise FileNotFoundError(f"no CUDA sources in {CSRC}")
-    CUDA_LIBRARY_PATH.parent.mkdir(parents=True, exist_ok=True)
+    built = REPO_ROOT / "build" / "csrc_cuda" / CUDA_LIBRARY_PATH.name
+    built.parent.mkdir(parents=True, exist_ok=True)
     command = [str(nvcc), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
-               *gencode_flags(archs), "-o", str(CUDA_LIBRARY_PATH), *sources]
+               *gencode_flags(archs), "-o", str(built), *sources]
     if verbose:
         print(" ".join(command))
     subprocess.run(command, check=True)
+    install_library(built, CUDA_LIBRARY_PATH)
     return CUDA_LIBRARY_PATH
 
 

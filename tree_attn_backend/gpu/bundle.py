@@ -244,6 +244,7 @@ def check_loads(bundle: Path) -> "list[str] | None":
 def install(bundle: Path, site: Path) -> None:
     """Unpack the bundle: FlashInfer and the wheels into ``site`` (put it on ``PYTHONPATH``), the
     CUDA helpers into the package's ``_C``."""
+    from tree_attn_backend.csrc_build import install_library
     from tree_attn_backend.gpu.cuda_ops import CUDA_LIBRARY_PATH
 
     verify(bundle)
@@ -252,8 +253,7 @@ def install(bundle: Path, site: Path) -> None:
     _pip("install", "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target", str(site), *wheels)
     with tarfile.open(bundle / "flashinfer.tar.xz") as tar:
         tar.extractall(site, filter="data")
-    CUDA_LIBRARY_PATH.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(bundle / "tree_pruned_cuda.so", CUDA_LIBRARY_PATH)
+    install_library(bundle / "tree_pruned_cuda.so", CUDA_LIBRARY_PATH)
 
 
 def main(argv: "list[str] | None" = None) -> int:

@@ -66,7 +66,7 @@ def _cuda_library_for(device: torch.device) -> "ctypes.CDLL | None":
 
 
 def _on(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True) for a in arrays]
+    return [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
 
 
 def tree_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> torch.Tensor:
@@ -150,7 +150,7 @@ def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.
     element = first.element_size()
     _, _, block_size, heads, dim = first.shape
     row_bytes = heads * dim * element
-    layer_ptrs = torch.tensor([c.data_ptr() for c in kv_caches], dtype=torch.int64).to(device, non_blocking=True)
+    layer_ptrs = torch.tensor([c.data_ptr() for c in kv_caches], dtype=torch.int64).to(device)
     src_d, dst_d = (s.to(device=device, dtype=torch.int64).contiguous() for s in (src, dst))
     scratch = torch.empty(len(kv_caches) * src.numel() * 2 * row_bytes, dtype=torch.uint8, device=device)
     aligned = all(c.data_ptr() % 16 == 0 for c in kv_caches)

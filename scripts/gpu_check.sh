@@ -7,7 +7,8 @@
 #      build the native CPU ops against the machine's torch
 #   3. the fuzz properties against the GPU paths, reference in float64 on the GPU,
 #      and the CPU tests of the GPU path                            -> $OUT/fuzz.log, fuzz.xml
-#   4. the kernel benchmark                                         -> $OUT/kernels.json, kernels.txt
+#   4. the kernel benchmark                              -> $OUT/kernels.json, kernels.txt, kernels.png
+#   5. the page for docs/gpu-results.md                             -> $OUT/gpu-results.md
 # Every step's start time goes to $OUT/steps.log; the exit status is the first failure's.
 #
 #   scripts/gpu_check.sh             the real run (OUT defaults to ./gpu-out)
@@ -88,8 +89,29 @@ record "fuzz" "${PIPESTATUS[0]}"
 step "kernel benchmark (${bench_args[*]})"
 timeout 120 "$PYTHON" -m tree_attn_backend.cli bench kernels --json "${bench_args[@]}" > "$OUT/kernels.json" 2> "$OUT/bench.log"
 record "bench" "$?"
-"$PYTHON" -m tree_attn_backend.bench.kernels "$OUT/kernels.json" | tee "$OUT/kernels.txt"
+"$PYTHON" -m tree_attn_backend.bench.kernels "$OUT/kernels.json" --plot "$OUT" | tee "$OUT/kernels.txt"
 record "bench report" "${PIPESTATUS[0]}"
+
+# What docs/gpu-results.md gets (with kernels.png) once a real run passes.
+{
+  echo "# GPU results: \`scripts/gpu_check.sh\` ($(date -u +%F))"
+  echo
+  echo '```'
+  cat "$OUT/env.txt"
+  echo '```'
+  echo
+  echo "## Fuzz (${TREE_PRUNED_FUZZ_EXAMPLES} examples per property)"
+  echo
+  echo '```'
+  tail -5 "$OUT/fuzz.log"
+  echo '```'
+  echo
+  echo "## Kernels (\`tree-pruned bench kernels\`, microseconds per layer)"
+  echo
+  grep -v '^wrote ' "$OUT/kernels.txt"
+  echo
+  echo '![kernels](kernels.png)'
+} > "$OUT/gpu-results.md"
 
 step "done: exit $status; results in $OUT"
 exit "$status"

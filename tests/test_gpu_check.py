@@ -26,6 +26,9 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads((out / "kernels.json").read_text())
     assert [(r["device"], r["batch"]) for r in report["rows"]] == [("cpu", 1), ("cpu", 2)]
     assert "[n/a]" in (out / "kernels.txt").read_text()
+    assert (out / "kernels.png").stat().st_size > 0
+    page = (out / "gpu-results.md").read_text()
+    assert "passed" in page and "batch | tree_nodes" in page and "kernels.png" in page
 
 
 def test_gpu_check_rejects_unknown_arguments():

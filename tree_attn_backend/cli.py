@@ -2,7 +2,7 @@
 
     tree-pruned fuzz --examples N [pytest args]   the Hypothesis property suite, N examples each
     tree-pruned bench metadata [--json]   builder vs per-node Python builder
-    tree-pruned bench kernels [--json] [--device cuda|cpu]   tree attention per kernel path (FlashInfer on a GPU)
+    tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]   tree attention per kernel path (FlashInfer on a GPU)
     tree-pruned bench e2e [--quick] [--json] [--plot DIR] [--prompts FILE]   modes x concurrency in vLLM
     tree-pruned bench replay [--prompts FILE] [--path-probs P,...]   pruning scored offline on greedy outputs
     tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
@@ -81,6 +81,8 @@ def _bench_kernels(args: argparse.Namespace) -> int:
         print(json.dumps({"rows": rows, "targets": kernels.check_targets(rows)}))
     else:
         print(kernels.report(rows))
+    if args.plot:
+        print(f"wrote {kernels.plot(rows, args.plot)}", file=sys.stderr)
     return 0
 
 
@@ -193,6 +195,7 @@ def main(argv: "list[str] | None" = None) -> int:
     meta.set_defaults(func=_bench_metadata)
     kern = bench_sub.add_parser("kernels", help="one tree-verify attention layer per kernel path (GPU grid, or a reduced CPU grid)")
     kern.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...], "targets": [...]}')
+    kern.add_argument("--plot", metavar="DIR", help="write kernels.png into DIR")
     kern.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when torch sees one")
     kern.add_argument("--batches", type=_int_list, default=None, help="default: 1,8,32,128 on cuda, 1,4 on cpu")
     kern.add_argument("--tree-nodes", type=_int_list, default=None, help="default: 8,32,64 on cuda, 8,32 on cpu")

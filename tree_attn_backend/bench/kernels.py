@@ -211,17 +211,50 @@ def check_targets(rows: list[dict]) -> list[str]:
     ]
 
 
+def plot(rows: list[dict], out_dir: "str | Path") -> Path:
+    """``kernels.png``: microseconds per layer of each path, one panel per context, x = batch
+    x tree nodes (log scale: the grid spans two orders of magnitude)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({r["context"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        shown = sorted((r for r in rows if r["context"] == context), key=lambda r: (r["batch"], r["tree_nodes"]))
+        x = np.arange(len(shown))
+        for key, label in (("full_mask_us", "full mask"), ("cascade_us", "cascade"), ("causal_us", "causal (baseline)")):
+            ax.plot(x, [r[key] for r in shown], marker="o", label=label)
+        ax.set_xticks(x, [f"{r['batch']}x{r['tree_nodes']}" for r in shown], rotation=45, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch x tree nodes")
+        ax.set_title(f"context {context} ({rows[0]['device']})")
+    axes[0][0].set_ylabel("microseconds per layer")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "kernels.png", dpi=110)
+    plt.close(fig)
+    return out / "kernels.png"
+
+
 def report(rows: list[dict]) -> str:
     """The table, then one line per target."""
     return "\n".join([format_table(rows), *check_targets(rows)])
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    """``python -m tree_attn_backend.bench.kernels RESULTS.json``: the report of a saved run."""
+    """``python -m tree_attn_backend.bench.kernels RESULTS.json [--plot DIR]``: the report (and
+    plot) of a saved run."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m tree_attn_backend.bench.kernels RESULTS.json")
-    print(report(json.loads(Path(args[0]).read_text())["rows"]))
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--plot"):
+        raise SystemExit("usage: python -m tree_attn_backend.bench.kernels RESULTS.json [--plot DIR]")
+    rows = json.loads(Path(args[0]).read_text())["rows"]
+    print(report(rows))
+    if len(args) == 3:
+        print(f"wrote {plot(rows, args[2])}")
     return 0
 
 

@@ -138,12 +138,15 @@ cudaError_t move_rows(const int64_t* layer_ptrs, int64_t num_layers, const int64
 
 extern "C" {
 
-// Every entry point returns a cudaError_t (0 = success); launches are asynchronous on `stream`.
+// Every entry point returns a cudaError_t (0 = success); launches are asynchronous on `stream`,
+// a stream of CUDA device `device` (this library has its own, static, runtime, whose current
+// device is not torch's: it is set on every call).
 
 const char* tree_pruned_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
 
 int tree_pruned_tree_mask(const int32_t* parents, const int32_t* qo_indptr, const int64_t* mask_indptr,
-                          int32_t num_reqs, int64_t total, bool* out, cudaStream_t stream) {
+                          int32_t num_reqs, int64_t total, bool* out, int32_t device, cudaStream_t stream) {
+  if (const cudaError_t err = cudaSetDevice(device); err != cudaSuccess) return err;
   if (total == 0) return cudaSuccess;
   tree_mask_kernel<<<grid_for(total), kThreads, 0, stream>>>(parents, qo_indptr, mask_indptr, num_reqs, total, out);
   return cudaGetLastError();
@@ -151,7 +154,8 @@ int tree_pruned_tree_mask(const int32_t* parents, const int32_t* qo_indptr, cons
 
 int tree_pruned_custom_mask(const int32_t* parents, const int32_t* qo_indptr, const int32_t* context_lens,
                             const int64_t* mask_indptr, int32_t num_reqs, int64_t total, bool* out,
-                            cudaStream_t stream) {
+                            int32_t device, cudaStream_t stream) {
+  if (const cudaError_t err = cudaSetDevice(device); err != cudaSuccess) return err;
   if (total == 0) return cudaSuccess;
   custom_mask_kernel<<<grid_for(total), kThreads, 0, stream>>>(parents, qo_indptr, context_lens, mask_indptr,
                                                                 num_reqs, total, out);
@@ -160,7 +164,8 @@ int tree_pruned_custom_mask(const int32_t* parents, const int32_t* qo_indptr, co
 
 int tree_pruned_packed_custom_mask(const int32_t* parents, const int32_t* qo_indptr, const int32_t* context_lens,
                                    const int64_t* bit_indptr, const int64_t* byte_indptr, int32_t num_reqs,
-                                   int64_t total_bytes, uint8_t* out, cudaStream_t stream) {
+                                   int64_t total_bytes, uint8_t* out, int32_t device, cudaStream_t stream) {
+  if (const cudaError_t err = cudaSetDevice(device); err != cudaSuccess) return err;
   if (total_bytes == 0) return cudaSuccess;
   packed_custom_mask_kernel<<<grid_for(total_bytes), kThreads, 0, stream>>>(
       parents, qo_indptr, context_lens, bit_indptr, byte_indptr, num_reqs, total_bytes, out);
@@ -173,7 +178,8 @@ int tree_pruned_packed_custom_mask(const int32_t* parents, const int32_t* qo_ind
 int tree_pruned_compact_kv(const int64_t* layer_ptrs, int64_t num_layers, const int64_t* src, const int64_t* dst,
                            int64_t num_moves, int64_t block_stride, int64_t kv_stride, int64_t token_stride,
                            int64_t row_bytes, int64_t block_size, int32_t bases_aligned, uint8_t* scratch,
-                           cudaStream_t stream) {
+                           int32_t device, cudaStream_t stream) {
+  if (const cudaError_t err = cudaSetDevice(device); err != cudaSuccess) return err;
   if (num_moves == 0 || num_layers == 0) return cudaSuccess;
   const CacheLayout layout{block_stride, kv_stride, token_stride, row_bytes, block_size};
   const bool aligned = bases_aligned && row_bytes % 16 == 0 && block_stride % 16 == 0 && kv_stride % 16 == 0 &&

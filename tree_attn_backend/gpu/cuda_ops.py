@@ -27,10 +27,11 @@ CUDA_LIBRARY_PATH = Path(__file__).resolve().parents[1] / "_C" / "tree_pruned_cu
 
 _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "tree_pruned_tree_mask": (_ptr, _ptr, _ptr, _i32, _i64, _ptr, _ptr),
-    "tree_pruned_custom_mask": (_ptr, _ptr, _ptr, _ptr, _i32, _i64, _ptr, _ptr),
-    "tree_pruned_packed_custom_mask": (_ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i64, _ptr, _ptr),
-    "tree_pruned_compact_kv": (_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i32, _ptr, _ptr),
+    # ... the kernel's own arguments, then (device index, stream)
+    "tree_pruned_tree_mask": (_ptr, _ptr, _ptr, _i32, _i64, _ptr, _i32, _ptr),
+    "tree_pruned_custom_mask": (_ptr, _ptr, _ptr, _ptr, _i32, _i64, _ptr, _i32, _ptr),
+    "tree_pruned_packed_custom_mask": (_ptr, _ptr, _ptr, _ptr, _ptr, _i32, _i64, _ptr, _i32, _ptr),
+    "tree_pruned_compact_kv": (_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i32, _ptr, _i32, _ptr),
 }
 
 
@@ -55,8 +56,8 @@ def cuda_library() -> "ctypes.CDLL | None":
 
 
 def _launch(library: ctypes.CDLL, name: str, device: torch.device, *args: object) -> None:
-    stream = torch.cuda.current_stream(device).cuda_stream
-    error = getattr(library, name)(*args, stream)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    error = getattr(library, name)(*args, index, torch.cuda.current_stream(device).cuda_stream)
     if error:
         raise RuntimeError(f"{name} failed: CUDA error {error} ({library.tree_pruned_error_string(error).decode()})")
 

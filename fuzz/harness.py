@@ -54,6 +54,12 @@ def make_block_table(kv_lens: Sequence[int], block_size: int, spare_blocks: int,
     return table, num_blocks
 
 
+def context_slots(block_row: np.ndarray, context_len: int, block_size: int) -> torch.Tensor:
+    """int64 cache slots of a request's first ``context_len`` tokens through its block-table row."""
+    linear = torch.arange(context_len)
+    return torch.from_numpy(block_row)[linear // block_size] * block_size + linear % block_size
+
+
 def nhd_cache(case: AttentionCase, device: "torch.device | str", seed: int = 0) -> torch.Tensor:
     """The case's KV (every context token and every new token) in FlashInfer's NHD layout
     ``[num_blocks, 2, block_size, Hkv, D]`` on ``device``; unwritten slots hold garbage."""
@@ -66,10 +72,8 @@ def nhd_cache(case: AttentionCase, device: "torch.device | str", seed: int = 0) 
     cache = cache.to(device=device, dtype=case.query.dtype)
     for b, req in enumerate(case.reference):
         ctx = req.context_key.shape[0]
-        linear = torch.arange(ctx)
-        blocks = torch.from_numpy(case.batch.block_table[b])
-        slots = blocks[linear // spec.block_size] * spec.block_size + linear % spec.block_size
-        paged_cache.write_kv(cache, req.context_key.to(device), req.context_value.to(device), slots.to(device))
+        slots = context_slots(case.batch.block_table[b], ctx, spec.block_size).to(device)
+        paged_cache.write_kv(cache, req.context_key.to(device), req.context_value.to(device), slots)
     paged_cache.write_kv(cache, case.key.to(device), case.value.to(device), case.meta.slot_mapping.to(device))
     return cache
 
@@ -99,9 +103,7 @@ def make_attention_case(spec: BatchSpec, dtype: torch.dtype, seed: int) -> Atten
     qo = meta.qo_indptr.tolist()
     for b, ctx in enumerate(spec.context_lens):
         ck, cv = randn(ctx, hkv, d), randn(ctx, hkv, d)
-        blocks = torch.from_numpy(table[b])
-        linear = torch.arange(ctx)
-        write_kv(cache, ck, cv, blocks[linear // spec.block_size] * spec.block_size + linear % spec.block_size)
+        write_kv(cache, ck, cv, context_slots(table[b], ctx, spec.block_size))
         s, e = qo[b], qo[b + 1]
         reference.append(ReferenceRequest(query[s:e], ck, cv, key[s:e], value[s:e], spec.parents[b]))
     return AttentionCase(spec, meta, batch, query, key, value, cache, reference, scale=d**-0.5)

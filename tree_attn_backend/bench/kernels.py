@@ -91,6 +91,14 @@ def median_us(fn: Callable[[], object], device: torch.device, warmup: int = 3, i
     return statistics.median(samples)
 
 
+def _random_step(num_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``query [N, Hq, D]``, ``key`` / ``value [N, Hkv, D]`` in :data:`DTYPE` on ``gen``'s device."""
+    def draw(heads: int) -> torch.Tensor:
+        return torch.randn(num_tokens, heads, HEAD_DIM, generator=gen, device=gen.device).to(DTYPE)
+
+    return draw(NUM_Q_HEADS), draw(NUM_KV_HEADS), draw(NUM_KV_HEADS)
+
+
 def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, attention: dict) -> KernelRow:
     from tree_attn_backend.gpu import paged_cache
 
@@ -100,10 +108,7 @@ def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, at
     num_blocks = int(batch.block_table.max()) + 1
     gen = torch.Generator(device=device).manual_seed(0)
     cache = torch.randn(num_blocks, 2, batch.block_size, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
-    n = meta.num_tokens
-    query = torch.randn(n, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
-    key = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
-    value = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
+    query, key, value = _random_step(meta.num_tokens, gen)
     paged_cache.write_kv(cache, key, value, meta.slot_mapping.to(device))
     shape = dict(num_qo_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype=DTYPE,
                  scale=HEAD_DIM**-0.5)
@@ -137,10 +142,7 @@ def _cpu_row(batch_size: int, nodes: int, context: int) -> KernelRow:
     gen = torch.Generator().manual_seed(0)
     cache = allocate_kv_cache(int(batch.block_table.max()) + 1, NUM_KV_HEADS, batch.block_size, HEAD_DIM, DTYPE)
     cache.copy_(torch.randn(cache.shape, generator=gen))
-    n = meta.num_tokens
-    query = torch.randn(n, NUM_Q_HEADS, HEAD_DIM, generator=gen).to(DTYPE)
-    key = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(DTYPE)
-    value = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(DTYPE)
+    query, key, value = _random_step(meta.num_tokens, gen)
     write_kv(cache, key, value, meta.slot_mapping)
     scale = HEAD_DIM**-0.5
     plan = plan_cpu_attention(meta)

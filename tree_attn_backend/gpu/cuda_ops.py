@@ -76,10 +76,8 @@ def tree_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> torc
     library = _cuda_library_for(device)
     if library is None:
         return meta.tree_mask.to(device)
-    q = meta.query_lens.numpy().astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(q * q)])
-    out = torch.empty(int(indptr[-1]), dtype=torch.bool, device=device)
-    parents, qo, mask_indptr = _on(device, meta.parents.numpy(), meta.qo_indptr.numpy(), indptr)
+    out = torch.empty(int(meta.tree_mask_indptr[-1]), dtype=torch.bool, device=device)
+    parents, qo, mask_indptr = _on(device, meta.parents.numpy(), meta.qo_indptr.numpy(), meta.tree_mask_indptr.numpy())
     _launch(library, "tree_pruned_tree_mask", device, parents.data_ptr(), qo.data_ptr(), mask_indptr.data_ptr(),
             meta.num_reqs, out.numel(), out.data_ptr())
     return out
@@ -142,8 +140,9 @@ def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.
             raise ValueError(f"{name} slots {slots.tolist()} must lie in [0, {num_slots})")
     library = _cuda_library_for(first.device)
     if library is None:
+        src, dst = src.to(first.device), dst.to(first.device)
         for cache in kv_caches:
-            paged_cache.copy_slots(cache, src.to(cache.device), dst.to(cache.device))
+            paged_cache.copy_slots(cache, src, dst)
         return
     if src.numel() == 0:
         return

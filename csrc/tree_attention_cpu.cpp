@@ -17,6 +17,11 @@
 // query heads sharing a KV head are processed together, so each K/V block is read once per
 // (request, KV head). The torch
 // path in tree_attn_backend/cpu_attention.py is the fallback and the fuzzed oracle.
+//
+// Every index the op follows is checked first (input_checks.h): both indptrs start at 0, never
+// decrease and end at their arrays' lengths, context_lens >= 0, each request's pages cover its
+// context + new tokens, every page id is in [0, num_blocks), and each request's parents form a
+// tree in topological order (so the ancestor walk below ends and stays inside the request).
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -29,6 +34,8 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#include "input_checks.h"
 
 namespace {
 
@@ -139,31 +146,51 @@ void attend_request(const scalar_t* q, const scalar_t* cache, scalar_t* out, int
 void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& qo_indptr,
                           const at::Tensor& context_lens, const at::Tensor& parents, const at::Tensor& page_indptr,
                           const at::Tensor& page_indices, double scale, const at::Tensor& out) {
-  TORCH_CHECK(query.dim() == 3 && query.is_contiguous(), "query must be a contiguous [N, Hq, D] tensor, got ", query.sizes());
-  TORCH_CHECK(out.sizes() == query.sizes() && out.is_contiguous() && out.scalar_type() == query.scalar_type(),
-              "out must be contiguous and match query ", query.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.scalar_type() == query.scalar_type(),
-              "kv_cache must be a contiguous [blocks, Hkv, block_size, 2*D] tensor of the query's dtype, got ",
+  constexpr const char* op = "tree_paged_attention";
+  TORCH_CHECK(query.device().is_cpu() && kv_cache.device().is_cpu() && out.device().is_cpu(), op,
+              ": query, kv_cache and out must be CPU tensors");
+  TORCH_CHECK(query.dim() == 3 && query.is_contiguous(), op, ": query must be a contiguous [N, Hq, D] tensor, got ",
+              query.sizes());
+  TORCH_CHECK(out.sizes() == query.sizes() && out.is_contiguous() && out.scalar_type() == query.scalar_type(), op,
+              ": out must be contiguous and match query ", query.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.scalar_type() == query.scalar_type(), op,
+              ": kv_cache must be a contiguous [blocks, Hkv, block_size, 2*D] tensor of the query's dtype, got ",
               kv_cache.sizes(), " ", kv_cache.scalar_type());
   const int64_t num_tokens = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
-  const int64_t num_kv_heads = kv_cache.size(1), block_size = kv_cache.size(2);
-  TORCH_CHECK(kv_cache.size(3) == 2 * head_dim, "kv_cache last dim ", kv_cache.size(3), " != 2 * head_dim ", 2 * head_dim);
-  TORCH_CHECK(num_heads % num_kv_heads == 0, num_heads, " query heads are not a multiple of ", num_kv_heads, " KV heads");
-  for (const at::Tensor* t : {&qo_indptr, &context_lens, &parents, &page_indptr, &page_indices})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->dim() == 1, "metadata tensors must be contiguous int32 vectors");
+  const int64_t num_blocks = kv_cache.size(0), num_kv_heads = kv_cache.size(1), block_size = kv_cache.size(2);
+  TORCH_CHECK(kv_cache.size(3) == 2 * head_dim, op, ": kv_cache last dim ", kv_cache.size(3), " != 2 * head_dim ",
+              2 * head_dim);
+  // Both are divisors below.
+  TORCH_CHECK(num_kv_heads > 0 && block_size > 0, op, ": kv_cache has ", num_kv_heads, " KV heads and block size ",
+              block_size, " (both must be positive)");
+  TORCH_CHECK(num_heads % num_kv_heads == 0, op, ": ", num_heads, " query heads are not a multiple of ", num_kv_heads,
+              " KV heads");
+  tree_pruned::check_vector(op, "qo_indptr", qo_indptr, at::kInt);
+  tree_pruned::check_vector(op, "context_lens", context_lens, at::kInt);
+  tree_pruned::check_vector(op, "parents", parents, at::kInt);
+  tree_pruned::check_vector(op, "page_indptr", page_indptr, at::kInt);
+  tree_pruned::check_vector(op, "page_indices", page_indices, at::kInt);
   const int64_t num_reqs = context_lens.size(0);
-  TORCH_CHECK(qo_indptr.size(0) == num_reqs + 1 && page_indptr.size(0) == num_reqs + 1, "indptr sizes must be num_reqs + 1");
-  TORCH_CHECK(parents.size(0) == num_tokens, "parents has ", parents.size(0), " entries for ", num_tokens, " tokens");
+  TORCH_CHECK(qo_indptr.size(0) == num_reqs + 1 && page_indptr.size(0) == num_reqs + 1, op, ": qo_indptr has ",
+              qo_indptr.size(0), " and page_indptr ", page_indptr.size(0), " entries for ", num_reqs,
+              " requests (must be num_reqs + 1)");
+  TORCH_CHECK(parents.size(0) == num_tokens, op, ": parents has ", parents.size(0), " entries for ", num_tokens,
+              " tokens");
   const int32_t* qo = qo_indptr.data_ptr<int32_t>();
   const int32_t* ctx = context_lens.data_ptr<int32_t>();
   const int32_t* par = parents.data_ptr<int32_t>();
   const int32_t* pip = page_indptr.data_ptr<int32_t>();
   const int32_t* pages = page_indices.data_ptr<int32_t>();
-  TORCH_CHECK(qo[num_reqs] == num_tokens, "qo_indptr ends at ", qo[num_reqs], ", expected ", num_tokens);
+  tree_pruned::check_indptr(op, "qo_indptr", qo, num_reqs, num_tokens, "query");
+  tree_pruned::check_indptr(op, "page_indptr", pip, num_reqs, page_indices.size(0), "page_indices");
+  tree_pruned::check_range(op, "context_lens", ctx, 0, num_reqs, tree_pruned::kInt32Limit, "the int32 limit");
+  tree_pruned::check_range(op, "page_indices", pages, 0, page_indices.size(0), num_blocks, "num_blocks");
   for (int64_t r = 0; r < num_reqs; ++r) {
-    TORCH_CHECK(qo[r + 1] >= qo[r], "qo_indptr decreases at request ", r);
-    TORCH_CHECK(static_cast<int64_t>(pip[r + 1] - pip[r]) * block_size >= static_cast<int64_t>(ctx[r]) + qo[r + 1] - qo[r],
-                "request ", r, " has ", pip[r + 1] - pip[r], " pages for ", ctx[r] + qo[r + 1] - qo[r], " tokens");
+    // Token i of the request reads position ctx + i through the request's own pages only.
+    const int64_t kv_len = static_cast<int64_t>(ctx[r]) + qo[r + 1] - qo[r];
+    TORCH_CHECK(static_cast<int64_t>(pip[r + 1] - pip[r]) * block_size >= kv_len, op, ": request ", r, " has ",
+                pip[r + 1] - pip[r], " pages of ", block_size, " for ", kv_len, " tokens");
+    tree_pruned::check_parents(op, r, par + qo[r], qo[r + 1] - qo[r]);
   }
   const int64_t group = num_heads / num_kv_heads;
   const int64_t block_stride = num_kv_heads * block_size * 2 * head_dim;

@@ -3,7 +3,9 @@
 // Plain C ABI (raw device pointers, a stream, an error code back) rather than torch ops, so the
 // library does not depend on torch's C++ ABI: built once with nvcc for sm_90a, it loads next to
 // whatever torch the GPU machine has. tree_attn_backend/gpu/cuda_ops.py loads it with ctypes and
-// checks every argument; the oracles are metadata/ (masks) and gpu/paged_cache.py (compaction).
+// checks every argument on the host before a launch (parents, indptrs, slots: the kernels index
+// memory with them and trust them); the oracles are metadata/ (masks) and gpu/paged_cache.py
+// (compaction).
 //
 // Masks. Request b has q_b new tokens in node order with request-local parents
 // (parents[i] < i, -1 at the root) after c_b committed tokens. Token i sees token j of its own
@@ -29,9 +31,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The host checks parents (tree_attn_backend/gpu/cuda_ops.py); should a corrupt array get
+// past it anyway, a parent that does not precede its child ends the walk, so it still takes at
+// most i - j steps and reads only parents[j + 1..i].
 __device__ __forceinline__ bool sees(const int32_t* parents, int32_t i, int32_t j) {
   int32_t node = i;
-  while (node > j) node = parents[node];
+  while (node > j) {
+    const int32_t parent = parents[node];
+    if (parent >= node) return false;
+    node = parent;
+  }
   return node == j;
 }
 

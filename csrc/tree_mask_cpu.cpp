@@ -13,6 +13,11 @@
 // tree_token_layout: depth, RoPE position (context + depth), cache slot (linear position
 // context + i through the block table) and is-chain flag of every new token, plus FlashInfer's
 // paged-KV layout (indptr / indices / last page length) of the whole KV and of the context.
+//
+// Both ops check every input before reading it (input_checks.h): qo_indptr starts at 0, never
+// decreases and ends at the number of tokens, every request has >= 1 new token and a context in
+// [0, 2^31), its parents form a tree in topological order, and the block-table entries a
+// request uses exist and are in [0, 2^31).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,6 +26,8 @@
 #include <cstring>
 #include <optional>
 #include <vector>
+
+#include "input_checks.h"
 
 namespace {
 
@@ -82,33 +89,26 @@ struct Batch {
   int64_t num_reqs;
 };
 
+// Checks the inputs both ops share: parents int32 [N], qo_indptr int64 [B + 1] over the N
+// tokens with every request holding >= 1 of them, context_lens int64 [B] in [0, 2^31) (so
+// q * (c + q) and the int32 page offsets cannot overflow), and each request's parents a tree
+// in topological order.
 Batch check_batch(const char* op, const at::Tensor& parents, const at::Tensor& qo_indptr,
                   const at::Tensor& context_lens) {
-  TORCH_CHECK(parents.device().is_cpu() && qo_indptr.device().is_cpu() && context_lens.device().is_cpu(), op,
-              ": all inputs must be CPU tensors");
-  TORCH_CHECK(parents.scalar_type() == at::kInt, op, ": parents must be int32, got ", parents.scalar_type());
-  TORCH_CHECK(qo_indptr.scalar_type() == at::kLong, op, ": qo_indptr must be int64, got ", qo_indptr.scalar_type());
-  TORCH_CHECK(context_lens.scalar_type() == at::kLong, op, ": context_lens must be int64, got ",
-              context_lens.scalar_type());
-  TORCH_CHECK(parents.dim() == 1 && qo_indptr.dim() == 1 && context_lens.dim() == 1, op, ": inputs must be 1-D");
-  TORCH_CHECK(parents.is_contiguous() && qo_indptr.is_contiguous() && context_lens.is_contiguous(), op,
-              ": inputs must be contiguous");
+  tree_pruned::check_vector(op, "parents", parents, at::kInt);
+  tree_pruned::check_vector(op, "qo_indptr", qo_indptr, at::kLong);
+  tree_pruned::check_vector(op, "context_lens", context_lens, at::kLong);
   const int64_t num_reqs = context_lens.size(0);
   TORCH_CHECK(qo_indptr.size(0) == num_reqs + 1, op, ": qo_indptr has ", qo_indptr.size(0), " entries for ",
               num_reqs, " requests");
   Batch batch{parents.data_ptr<int32_t>(), qo_indptr.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
               num_reqs};
-  TORCH_CHECK(batch.qo[0] == 0 && batch.qo[num_reqs] == parents.size(0), op,
-              ": qo_indptr must start at 0 and end at ", parents.size(0));
+  tree_pruned::check_indptr(op, "qo_indptr", batch.qo, num_reqs, parents.size(0), "parents");
+  tree_pruned::check_range(op, "context_lens", batch.ctx, 0, num_reqs, tree_pruned::kInt32Limit, "the int32 limit");
   for (int64_t b = 0; b < num_reqs; ++b) {
     const int64_t q = batch.qo[b + 1] - batch.qo[b];
-    TORCH_CHECK(q >= 1 && batch.ctx[b] >= 0, op, ": request ", b, " has query length ", q, " and context ",
-                batch.ctx[b]);
-    for (int64_t i = 0; i < q; ++i) {
-      const int32_t p = batch.parents[batch.qo[b] + i];
-      TORCH_CHECK((i == 0 && p == -1) || (i > 0 && p >= 0 && p < i), op, ": request ", b, ": parents[", i,
-                  "] = ", p, " is not a topologically ordered tree");
-    }
+    TORCH_CHECK(q >= 1, op, ": request ", b, " has ", q, " new tokens (must be >= 1)");
+    tree_pruned::check_parents(op, b, batch.parents + batch.qo[b], q);
   }
   return batch;
 }
@@ -176,18 +176,32 @@ std::vector<at::Tensor> build_tree_masks(const at::Tensor& parents, const at::Te
 std::vector<at::Tensor> tree_token_layout(const at::Tensor& parents, const at::Tensor& qo_indptr,
                                           const at::Tensor& context_lens, const at::Tensor& block_table,
                                           int64_t block_size) {
-  const Batch batch = check_batch("tree_token_layout", parents, qo_indptr, context_lens);
+  constexpr const char* op = "tree_token_layout";
+  const Batch batch = check_batch(op, parents, qo_indptr, context_lens);
   TORCH_CHECK(block_table.device().is_cpu() && block_table.scalar_type() == at::kLong && block_table.dim() == 2 &&
                   block_table.size(0) == batch.num_reqs && block_table.is_contiguous(),
-              "tree_token_layout: block_table must be a contiguous int64 CPU tensor [num_reqs, max_blocks]");
-  TORCH_CHECK(block_size > 0, "tree_token_layout: block_size = ", block_size, " must be positive");
+              op, ": block_table must be a contiguous int64 CPU tensor [num_reqs, max_blocks], got ",
+              block_table.scalar_type(), " ", block_table.sizes(), " on ", block_table.device());
+  // Slots are block id * block_size + offset in int64, with ids < 2^31 (checked below).
+  TORCH_CHECK(block_size > 0 && block_size < tree_pruned::kInt32Limit, op, ": block_size = ", block_size,
+              " (must be in [1, 2^31))");
   const int64_t n = parents.size(0);
   const int64_t max_blocks = block_table.size(1);
   const int64_t* table = block_table.data_ptr<int64_t>();
+  int64_t total_pages = 0;  // of the whole KV; the context alone has no more
   for (int64_t b = 0; b < batch.num_reqs; ++b) {
-    const int64_t last = batch.ctx[b] + (batch.qo[b + 1] - batch.qo[b]) - 1;
-    TORCH_CHECK(last / block_size < max_blocks, "tree_token_layout: block_table is too short for request ", b);
+    const int64_t q = batch.qo[b + 1] - batch.qo[b];
+    const int64_t pages = (batch.ctx[b] + q + block_size - 1) / block_size;
+    TORCH_CHECK(pages <= max_blocks, op, ": block_table is too short for request ", b, ": context ", batch.ctx[b],
+                " + ", q, " new tokens need ", pages, " blocks of ", block_size, ", the table has ", max_blocks,
+                " columns");
+    // Only the blocks a request uses are read (vLLM pads the rest of the row); they become
+    // int32 page indices.
+    tree_pruned::check_range(op, "block_table", table + b * max_blocks, 0, pages, tree_pruned::kInt32Limit,
+                             "the int32 limit", b);
+    total_pages += pages;
   }
+  TORCH_CHECK(total_pages < tree_pruned::kInt32Limit, op, ": ", total_pages, " pages overflow the int32 page indptr");
   at::Tensor depths = at::empty({n}, at::kInt);
   at::Tensor positions = at::empty({n}, at::kLong);
   at::Tensor slots = at::empty({n}, at::kLong);

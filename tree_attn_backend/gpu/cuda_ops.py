@@ -3,7 +3,8 @@
 The library has a plain C ABI and is loaded with ctypes, so it is independent of torch's
 version. Every helper takes CUDA or CPU tensors; on CPU, or when the library is not built, it
 runs the torch/numpy version (the oracle the GPU checks hold it to), which costs only speed and
-is logged once.
+is logged once. Before any launch the integer inputs are checked on the host
+(:func:`check_mask_inputs`, the slot range in :func:`compact_kv`): the kernels trust them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import ctypes
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -66,8 +67,102 @@ def _cuda_library_for(device: torch.device) -> "ctypes.CDLL | None":
     return cuda_library() if device.type == "cuda" else None
 
 
-def _on(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
+def _on(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.contiguous().to(device) for t in tensors]
+
+
+def _fail(op: str, message: str) -> NoReturn:
+    raise RuntimeError(f"{op}: {message}")
+
+
+def _host_vector(op: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """``t`` as a numpy view, if it is a 1-D CPU tensor of ``dtype`` (the kernels read raw
+    pointers of exactly that type)."""
+    if t.device.type != "cpu" or t.dtype != dtype or t.dim() != 1:
+        _fail(op, f"{name} must be a 1-D {dtype} CPU tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return t.numpy()
+
+
+def _check_indptr(op: str, name: str, indptr: np.ndarray, length: int, of: str) -> None:
+    """``indptr[0] == 0``, non-decreasing, ``indptr[-1] == length`` (the length of ``of``)."""
+    if indptr[0] != 0:
+        _fail(op, f"{name}[0] = {indptr[0]} (must be 0)")
+    down = np.flatnonzero(indptr[1:] < indptr[:-1])
+    if down.size:
+        k = int(down[0]) + 1
+        _fail(op, f"{name}[{k}] = {indptr[k]} < {name}[{k - 1}] = {indptr[k - 1]} (must be non-decreasing)")
+    if indptr[-1] != length:
+        _fail(op, f"{name}[{indptr.shape[0] - 1}] = {indptr[-1]} (must be {length}, the length of {of})")
+
+
+def _check_offsets(op: str, name: str, indptr: np.ndarray, sizes: np.ndarray, what: str) -> None:
+    """``indptr`` is exactly the running sum of ``sizes`` (each request's ``what``) from 0."""
+    expected = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    wrong = np.flatnonzero(indptr != expected)
+    if wrong.size:
+        k = int(wrong[0])
+        _fail(op, f"{name}[{k}] = {indptr[k]} (must be {expected[k]}: offsets of {what} per request)")
+
+
+def packed_byte_indptr(bit_indptr: torch.Tensor) -> torch.Tensor:
+    """int64 ``[B+1]`` byte offsets of the packed mask: each request's bits (offsets
+    ``bit_indptr``, int64 ``[B+1]``) padded to a whole byte."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum((bit_indptr.diff() + 7) // 8, 0)])
+
+
+def check_mask_inputs(
+    op: str,
+    parents: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    mask_indptr: torch.Tensor,
+    context_lens: "torch.Tensor | None" = None,
+    byte_indptr: "torch.Tensor | None" = None,
+) -> None:
+    """Check, on the host, the arrays a mask entry point ``op`` is about to copy to the device.
+
+    The kernels index memory with these values and trust them, so this is what keeps a bad
+    input from reading or writing out of bounds. O(N) numpy passes; raises ``RuntimeError``
+    naming ``op``, the array, the first bad index and its value.
+
+    Args:
+        parents: int32 ``[N]``; per request ``parents[0] == -1`` and ``parents[i]`` in ``[0, i)``
+            (request-local), so every ancestor walk stays inside the request.
+        qo_indptr: int32 ``[B+1]``, starts at 0, non-decreasing, ends at ``N``.
+        mask_indptr: int64 ``[B+1]``, offsets of each request's mask elements: ``q_b * q_b``
+            for the tree mask (``context_lens`` is ``None``), else ``q_b * (c_b + q_b)`` bits.
+        context_lens: int32 ``[B]``, >= 0; for the custom masks.
+        byte_indptr: int64 ``[B+1]``, offsets of ``ceil(bits_b / 8)`` bytes; packed mask only.
+    """
+    par = _host_vector(op, "parents", parents, torch.int32)
+    qo = _host_vector(op, "qo_indptr", qo_indptr, torch.int32).astype(np.int64)
+    bits = _host_vector(op, "mask_indptr", mask_indptr, torch.int64)
+    if qo.shape[0] == 0 or bits.shape != qo.shape:
+        _fail(op, f"qo_indptr {tuple(qo.shape)} and mask_indptr {tuple(bits.shape)} must both be [num_reqs + 1]")
+    _check_indptr(op, "qo_indptr", qo, par.shape[0], "parents")
+    q = np.diff(qo)
+    ctx = np.zeros_like(q)
+    if context_lens is not None:
+        ctx = _host_vector(op, "context_lens", context_lens, torch.int32).astype(np.int64)
+        if ctx.shape != q.shape:
+            _fail(op, f"context_lens has {ctx.shape[0]} entries for {q.shape[0]} requests")
+        if (ctx < 0).any():
+            b = int(np.flatnonzero(ctx < 0)[0])
+            _fail(op, f"context_lens[{b}] = {ctx[b]} < 0")
+    # Request-local index of every token; the root must be -1, every other parent earlier.
+    local = np.arange(par.shape[0]) - np.repeat(qo[:-1], q)
+    bad = np.flatnonzero(np.where(local == 0, par != -1, (par < 0) | (par >= local)))
+    if bad.size:
+        t = int(bad[0])
+        b = int(np.searchsorted(qo, t, side="right")) - 1
+        i = int(local[t])
+        rule = "must be -1 at the root" if i == 0 else f"must be in [0, {i})"
+        _fail(op, f"request {b}: parents[{i}] = {par[t]} ({rule})")
+    _check_offsets(op, "mask_indptr", bits, q * (ctx + q), "q * q" if context_lens is None else "q * (c + q)")
+    if byte_indptr is not None:
+        bytes_ = _host_vector(op, "byte_indptr", byte_indptr, torch.int64)
+        if bytes_.shape != qo.shape:
+            _fail(op, f"byte_indptr has {bytes_.shape[0]} entries, expected {qo.shape[0]}")
+        _check_offsets(op, "byte_indptr", bytes_, (q * (ctx + q) + 7) // 8, "ceil(q * (c + q) / 8)")
 
 
 def tree_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> torch.Tensor:
@@ -76,10 +171,12 @@ def tree_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> torc
     library = _cuda_library_for(device)
     if library is None:
         return meta.tree_mask.to(device)
+    host = (meta.parents, meta.qo_indptr, meta.tree_mask_indptr)
+    check_mask_inputs("tree_pruned_tree_mask", *host)
     out = torch.empty(int(meta.tree_mask_indptr[-1]), dtype=torch.bool, device=device)
-    parents, qo, mask_indptr = _on(device, meta.parents.numpy(), meta.qo_indptr.numpy(), meta.tree_mask_indptr.numpy())
+    parents, qo, mask_indptr = _on(device, *host)
     _launch(library, "tree_pruned_tree_mask", device, parents.data_ptr(), qo.data_ptr(), mask_indptr.data_ptr(),
-            meta.num_reqs, out.numel(), out.data_ptr())
+            qo.numel() - 1, out.numel(), out.data_ptr())
     return out
 
 
@@ -89,12 +186,11 @@ def custom_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> to
     library = _cuda_library_for(device)
     if library is None:
         return meta.custom_mask.to(device)
+    check_mask_inputs("tree_pruned_custom_mask", meta.parents, meta.qo_indptr, meta.mask_bit_indptr, meta.context_lens)
     out = torch.empty(int(meta.mask_bit_indptr[-1]), dtype=torch.bool, device=device)
-    parents, qo, ctx, mask_indptr = _on(
-        device, meta.parents.numpy(), meta.qo_indptr.numpy(), meta.context_lens.numpy(), meta.mask_bit_indptr.numpy()
-    )
+    parents, qo, ctx, mask_indptr = _on(device, meta.parents, meta.qo_indptr, meta.context_lens, meta.mask_bit_indptr)
     _launch(library, "tree_pruned_custom_mask", device, parents.data_ptr(), qo.data_ptr(), ctx.data_ptr(),
-            mask_indptr.data_ptr(), meta.num_reqs, out.numel(), out.data_ptr())
+            mask_indptr.data_ptr(), qo.numel() - 1, out.numel(), out.data_ptr())
     return out
 
 
@@ -105,15 +201,16 @@ def packed_custom_mask(meta: TreeAttentionMetadata, device: "torch.device | str"
     library = _cuda_library_for(device)
     if library is None:
         return meta.packed_custom_mask.to(device), meta.mask_indptr
-    bit_indptr = meta.mask_bit_indptr.numpy()
-    byte_indptr = np.concatenate([[0], np.cumsum((np.diff(bit_indptr) + 7) // 8)])
+    bit_indptr = meta.mask_bit_indptr
+    byte_indptr = packed_byte_indptr(bit_indptr)
+    check_mask_inputs("tree_pruned_packed_custom_mask", meta.parents, meta.qo_indptr, bit_indptr, meta.context_lens,
+                      byte_indptr)
     out = torch.empty(int(byte_indptr[-1]), dtype=torch.uint8, device=device)
-    parents, qo, ctx, bits, bytes_ = _on(
-        device, meta.parents.numpy(), meta.qo_indptr.numpy(), meta.context_lens.numpy(), bit_indptr, byte_indptr
-    )
+    parents, qo, ctx, bits, bytes_ = _on(device, meta.parents, meta.qo_indptr, meta.context_lens, bit_indptr,
+                                         byte_indptr)
     _launch(library, "tree_pruned_packed_custom_mask", device, parents.data_ptr(), qo.data_ptr(), ctx.data_ptr(),
-            bits.data_ptr(), bytes_.data_ptr(), meta.num_reqs, out.numel(), out.data_ptr())
-    return out, torch.from_numpy(byte_indptr.astype(np.int32))
+            bits.data_ptr(), bytes_.data_ptr(), qo.numel() - 1, out.numel(), out.data_ptr())
+    return out, byte_indptr.to(torch.int32)
 
 
 def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:

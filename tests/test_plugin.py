@@ -1,5 +1,7 @@
 """The plugin's switch and options, without starting an engine."""
 
+import re
+
 import pytest
 
 from tree_attn_backend import vllm_plugin
@@ -40,15 +42,27 @@ def test_defaults_and_valid_options():
     "options, message",
     [
         ({"prune_min_prob": 1.5}, r"prune_min_prob = 1.5: must be a number in \[0, 1\]"),
+        ({"prune_min_prob": float("nan")}, r"prune_min_prob = nan: must be a number in \[0, 1\]"),
         ({"prune_path_prob": "high"}, r"prune_path_prob = 'high'"),
+        ({"speculative_tree_prune_path_prob": -0.1}, r"prune_path_prob = -0.1"),
+        ({"prune_min_prob": 0.1, "speculative_tree_prune_min_prob": 0.2}, r"prune_min_prob is given twice"),
         ({"max_draft_tokens": 0}, r"max_draft_tokens = 0: must be an integer in \[1, 127\]"),
         ({"drafter_max_ngram": 0}, r"drafter_max_ngram = 0"),
+        ({"drafter_smoothing": float("inf")}, r"drafter_smoothing = inf: must be a finite number >= 0"),
         ({"speculative_token_tree": "[(0, 0)]"}, r"speculative_token_tree: tree path \(0, 0\) has no parent"),
+        ({"speculative_token_tree": "[]"}, r"speculative_token_tree: tree has no paths"),
+        ({"speculative_token_tree": "[(0,), (0,)]"}, r"speculative_token_tree: tree path \(0,\) appears twice"),
+        ({"speculative_token_tree": "[(0,), (2,)]"}, r"speculative_token_tree: tree path \(2,\) skips a rank: \(1,\) is missing"),
+        ({"speculative_token_tree": str([(r,) for r in range(1025)])},
+         r"speculative_token_tree = .*: must be a tree of at most 1024 nodes and depth 64 \(this one: 1025 nodes, depth 1\)"),
+        ({"speculative_token_tree": str([(0,) * d for d in range(1, 66)])}, r"\(this one: 65 nodes, depth 65\)"),
         ({"log_every_steps": -1}, r"log_every_steps = -1"),
         ({"max_nodes": 4}, r"unknown tree_pruned option\(s\) \['max_nodes'\]"),
         ({"batch_budget": 1}, r"batch_budget = 1: must be true or false"),
+        ({"allow_larger_request_share": "yes"}, r"allow_larger_request_share = 'yes': must be true or false"),
         ({"cost_model": {"step_ms": 10.0}}, r"cost_model = \{'step_ms': 10.0\}: .*missing 2 required"),
-        ({"cost_model": {"step_ms": 1, "token_ms": -1, "draft_token_ms": 1}}, r"cost model token_ms = -1: must be a number >= 0"),
+        ({"cost_model": {"step_ms": 1, "token_ms": -1, "draft_token_ms": 1}}, r"cost model token_ms = -1: must be a finite number >= 0"),
+        ({"cost_model": {"step_ms": 1, "token_ms": 1, "draft_token_ms": float("inf")}}, r"cost model draft_token_ms = inf"),
         ({"cost_model": 5}, r"cost_model = 5: must be null \(measured\) or a JSON object"),
     ],
 )
@@ -57,15 +71,71 @@ def test_invalid_options_name_the_option_and_range(options, message):
         TreePrunedConfig.from_additional_config({"tree_pruned": options})
 
 
-def test_per_request_options_are_checked_by_the_platform():
+@pytest.mark.parametrize("section", ["fast", 3, None, ["prune_min_prob"]])
+def test_a_tree_pruned_section_that_is_not_an_object_is_an_error(section):
+    with pytest.raises(ValueError, match=rf"additional_config tree_pruned = {re.escape(repr(section))}: must be a JSON object"):
+        TreePrunedConfig.from_additional_config({"tree_pruned": section})
+
+
+def test_seed_option_names_are_aliases():
+    config = TreePrunedConfig.from_additional_config(
+        {"tree_pruned": {"speculative_tree_prune_min_prob": 0.3, "speculative_tree_prune_path_prob": 0.2}})
+    assert (config.prune_min_prob, config.prune_path_prob) == (0.3, 0.2)
+    request = config.for_request({"speculative_tree_prune_min_prob": 0.4})
+    assert request.prune_min_prob == 0.4
+
+
+def test_per_request_options_flat_nested_and_their_limits():
+    server = TreePrunedConfig(max_draft_tokens=8)
+    assert server.for_request(None) is server
+    assert server.for_request({"other_consumer_key": "x"}) is server  # vllm_xargs is shared with others
+    flat = server.for_request({"prune_min_prob": 0.3, "max_draft_tokens": 4, "batch_budget": 1})
+    assert (flat.prune_min_prob, flat.max_draft_tokens, flat.batch_budget) == (0.3, 4, True)
+    assert server.for_request({"tree_pruned": {"prune_path_prob": 0.5}}).prune_path_prob == 0.5
+    for extra_args, message in [
+        ({"max_draft_tokens": 9}, r"request option max_draft_tokens = 9: must be an integer in \[1, 8\] \(the server's"),
+        ({"batch_budget": 0}, r"request option batch_budget = False: must be true on this server"),
+        ({"batch_budget": 2}, r"request option batch_budget = 2: must be true or false \(or 1 or 0\)"),
+        ({"prune_min_prob": float("inf")}, r"request option prune_min_prob = inf: must be a number in \[0, 1\]"),
+        ({"prune_path_prob": "0.2"}, r"request option prune_path_prob = '0.2': must be a number in \[0, 1\]"),
+        ({"max_draft_tokens": 2.5}, r"request option max_draft_tokens = 2.5: must be an integer"),
+        ({"tree_pruned": "text"}, r"request option tree_pruned = 'text': must be an object .* flat vllm_xargs keys"),
+        ({"tree_pruned": {"drafter_max_ngram": 2}}, r"\['drafter_max_ngram'\] cannot be set per request"),
+        ({"max_draft_tokens": 2, "tree_pruned": {"max_draft_tokens": 3}}, r"\['max_draft_tokens'\] given twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            server.for_request(extra_args)
+    generous = TreePrunedConfig(max_draft_tokens=8, allow_larger_request_share=True)
+    raised = generous.for_request({"max_draft_tokens": 32, "batch_budget": False})
+    assert (raised.max_draft_tokens, raised.batch_budget) == (32, False)
+
+
+def test_per_request_options_are_checked_against_the_server_by_the_platform():
     from tree_attn_backend.vllm_plugin.platform import TreePrunedCpuPlatform
     from vllm import SamplingParams
 
-    TreePrunedCpuPlatform.validate_request({}, SamplingParams(extra_args={"tree_pruned": {"max_draft_tokens": 4}}))
-    with pytest.raises(ValueError, match=r"\['drafter_max_ngram'\] cannot be set per request"):
-        TreePrunedCpuPlatform.validate_request({}, SamplingParams(extra_args={"tree_pruned": {"drafter_max_ngram": 2}}))
-    with pytest.raises(ValueError, match="prune_path_prob = 2"):
-        TreePrunedCpuPlatform.validate_request({}, SamplingParams(extra_args={"tree_pruned": {"prune_path_prob": 2}}))
+    TreePrunedCpuPlatform.server_options = TreePrunedConfig(max_draft_tokens=8)
+    TreePrunedCpuPlatform.validate_request({}, SamplingParams(extra_args={"max_draft_tokens": 4}))
+    with pytest.raises(ValueError, match=r"max_draft_tokens = 16: must be an integer in \[1, 8\]"):
+        TreePrunedCpuPlatform.validate_request({}, SamplingParams(extra_args={"max_draft_tokens": 16}))
+
+
+def test_verification_kind_of_each_option_family():
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from tree_attn_backend.vllm_plugin.verification_kind import Verification, verification_for
+
+    tree = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=3),
+            SamplingParams(prompt_logprobs=2, stop=["x"], ignore_eos=True, n=2)]
+    chain = [SamplingParams(repetition_penalty=1.2), SamplingParams(presence_penalty=0.5),
+             SamplingParams(frequency_penalty=0.5), SamplingParams(min_tokens=4), SamplingParams(bad_words=["the"]),
+             SamplingParams(allowed_token_ids=[1, 2]), SamplingParams(logprobs=3),
+             SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object"}))]
+    none = [SamplingParams(min_p=0.1), SamplingParams(logit_bias={5: 2.0})]
+    assert [verification_for(p) for p in tree] == [Verification.TREE] * len(tree)
+    assert [verification_for(p) for p in chain] == [Verification.CHAIN] * len(chain)
+    assert [verification_for(p) for p in none + [None]] == [Verification.NONE] * (len(none) + 1)
 
 
 def _proposer(**options):
@@ -73,17 +143,21 @@ def _proposer(**options):
 
     from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
+    options.setdefault("allow_larger_request_share", True)  # the tests turn the budget off per request
     config = SimpleNamespace(additional_config={"tree_pruned": options},
                              speculative_config=SimpleNamespace(num_speculative_tokens=16))
     return TreeProposer(config)
 
 
-def _propose(proposer, budgets: list[bool]) -> list[list[int]]:
+def _propose(proposer, budgets: list[bool], verification: "list | None" = None) -> list[list[int]]:
     import numpy as np
+
+    from tree_attn_backend.vllm_plugin.verification_kind import Verification
 
     config = proposer.config
     ids = [f"r{i}" for i in range(len(budgets))]
-    drafting = [proposer.drafting_for(config.for_request({"tree_pruned": {"batch_budget": b}}), True) for b in budgets]
+    kinds = verification or [Verification.TREE] * len(budgets)
+    drafting = [proposer.drafting_for(config.for_request({"batch_budget": b}), k) for b, k in zip(budgets, kinds)]
     proposer.bind_batch(ids, drafting)
     tokens = np.array([[1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3, 4, 1, 2, 3]] * len(budgets))  # "1 2 3" -> 4 or 5
     return proposer.propose([[3]] * len(budgets), np.full(len(budgets), tokens.shape[1]), tokens)
@@ -111,3 +185,16 @@ def test_acceptance_calibration_moves_toward_what_the_target_accepted():
     for _ in range(20):
         proposer.record_acceptance(["r0"], [len(drafts[0])], [0])
     assert proposer.acceptance_scale.value < before / 2
+
+
+def test_chain_requests_get_the_best_chain_and_none_requests_no_drafts():
+    from tree_attn_backend.vllm_plugin.verification_kind import Verification
+
+    # Unigram contexts: "3" is followed by 4 twice and 5 once, so the root branches.
+    proposer = _proposer(prune_min_prob=0.0, prune_path_prob=0.0, drafter_max_ngram=1)
+    tree, chain, none = _propose(proposer, [False] * 3, [Verification.TREE, Verification.CHAIN, Verification.NONE])
+    parents = proposer.trees["r0"].parents
+    assert len(set(parents[1:].tolist())) < len(parents) - 1, "the tree request branches"
+    assert proposer.trees["r1"].parents.tolist() == list(range(-1, len(chain))), "a chain"
+    assert len(chain) > 1 and chain[0] == tree[0]
+    assert none == [] and "r2" not in proposer.trees

@@ -13,12 +13,7 @@ import os
 import socket
 import sys
 
-TREE_PROPOSER = "tree_attn_backend.vllm_plugin.proposer.TreeProposer"
-NUM_SPECULATIVE_TOKENS = 16
-
-
-def speculative_config(num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS) -> dict:
-    return {"method": "custom_class", "model": TREE_PROPOSER, "num_speculative_tokens": num_speculative_tokens}
+from .vllm_plugin import default_speculative_config
 
 
 def free_port() -> int:
@@ -39,7 +34,7 @@ def server_command(
         "--dtype", "float32",  # faster than bf16 on CPUs without bf16 instructions
         "--max-model-len", "2048",
         "--enforce-eager",
-        "--speculative-config", json.dumps(speculative_config()),
+        "--speculative-config", json.dumps(default_speculative_config()),
         "--additional-config", json.dumps({"tree_pruned": tree_options or {}}),
         *(extra_args or []),
     ]

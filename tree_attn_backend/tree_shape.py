@@ -46,7 +46,15 @@ class TreeShape:
 
     @classmethod
     def from_paths(cls, paths: "list[tuple[int, ...]] | tuple[tuple[int, ...], ...]") -> "TreeShape":
-        """Build from a list of rank paths (any order, root omitted)."""
+        """Build from a list of rank paths (any order, root omitted).
+
+        Raises ``ValueError`` naming the offending path when the list is empty, a path is not
+        a non-empty tuple of integers >= 0, a path appears twice, its parent path is missing,
+        or a rank has a gap (rank ``r > 0`` without its sibling of rank ``r - 1``: ranks index
+        the drafter's most likely children in order).
+        """
+        if len(paths) == 0:
+            raise ValueError("tree has no paths: list at least one, such as [(0,)]")
         seen: set[tuple[int, ...]] = set()
         for path in paths:
             if not isinstance(path, tuple) or len(path) == 0:
@@ -57,10 +65,12 @@ class TreeShape:
             if path in seen:
                 raise ValueError(f"tree path {path!r} appears twice")
             seen.add(path)
-        for path in seen:
+        ordered = [()] + sorted(seen, key=lambda p: (len(p), p))
+        for path in ordered[1:]:  # sorted, so the first bad path is reported
             if len(path) > 1 and path[:-1] not in seen:
                 raise ValueError(f"tree path {path!r} has no parent: {path[:-1]!r} is missing")
-        ordered = [()] + sorted(seen, key=lambda p: (len(p), p))
+            if path[-1] > 0 and path[:-1] + (path[-1] - 1,) not in seen:
+                raise ValueError(f"tree path {path!r} skips a rank: {path[:-1] + (path[-1] - 1,)!r} is missing")
         index = {p: i for i, p in enumerate(ordered)}
         parents = np.array([-1] + [index[p[:-1]] for p in ordered[1:]], dtype=np.int32)
         ranks = np.array([0] + [p[-1] for p in ordered[1:]], dtype=np.int32)

@@ -11,7 +11,10 @@ Modes (all lossless; sibling tokens are distinct, so at most one child matches):
   token. Exactly the tokens plain greedy decoding produces.
 * target-only sampling (deterministic candidates, e.g. a lookup drafter): draw ``y ~ p_u``
   at every node; follow the child whose token is ``y``, else emit ``y``. Each emitted token is
-  a sample of the target distribution given the accepted prefix.
+  a sample of the target distribution given the accepted prefix. :func:`verify_target_tokens`
+  takes those tokens directly, so a caller can draw them with its own sampler: the vLLM plugin
+  uses vLLM's, with one draw per depth, so a seeded request emits exactly the tokens plain
+  decoding with that seed emits.
 * recursive rejection sampling (children drawn from the draft distribution ``q_u`` without
   replacement; SpecInfer's multi-step speculative sampling adapted to distinct children):
   try children in order; accept child ``x`` with probability ``min(1, p(x) / q(x))``; on
@@ -112,11 +115,26 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp(max=probs.shape[1] - 1)
 
 
+def verify_target_tokens(trees: FlatTrees, target_tokens: torch.Tensor) -> VerifyResult:
+    """Verification against the token the target emits at every node.
+
+    ``target_tokens``: int64 ``[N]``, the target's token at each node (its argmax, or its
+    sample). The walk follows the child whose token matches and emits the target's token where
+    none does. Lossless for sampling when the draws at different depths are independent: the
+    path to a depth-``d`` node is decided by draws at depths ``< d`` only, so the token emitted
+    at depth ``d`` is a fresh sample of the target at its context; nodes of one depth may share
+    a draw (at most one of them is on the path).
+    """
+    if target_tokens.shape != (trees.num_nodes,):
+        raise ValueError(f"target_tokens has shape {tuple(target_tokens.shape)}, expected [{trees.num_nodes}]")
+    target_tokens = target_tokens.to(torch.int64)
+    return _walk(trees, _follow_matching_child(trees, target_tokens), target_tokens)
+
+
 def verify_greedy(trees: FlatTrees, target_logits: torch.Tensor) -> VerifyResult:
     """Greedy verification; ``target_logits [N, V]`` are the target's logits at every node."""
     _check_vocab(trees, "target_logits", target_logits)
-    argmax = target_logits.argmax(dim=-1)
-    return _walk(trees, _follow_matching_child(trees, argmax), argmax)
+    return verify_target_tokens(trees, target_logits.argmax(dim=-1))
 
 
 def verify_sampling(
@@ -139,8 +157,7 @@ def verify_sampling(
     _check_vocab(trees, "target_probs", target_probs)
     u = _uniforms(trees, uniforms, generator)
     if draft_probs is None:
-        sampled = sample_inverse_cdf(target_probs, u[:, 1])
-        return _walk(trees, _follow_matching_child(trees, sampled), sampled)
+        return verify_target_tokens(trees, sample_inverse_cdf(target_probs, u[:, 1]))
     _check_vocab(trees, "draft_probs", draft_probs)
     return _recursive_rejection(trees, target_probs.to(torch.float64), draft_probs.to(torch.float64), u)
 

@@ -21,6 +21,7 @@ expected throughput is never below the no-draft choice ``k = 0``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,8 +50,8 @@ class VerifyCostModel:
     def __post_init__(self) -> None:
         for name in ("step_ms", "token_ms", "draft_token_ms", "draft_step_ms"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0:
-                raise ValueError(f"cost model {name} = {value!r}: must be a number >= 0")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < math.inf:
+                raise ValueError(f"cost model {name} = {value!r}: must be a finite number >= 0")
         if self.step_ms + self.token_ms <= 0.0:
             raise ValueError(f"cost model step_ms = {self.step_ms} and token_ms = {self.token_ms}: one must be > 0")
 

@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..serve import speculative_config
+from ..vllm_plugin import default_speculative_config
 
 MODES = ("none", "chain", "static_tree", "pruned_tree", "pruned_budget")
 CHAIN_SPECULATIVE_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
@@ -114,7 +114,7 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
             "disable_log_stats": False, "enable_prefix_caching": False, "distributed_executor_backend": "uni"}
 
     def runs(modes: list[str]) -> list[dict]:
-        return [{"mode": m, "concurrency": c, "extra_args": {"tree_pruned": TREE_MODE_OPTIONS[m]} if m in TREE_MODE_OPTIONS else None}
+        return [{"mode": m, "concurrency": c, "extra_args": TREE_MODE_OPTIONS.get(m)}
                 for c in config.concurrency for m in modes]
 
     stock = []
@@ -125,7 +125,9 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
     processes = [("stock", {}, stock)]
     tree_modes = [m for m in MODES if m in TREE_MODE_OPTIONS and m in config.modes]
     if tree_modes:
-        engine = dict(base, speculative_config=speculative_config(), additional_config={"tree_pruned": {}})
+        engine = dict(base, speculative_config=default_speculative_config(),
+                      # the modes turn the batch budget off per request
+                      additional_config={"tree_pruned": {"allow_larger_request_share": True}})
         processes.append(("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, [{"name": "tree", "engine": engine, "runs": runs(tree_modes)}]))
     return processes
 

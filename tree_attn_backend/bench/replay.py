@@ -62,12 +62,12 @@ def replay(shape: TreeShape, setting: ReplaySetting, prompts: Sequence[Sequence[
 def replay_settings(path_probs: Sequence[float]) -> list[ReplaySetting]:
     """The static tree, the engine's defaults, and the defaults with each path threshold."""
     from ..vllm_plugin.config import TreePrunedConfig
-    from ..serve import NUM_SPECULATIVE_TOKENS
+    from ..vllm_plugin import DEFAULT_NUM_SPECULATIVE_TOKENS
 
     defaults = TreePrunedConfig()
-    max_nodes = min(defaults.max_draft_tokens, NUM_SPECULATIVE_TOKENS)
+    max_nodes = min(defaults.max_draft_tokens, DEFAULT_NUM_SPECULATIVE_TOKENS)
     settings = [ReplaySetting("static_tree", PruningPolicy(0.0, 0.0, max_nodes), defaults.drafter_smoothing),
-                ReplaySetting("defaults", defaults.policy(NUM_SPECULATIVE_TOKENS), defaults.drafter_smoothing)]
+                ReplaySetting("defaults", defaults.policy(DEFAULT_NUM_SPECULATIVE_TOKENS), defaults.drafter_smoothing)]
     settings += [ReplaySetting(f"path_prob={p}", PruningPolicy(defaults.prune_min_prob, p, max_nodes), defaults.drafter_smoothing)
                  for p in path_probs]
     return settings

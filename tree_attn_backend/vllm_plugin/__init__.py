@@ -5,8 +5,10 @@ nothing. Entry points (see pyproject.toml):
 
 * ``vllm.platform_plugins`` -> :func:`platform_plugin`: on CPU, the CPU platform subclass
   that runs the tree worker / model runner;
-* ``vllm.general_plugins`` -> :func:`register`: checks the vLLM version and puts the tree
-  attention backend in the ``CPU_ATTN`` slot. Idempotent; runs in every vLLM process.
+* ``vllm.general_plugins`` -> :func:`register`: checks the vLLM version, puts the tree
+  attention backend in the ``CPU_ATTN`` slot and installs the engine hooks of
+  :mod:`.compat` (the tree proposer by default; ``min_p`` / ``logit_bias`` requests allowed).
+  Idempotent; runs in every vLLM process.
 """
 
 from __future__ import annotations
@@ -18,12 +20,19 @@ BACKEND_NAME = "TREE_PRUNED"
 SUPPORTED_CPU_VLLM = "0.32.0"
 BACKEND_CLS = "tree_attn_backend.vllm_plugin.backend.TreePrunedBackend"
 PLATFORM_CLS = "tree_attn_backend.vllm_plugin.platform.TreePrunedCpuPlatform"
+TREE_PROPOSER = "tree_attn_backend.vllm_plugin.proposer.TreeProposer"
+DEFAULT_NUM_SPECULATIVE_TOKENS = 16  # the default max_draft_tokens
 
 _registered = False
 
 
 def enabled() -> bool:
     return os.environ.get(ENV_VAR, "").upper() == BACKEND_NAME
+
+
+def default_speculative_config(num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS) -> dict:
+    """vLLM's ``--speculative-config`` that runs the tree proposer."""
+    return {"method": "custom_class", "model": TREE_PROPOSER, "num_speculative_tokens": num_speculative_tokens}
 
 
 def _check_version() -> None:
@@ -58,5 +67,8 @@ def register() -> None:
     _check_version()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from .compat import install_engine_hooks
+
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_CLS)
+    install_engine_hooks()
     _registered = True

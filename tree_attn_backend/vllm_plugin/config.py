@@ -1,13 +1,17 @@
-"""The ``tree_pruned`` options, read from ``--additional-config '{"tree_pruned": {...}}'``.
+"""The ``tree_pruned`` options: server-wide and per request.
 
-This module does not import vLLM: it validates a plain dict, so start-up stops with a
-message naming the option and its allowed range before any engine work happens.
+Server-wide options come from ``--additional-config '{"tree_pruned": {...}}'``; a request sets
+its own share through flat keys of ``SamplingParams.extra_args`` (``vllm_xargs`` in the OpenAI
+API), or the nested ``{"tree_pruned": {...}}`` form in Python. Every value is checked here,
+once, before any engine work: an error is one line naming the option, the value and the
+allowed range. This module does not import vLLM: it validates plain values.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Mapping
 
 from ..pruning import PruningPolicy
 from ..tree_shape import TreeShape
@@ -16,10 +20,44 @@ from ..verify_budget import VerifyCostModel
 # Up to 3 candidates at the root, 2 below, then chains: 81 nodes, depth 8. Pruning keeps a
 # small part of it; the shape only bounds what the drafter may propose.
 DEFAULT_TOKEN_TREE = TreeShape.full([3, 2, 2, 1, 1, 1, 1, 1]).to_text()
+# Bounds of speculative_token_tree (draft nodes, root excluded; depth of the deepest node):
+# the proposer walks the shape for every request and step, so it must stay small.
+MAX_TREE_NODES = 1024
+MAX_TREE_DEPTH = 64
+# vLLM's rejection sampler verifies at most 128 tokens per request (drafts + bonus).
+MAX_DRAFT_TOKENS = 127
 
-# What a request may set for itself through ``SamplingParams.extra_args["tree_pruned"]``
-# (``vllm_xargs`` in the OpenAI API); the rest is engine-wide.
+# What a request may set for itself; the rest is engine-wide.
 PER_REQUEST_OPTIONS = ("prune_min_prob", "prune_path_prob", "max_draft_tokens", "batch_budget")
+# Names the options were first specified with, accepted server-wide and per request.
+ALIASES = {
+    "speculative_tree_prune_min_prob": "prune_min_prob",
+    "speculative_tree_prune_path_prob": "prune_path_prob",
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, what: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{what} = {value!r}: must be {allowed}")
+
+
+def _resolve_aliases(options: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``options`` with alias names replaced; an option given under two names is an error."""
+    resolved: dict[str, Any] = {}
+    for key, value in options.items():
+        name = ALIASES.get(key, key)
+        if name in resolved:
+            raise ValueError(f"{what} {name} is given twice (as {name} and as its alias)")
+        resolved[name] = value
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -27,7 +65,8 @@ class TreePrunedConfig:
     """Options of the TREE_PRUNED path.
 
     Attributes:
-        speculative_token_tree: static maximum tree, vLLM's old syntax.
+        speculative_token_tree: static maximum tree, vLLM's old syntax; at most
+            :data:`MAX_TREE_NODES` draft nodes and depth :data:`MAX_TREE_DEPTH`.
         prune_min_prob: drop a node (and its subtree) whose own draft probability is below.
         prune_path_prob: drop a node whose path probability is below.
         max_draft_tokens: draft nodes per request and step (root excluded); at most the
@@ -41,6 +80,9 @@ class TreePrunedConfig:
         cost_model: the budget's step cost model as ``{"step_ms", "token_ms",
             "draft_token_ms", "draft_step_ms"}`` (see ``VerifyCostModel``), fixed; ``None`` =
             measured: forward passes timed at start-up, then refitted from served steps.
+        allow_larger_request_share: let a request raise its own share above the server's
+            (``max_draft_tokens`` above this config's, or ``batch_budget`` off); refused
+            otherwise, so one request cannot take the verify budget of the others.
     """
 
     speculative_token_tree: str = DEFAULT_TOKEN_TREE
@@ -53,31 +95,28 @@ class TreePrunedConfig:
     log_every_steps: int = 50
     batch_budget: bool = True
     cost_model: "dict | None" = None
+    allow_larger_request_share: bool = False
 
     def __post_init__(self) -> None:
         def require(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"tree_pruned option {name} = {getattr(self, name)!r}: must be {allowed}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            _require(ok, f"tree_pruned option {name}", getattr(self, name), allowed)
 
         for name in ("prune_min_prob", "prune_path_prob"):
             value = getattr(self, name)
-            require(is_num(value) and 0.0 <= value <= 1.0, name, "a number in [0, 1]")
-        require(is_int(self.max_draft_tokens) and 1 <= self.max_draft_tokens <= 127, "max_draft_tokens", "an integer in [1, 127]")
-        require(is_int(self.drafter_min_ngram) and 1 <= self.drafter_min_ngram <= 16, "drafter_min_ngram", "an integer in [1, 16]")
+            require(_is_number(value) and 0.0 <= value <= 1.0, name, "a number in [0, 1]")
+        require(_is_int(self.max_draft_tokens) and 1 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS,
+                "max_draft_tokens", f"an integer in [1, {MAX_DRAFT_TOKENS}]")
+        require(_is_int(self.drafter_min_ngram) and 1 <= self.drafter_min_ngram <= 16, "drafter_min_ngram", "an integer in [1, 16]")
         require(
-            is_int(self.drafter_max_ngram) and self.drafter_min_ngram <= self.drafter_max_ngram <= 16,
+            _is_int(self.drafter_max_ngram) and self.drafter_min_ngram <= self.drafter_max_ngram <= 16,
             "drafter_max_ngram",
             "an integer in [drafter_min_ngram, 16]",
         )
-        require(is_num(self.drafter_smoothing) and self.drafter_smoothing >= 0, "drafter_smoothing", "a number >= 0")
-        require(is_int(self.log_every_steps) and self.log_every_steps >= 0, "log_every_steps", "an integer >= 0")
+        require(_is_number(self.drafter_smoothing) and 0.0 <= self.drafter_smoothing < math.inf,
+                "drafter_smoothing", "a finite number >= 0")
+        require(_is_int(self.log_every_steps) and self.log_every_steps >= 0, "log_every_steps", "an integer >= 0")
         require(isinstance(self.batch_budget, bool), "batch_budget", "true or false")
+        require(isinstance(self.allow_larger_request_share, bool), "allow_larger_request_share", "true or false")
         if self.cost_model is not None:
             require(isinstance(self.cost_model, dict), "cost_model", "null (measured) or a JSON object")
             try:
@@ -85,34 +124,75 @@ class TreePrunedConfig:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"tree_pruned option cost_model = {self.cost_model!r}: {exc}") from None
         try:
-            TreeShape.parse(self.speculative_token_tree)
+            shape = TreeShape.parse(self.speculative_token_tree)
         except ValueError as exc:
             raise ValueError(f"tree_pruned option speculative_token_tree: {exc}") from None
+        require(shape.num_nodes - 1 <= MAX_TREE_NODES and shape.max_depth <= MAX_TREE_DEPTH, "speculative_token_tree",
+                f"a tree of at most {MAX_TREE_NODES} nodes and depth {MAX_TREE_DEPTH} "
+                f"(this one: {shape.num_nodes - 1} nodes, depth {shape.max_depth})")
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "TreePrunedConfig":
         """Read ``additional_config["tree_pruned"]`` (absent = defaults); unknown keys are errors."""
-        options = (additional_config or {}).get("tree_pruned", {}) if isinstance(additional_config, dict) else {}
+        if additional_config is None or "tree_pruned" not in additional_config:
+            return cls()
+        options = additional_config["tree_pruned"]
         if not isinstance(options, dict):
-            raise ValueError(f"additional_config tree_pruned = {options!r}: must be a JSON object")
+            raise ValueError(f"additional_config tree_pruned = {options!r}: must be a JSON object of options")
+        options = _resolve_aliases(options, "tree_pruned option")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown tree_pruned option(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown tree_pruned option(s) {unknown}; known: {sorted(known)} "
+                             f"(aliases: {sorted(ALIASES)})")
         return cls(**options)
 
-    def for_request(self, extra_args: Any) -> "TreePrunedConfig":
-        """This config with a request's own ``extra_args["tree_pruned"]`` overrides (only
-        :data:`PER_REQUEST_OPTIONS`); errors name the bad key or value."""
-        options = (extra_args or {}).get("tree_pruned") if isinstance(extra_args, dict) else None
-        if options is None:
+    def for_request(self, extra_args: "Mapping[str, Any] | None") -> "TreePrunedConfig":
+        """This config with a request's own options applied.
+
+        A request sets :data:`PER_REQUEST_OPTIONS` (or their :data:`ALIASES`) as flat keys of
+        ``extra_args`` (``vllm_xargs`` over HTTP, whose values are numbers or strings, so
+        ``batch_budget`` may also be 0 or 1) or as a nested ``{"tree_pruned": {...}}`` dict;
+        other flat keys belong to other consumers of ``extra_args`` and are ignored. Raises
+        ``ValueError`` naming the key, the value and the allowed range; without
+        ``allow_larger_request_share`` a request can only lower its share.
+        """
+        if not extra_args:
             return self
-        if not isinstance(options, dict):
-            raise ValueError(f"extra_args tree_pruned = {options!r}: must be a JSON object")
-        not_per_request = sorted(set(options) - set(PER_REQUEST_OPTIONS))
-        if not_per_request:
-            raise ValueError(f"tree_pruned option(s) {not_per_request} cannot be set per request; these can: {list(PER_REQUEST_OPTIONS)}")
-        return replace(self, **options)
+        requested = {key: value for key, value in extra_args.items() if ALIASES.get(key, key) in PER_REQUEST_OPTIONS}
+        nested = extra_args.get("tree_pruned")
+        if nested is not None:
+            if not isinstance(nested, dict):
+                raise ValueError(f"request option tree_pruned = {nested!r}: must be an object of per-request options "
+                                 f"{list(PER_REQUEST_OPTIONS)}; over HTTP give them as flat vllm_xargs keys")
+            not_per_request = sorted(set(nested) - set(PER_REQUEST_OPTIONS) - set(ALIASES))
+            if not_per_request:
+                raise ValueError(f"tree_pruned option(s) {not_per_request} cannot be set per request; "
+                                 f"these can: {list(PER_REQUEST_OPTIONS)}")
+            twice = sorted(nested.keys() & requested.keys())
+            if twice:
+                raise ValueError(f"request option(s) {twice} given twice (flat and inside tree_pruned)")
+            requested.update(nested)
+        if not requested:
+            return self
+        options = _resolve_aliases(requested, "request option")
+        if "batch_budget" in options:
+            value = options["batch_budget"]
+            # vllm_xargs carries JSON true/false as 1/0.
+            _require(isinstance(value, bool) or (_is_int(value) and value in (0, 1)),
+                     "request option batch_budget", value, "true or false (or 1 or 0)")
+            options["batch_budget"] = bool(value)
+        if not self.allow_larger_request_share:
+            limit = self.max_draft_tokens
+            value = options.get("max_draft_tokens", limit)
+            _require(not _is_int(value) or value <= limit, "request option max_draft_tokens", value,
+                     f"an integer in [1, {limit}] (the server's max_draft_tokens; allow_larger_request_share lifts it)")
+            _require(options.get("batch_budget", self.batch_budget) or not self.batch_budget,
+                     "request option batch_budget", False, "true on this server (allow_larger_request_share lifts it)")
+        try:
+            return replace(self, **options)
+        except ValueError as exc:  # the range checks of __post_init__, reworded for a request
+            raise ValueError(str(exc).replace("tree_pruned option", "request option", 1)) from None
 
     def configured_cost_model(self) -> "VerifyCostModel | None":
         """The configured cost model, or ``None`` when it is to be measured."""

@@ -2,16 +2,16 @@
 
 Per step, on top of vLLM's runner:
 
-1. ``_prepare_inputs``: for every request whose scheduled drafts are the (possibly truncated)
-   node list of the tree our proposer emitted for it, rewrite its positions to
-   ``context + depth`` and publish the batch's parents to the attention builder. The KV slots
-   stay linear (node ``i`` at ``context + i``).
-2. ``_sample``: for those requests, tree verification (greedy, or target-only sampling for
-   temperature / top-k / top-p / seed) replaces chain rejection sampling; then the accepted
+1. ``_prepare_inputs``: for every tree request (``Verification.TREE``) whose scheduled drafts
+   are the (possibly truncated) node list of the tree our proposer emitted for it, rewrite its
+   positions to ``context + depth`` and publish the batch's parents to the attention builder.
+   The KV slots stay linear (node ``i`` at ``context + i``).
+2. ``_sample``: for those requests, the target's token at every node is drawn as vLLM's sampler
+   draws it (:mod:`.tree_sampling`) and the tree is verified against them; then the accepted
    branch's K/V is compacted to ``context + 0, 1, 2, ...`` in every layer, which is what the
-   scheduler's ``num_computed_tokens`` rollback assumes. Requests without a tree (prefill,
-   chains from ngram / draft-model proposers, requests whose sampling needs logits processors)
-   keep vLLM's own sampler output, row for row.
+   scheduler's ``num_computed_tokens`` rollback assumes. Every other request (prefill, chain
+   requests whose options vLLM's rejection sampler applies, requests without drafts) keeps
+   vLLM's own sampler output, row for row.
 """
 
 from __future__ import annotations
@@ -23,46 +23,22 @@ from typing import Sequence
 import numpy as np
 import torch
 from vllm.logger import init_logger
-from vllm.sampling_params import SamplingParams
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from ..cpu_attention import segment_arange
 from ..kv_compaction import apply_compaction
 from ..tree import FlatTrees, depths_from_parents
-from ..verify import VerifyResult, verify_greedy, verify_sampling
+from ..verify import VerifyResult, verify_target_tokens
 from ..verify_budget import OnlineCostFit, VerifyCostModel
+from .compat import load_builtin_logits_processors
 from .config import TreePrunedConfig
 from .proposer import RequestDrafting, TreeProposer
 from .side_channel import TREE_STEP
+from .tree_sampling import SeededGenerators, sample_tree_nodes
+from .verification_kind import Verification, verification_for
 
 logger = init_logger("vllm.tree_pruned")  # under "vllm" so vLLM's log handlers show it
-
-_GREEDY_EPS = 1e-5  # vLLM treats temperature below this as greedy
-
-
-def tree_eligible(params: "SamplingParams | None") -> bool:
-    """Whether a request's sampling is plain enough for tree verification: greedy or
-    temperature / top-k / top-p with an optional seed. Anything that reshapes logits with the
-    generated context (penalties, min_tokens, bad words, bias, allowed tokens, min_p,
-    structured output) or asks for logprobs keeps chain drafts and vLLM's sampler. (Custom
-    engine-wide logits processors turn trees off for every request; see the runner.)"""
-    if params is None:
-        return False
-    return (
-        params.presence_penalty == 0.0
-        and params.frequency_penalty == 0.0
-        and params.repetition_penalty == 1.0
-        and params.min_p == 0.0
-        and params.min_tokens == 0
-        and not params.bad_words
-        and not params.logit_bias
-        and params.allowed_token_ids is None
-        and params.structured_outputs is None
-        and params.logprobs is None
-        and params.prompt_logprobs is None
-    )
 
 
 @dataclass
@@ -89,6 +65,8 @@ class TreeCPUModelRunner(CPUModelRunner):
         self._stats = _TreeStats(self.tree_config.log_every_steps)
         self._drafting: dict[str, RequestDrafting] = {}
         self._step_started: "tuple[float, int, int] | None" = None  # time, plain and draft tokens
+        if self._tree_proposer is not None:
+            load_builtin_logits_processors(self)  # min_p / logit_bias requests are served without drafts
 
     @property
     def _tree_proposer(self) -> "TreeProposer | None":
@@ -107,10 +85,8 @@ class TreeCPUModelRunner(CPUModelRunner):
         drafting = self._drafting.get(req_id)
         if drafting is None:
             params = self.requests[req_id].sampling_params
-            # Custom engine-wide logits processors may read the generated context: chains only.
-            branching = not self.model_config.logits_processors and tree_eligible(params)
             config = self.tree_config.for_request(params.extra_args if params is not None else None)
-            drafting = self._drafting[req_id] = self._tree_proposer.drafting_for(config, branching)
+            drafting = self._drafting[req_id] = self._tree_proposer.drafting_for(config, verification_for(params))
         return drafting
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):  # noqa: ANN001
@@ -181,7 +157,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         rows = []
         for row, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
             drafts = spec.get(req_id)
-            if not drafts:
+            if not drafts or self._drafting[req_id].verification is not Verification.TREE:
                 continue
             tree = proposer.tree_for(req_id, drafts)
             if tree is None or num_scheduled_tokens[row] != len(drafts) + 1:
@@ -220,65 +196,43 @@ class TreeCPUModelRunner(CPUModelRunner):
         step, self._tree_step = self._tree_step, None
         if step is None or spec_decode_metadata is None:
             return super()._sample(logits, spec_decode_metadata)
-        result = self._verify_trees(step, logits, spec_decode_metadata)  # before vLLM may edit logits
+        result, seeded = self._verify_trees(step, logits, spec_decode_metadata)  # before vLLM may edit logits
         output = super()._sample(logits, spec_decode_metadata)
+        rows = step.rows.tolist()
+        seeded.settle(rows, result.num_accepted + 1)
         sampled = output.sampled_token_ids
         width = result.output_tokens.shape[1]
         if width > sampled.shape[1]:
             raise RuntimeError(f"tree output of {width} tokens exceeds the sampler's {sampled.shape[1]} columns")
-        rows = torch.from_numpy(step.rows)
-        sampled[rows] = -1
-        sampled[rows, :width] = result.output_tokens[rows].to(sampled.dtype)
+        tree_rows = torch.from_numpy(step.rows)
+        sampled[tree_rows] = -1
+        sampled[tree_rows, :width] = result.output_tokens.to(sampled.dtype)
         self._compact(step, result)
         num_verified = np.diff(spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy(), prepend=0)[step.rows] - 1
-        num_accepted = result.num_accepted[rows].numpy()
-        self._tree_proposer.record_acceptance([self.input_batch.req_ids[r] for r in step.rows], num_verified, num_accepted)
+        num_accepted = result.num_accepted.numpy()
+        self._tree_proposer.record_acceptance([self.input_batch.req_ids[r] for r in rows], num_verified, num_accepted)
         self._stats.record(num_verified, num_accepted, self._tree_proposer)
         return output
 
-    def _verify_trees(self, step: TreeStep, logits: torch.Tensor, spec_md) -> VerifyResult:  # noqa: ANN001
-        """Verify every request of the batch as a tree over its logits rows (rows without a
-        tree are chains; their result is discarded in favour of vLLM's sampler)."""
+    def _verify_trees(self, step: TreeStep, logits: torch.Tensor, spec_md) -> "tuple[VerifyResult, SeededGenerators]":  # noqa: ANN001
+        """Verify the tree requests (``step.rows``, in that order) over their logits rows."""
         sampled_start = np.concatenate([[0], spec_md.cu_num_sampled_tokens.cpu().numpy()]).astype(np.int64)
-        counts = np.diff(sampled_start)
-        parents = (np.arange(int(sampled_start[-1])) - np.repeat(sampled_start[:-1], counts) - 1).astype(np.int64)
-        for row in step.rows.tolist():
-            q0 = step.query_start[row]
-            parents[sampled_start[row] : sampled_start[row + 1]] = step.parents[q0 : q0 + counts[row]]
-        tokens = torch.zeros(int(sampled_start[-1]), dtype=torch.int64)
-        draft_rows = torch.from_numpy(segment_arange(sampled_start[:-1] + 1, counts - 1))
-        tokens[draft_rows] = spec_md.draft_token_ids.to(torch.int64).cpu()
-        trees = FlatTrees(torch.from_numpy(sampled_start), torch.from_numpy(parents), tokens)
-
-        md = self.input_batch.sampling_metadata
-        logits = logits.to(torch.float32)
-        if md.all_greedy:
-            return verify_greedy(trees, logits)
-        per_row = lambda x: torch.repeat_interleave(x[: len(counts)], torch.from_numpy(counts))  # noqa: E731
-        temperature = per_row(md.temperature)
-        scaled = logits / torch.where(temperature < _GREEDY_EPS, 1.0, temperature)[:, None]
-        scaled = apply_top_k_top_p(
-            scaled,
-            None if md.top_k is None else per_row(md.top_k),
-            None if md.top_p is None else per_row(md.top_p),
+        counts = np.diff(sampled_start)[step.rows]  # nodes per tree: its query tokens
+        queries = segment_arange(step.query_start[step.rows], counts)
+        trees = FlatTrees(
+            qo_indptr=torch.from_numpy(np.concatenate([[0], np.cumsum(counts)])),
+            parents=torch.from_numpy(step.parents[queries].astype(np.int64)),
+            tokens=self.input_ids.cpu[torch.from_numpy(queries)].to(torch.int64),  # root, then the drafts
         )
-        probs = torch.softmax(scaled, dim=-1, dtype=torch.float64)
-        uniforms = torch.rand(len(tokens), 2, dtype=torch.float64)
-        for row, generator in md.generators.items():  # seeded requests draw from their own stream
-            if row < len(counts):
-                uniforms[sampled_start[row] : sampled_start[row + 1]] = torch.rand(
-                    int(counts[row]), 2, dtype=torch.float64, generator=generator
-                )
-        sampled = verify_sampling(trees, probs, uniforms=uniforms)
-        if md.all_random:
-            return sampled
-        greedy_req = md.temperature[: len(counts)] < _GREEDY_EPS
-        return _select(greedy_req, verify_greedy(trees, logits), sampled)
+        node_logits = logits[torch.from_numpy(segment_arange(sampled_start[step.rows], counts))].to(torch.float32)
+        depths = torch.from_numpy(depths_from_parents(trees.global_parents().numpy()).astype(np.int64))
+        tokens, seeded = sample_tree_nodes(node_logits, step.rows.tolist(), torch.from_numpy(counts), depths,
+                                           self.input_batch.sampling_metadata)
+        return verify_target_tokens(trees, tokens), seeded
 
     def _compact(self, step: TreeStep, result: VerifyResult) -> None:
         """Move each tree request's accepted path to the slots right after its context."""
-        rows = torch.from_numpy(step.rows)
-        path = result.accepted_nodes[rows]  # local nodes, root first, -1 padded
+        path = result.accepted_nodes  # local nodes, root first, -1 padded; one row per tree request
         k = torch.arange(path.shape[1])[None, :].expand_as(path)
         moving = (path >= 0) & (path != k)
         if not bool(moving.any()):
@@ -287,25 +241,6 @@ class TreeCPUModelRunner(CPUModelRunner):
         src = step.slots[(base + path.clamp(min=0))[moving]]
         dst = step.slots[(base + k)[moving]]
         apply_compaction([c for c in self.kv_caches if c is not None], src, dst)
-
-
-def _select(use_first: torch.Tensor, first: VerifyResult, second: VerifyResult) -> VerifyResult:
-    """Per request, ``first``'s result where ``use_first`` else ``second``'s."""
-
-    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        width = max(a.shape[1], b.shape[1]) if a.dim() == 2 else 0
-        if a.dim() == 2:
-            a = torch.nn.functional.pad(a, (0, width - a.shape[1]), value=-1)
-            b = torch.nn.functional.pad(b, (0, width - b.shape[1]), value=-1)
-            return torch.where(use_first[:, None], a, b)
-        return torch.where(use_first, a, b)
-
-    return VerifyResult(
-        accepted_nodes=pick(first.accepted_nodes, second.accepted_nodes),
-        num_accepted=pick(first.num_accepted, second.num_accepted),
-        bonus_tokens=pick(first.bonus_tokens, second.bonus_tokens),
-        output_tokens=pick(first.output_tokens, second.output_tokens),
-    )
 
 
 class _TreeStats:

@@ -19,15 +19,17 @@ from ..tree import DraftTree
 from ..tree_shape import TreeShape
 from ..verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget, drafts_can_pay
 from .config import TreePrunedConfig
+from .verification_kind import Verification
 
 
 @dataclass(frozen=True)
 class RequestDrafting:
-    """How one request is drafted: its pruning policy, whether it may branch (else the best
-    chain), and whether the batch budget applies to it."""
+    """How one request is drafted: its pruning policy, how it is verified (``TREE``: a
+    branching tree; ``CHAIN``: the best chain; ``NONE``: no drafts), and whether the batch
+    budget applies to it."""
 
     policy: PruningPolicy
-    branching: bool
+    verification: Verification
     batch_budget: bool
 
 
@@ -66,9 +68,9 @@ class TreeProposer:
     def load_model(self, *args: object, **kwargs: object) -> None:
         """Nothing to load: the drafter reads the requests' own tokens."""
 
-    def drafting_for(self, config: TreePrunedConfig, branching: bool) -> RequestDrafting:
+    def drafting_for(self, config: TreePrunedConfig, verification: Verification) -> RequestDrafting:
         """A request's drafting from its (per-request) config."""
-        return RequestDrafting(config.policy(self.num_speculative_tokens), branching, config.batch_budget)
+        return RequestDrafting(config.policy(self.num_speculative_tokens), verification, config.batch_budget)
 
     def bind_batch(self, req_ids: Sequence[str], drafting: Sequence[RequestDrafting]) -> None:
         """Called by the tree model runner before each ``propose``: the batch order and how
@@ -89,14 +91,15 @@ class TreeProposer:
             )
         (req_ids, drafting), self._batch = self._batch, None
         decoding = [row for row in range(len(req_ids)) if sampled_token_ids[row]]  # else prefill in progress
-        budgeted = [row for row in decoding if drafting[row].batch_budget]
+        drafted = [row for row in decoding if drafting[row].verification is not Verification.NONE]
+        budgeted = [row for row in drafted if drafting[row].batch_budget]
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
         budget_can_pay = bool(budgeted) and drafts_can_pay(len(decoding), max_budgeted, self.cost_model_now,
                                                            self.acceptance_scale.value)
         for req_id in req_ids:
             self.trees.pop(req_id, None)
-        for row in decoding:
+        for row in drafted:
             if budget_can_pay or not drafting[row].batch_budget:
                 self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], token_ids_cpu[row, : int(num_tokens_no_spec[row])])
         if budget_can_pay:
@@ -114,7 +117,8 @@ class TreeProposer:
                 self.config.drafter_min_ngram, self.config.drafter_max_ngram, self.config.drafter_smoothing
             )
         index.extend(tokens[len(index) :].tolist())  # catches up on steps proposed without it
-        tree, _ = expand_and_prune(self.shape if drafting.branching else self.chain_shape, index, index.tokens, drafting.policy)
+        shape = self.shape if drafting.verification is Verification.TREE else self.chain_shape
+        tree, _ = expand_and_prune(shape, index, index.tokens, drafting.policy)
         return tree
 
     @property

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from vllm.v1.worker import cpu_worker
 
+from .compat import build_worker_model_runner
 from .model_runner import TreeCPUModelRunner
 
 
 class TreeCPUWorker(cpu_worker.CPUWorker):
     def init_device(self) -> None:
-        # CPUWorker.init_device builds its runner from the module-level name
-        # `CPUModelRunner` and has no factory hook; point that name at the tree runner for
-        # the duration of this one call.
-        original = cpu_worker.CPUModelRunner
-        cpu_worker.CPUModelRunner = TreeCPUModelRunner
-        try:
-            super().init_device()
-        finally:
-            cpu_worker.CPUModelRunner = original
+        build_worker_model_runner(self, TreeCPUModelRunner)
         if not isinstance(self.model_runner, TreeCPUModelRunner):
             raise RuntimeError(
                 f"TREE_PRUNED needs the V1 CPU model runner, got {type(self.model_runner).__name__} "

@@ -8,6 +8,10 @@ SPEC: {"env": {...}, "engines": [{"name", "llm": {LLM kwargs}, "jobs": [...]}]};
   {"kind": "greedy", "messages": [[chat messages], ...], "max_tokens": N}
   {"kind": "sample", "messages": [chat messages], "n": N, "temperature": T, "max_tokens": N}
     (the same prompt N times)
+  {"kind": "requests", "requests": [{"messages": [...], "params": {SamplingParams kwargs}}, ...]}
+    (one batch, each request with its own parameters; ``structured_outputs`` is given as the
+    kwargs of ``StructuredOutputsParams``): per request and completion its tokens, text,
+    finish reason and logprobs ({token id: logprob} per position), and the prompt logprobs
 """
 
 from __future__ import annotations
@@ -32,9 +36,31 @@ def run_job(llm, job: dict) -> dict:  # noqa: ANN001
         params = SamplingParams(temperature=job["temperature"], max_tokens=job["max_tokens"])
         outs = llm.chat([job["messages"]] * job["n"], params, use_tqdm=False)
         result = [list(o.outputs[0].token_ids) for o in outs]
+    elif job["kind"] == "requests":
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = []
+        for request in job["requests"]:
+            kwargs = dict(request["params"])
+            if "logit_bias" in kwargs:  # JSON object keys are strings
+                kwargs["logit_bias"] = {int(t): b for t, b in kwargs["logit_bias"].items()}
+            if "structured_outputs" in kwargs:
+                kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+            params.append(SamplingParams(**kwargs))
+        outs = llm.chat([r["messages"] for r in job["requests"]], params, use_tqdm=False)
+        result = [{"completions": [{"tokens": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason,
+                                    "logprobs": _logprobs(c.logprobs)} for c in o.outputs],
+                   "prompt_logprobs": _logprobs(o.prompt_logprobs)} for o in outs]
     else:
         raise ValueError(f"unknown job kind {job['kind']!r}")
     return {"kind": job["kind"], "tokens": result, "seconds": time.perf_counter() - start}
+
+
+def _logprobs(positions) -> "list[dict[str, float]] | None":  # noqa: ANN001
+    """vLLM's logprobs (a list of {token id: Logprob} or None per position) as plain JSON."""
+    if positions is None:
+        return None
+    return [None if p is None else {str(t): float(lp.logprob) for t, lp in p.items()} for p in positions]
 
 
 def spec_metrics(llm) -> dict:  # noqa: ANN001

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from tree_attn_backend import vllm_plugin
 from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
@@ -198,3 +199,13 @@ def test_chain_requests_get_the_best_chain_and_none_requests_no_drafts():
     assert proposer.trees["r1"].parents.tolist() == list(range(-1, len(chain))), "a chain"
     assert len(chain) > 1 and chain[0] == tree[0]
     assert none == [] and "r2" not in proposer.trees
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_cpu_expand_kernel_writes_every_token_in_place(dtype):
+    from tree_attn_backend.vllm_plugin.compat import expand_per_request
+
+    values = torch.tensor([0, 7, 3], dtype=dtype)  # request 0 is greedy (0 -> 1), request 2 has no tokens
+    output = torch.full((5,), -5, dtype=dtype)
+    expand_per_request(output, values, torch.tensor([2, 5, 5], dtype=torch.int32), 0, 1)
+    assert output.tolist() == [1, 1, 7, 7, 7]

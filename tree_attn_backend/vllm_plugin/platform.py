@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm.exceptions import VLLMValidationError
 from vllm.platforms.cpu import CpuPlatform
 
 from .compat import fix_cpu_kernel_overrides, uses_tree_proposer
@@ -44,4 +45,7 @@ class TreePrunedCpuPlatform(CpuPlatform):
         # A request's own tree options (extra_args / vllm_xargs) are checked here, in the
         # front end: a bad one is an error naming it (HTTP 400), never a failure in the worker.
         super().validate_request(processed_inputs, params)
-        cls.server_options.for_request(getattr(params, "extra_args", None))
+        try:
+            cls.server_options.for_request(getattr(params, "extra_args", None))
+        except ValueError as exc:  # vLLM answers its validation errors with HTTP 400
+            raise VLLMValidationError(str(exc)) from None

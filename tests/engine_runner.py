@@ -10,6 +10,10 @@ SPEC: {"env": {...}, "engines": [{"name", "llm": {LLM kwargs}, "jobs": [...]}]};
     (one batch, each request with its own parameters; ``structured_outputs`` is given as the
     kwargs of ``StructuredOutputsParams``): per request and completion its tokens, text,
     finish reason and logprobs ({token id: logprob} per position), and the prompt logprobs
+  {"kind": "cached_prompt", "prompt": "...", "max_tokens": N}: the prompt's tokens cut to two
+    KV blocks plus one token, decoded greedily twice, one request after the other: the second
+    finds all but its last prompt token in the prefix cache, and vLLM schedules such a request
+    straight into a decode step padded with placeholder drafts; the tokens of both runs
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ def run_job(llm, job: dict) -> dict:  # noqa: ANN001
         result = [{"completions": [{"tokens": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason,
                                     "logprobs": _logprobs(c.logprobs)} for c in o.outputs],
                    "prompt_logprobs": _logprobs(o.prompt_logprobs)} for o in outs]
+    elif job["kind"] == "cached_prompt":
+        block_size = llm.llm_engine.vllm_config.cache_config.block_size
+        token_ids = llm.get_tokenizer().encode(job["prompt"])[: 2 * block_size + 1]
+        if len(token_ids) != 2 * block_size + 1:
+            raise ValueError(f"cached_prompt: the prompt has {len(token_ids)} tokens, needs {2 * block_size + 1}")
+        params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
+        result = [list(llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0].outputs[0].token_ids)
+                  for _ in range(2)]
     else:
         raise ValueError(f"unknown job kind {job['kind']!r}")
     return {"kind": job["kind"], "tokens": result, "seconds": time.perf_counter() - start}

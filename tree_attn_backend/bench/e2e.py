@@ -179,7 +179,8 @@ def tpot_ms(requests: list[dict]) -> list[float]:
     return [(r["last_token"] - r["first_token"]) / (len(r["tokens"]) - 1) * 1e3 for r in requests if len(r["tokens"]) > 1]
 
 
-def _percentile(values: Sequence[float], q: float) -> "float | None":
+def percentile(values: Sequence[float], q: float) -> "float | None":
+    """The ``q``-th percentile of ``values`` rounded to 0.01 (None for no values)."""
     return round(float(np.percentile(values, q)), 2) if len(values) else None
 
 
@@ -200,10 +201,10 @@ def _row(mode: str, concurrency: int, category: str, requests: list[dict], wall_
         "draft_tokens_per_step": None if drafts is None else round(drafts / max(decode_steps, 1), 3),
         "accepted_tokens_per_step": round(accepted / max(decode_steps, 1), 3),
         "acceptance_rate": None if not drafts else round(accepted / drafts, 3),
-        "ttft_ms_p50": _percentile(ttft, 50),
-        "tpot_ms_p50": _percentile(tpot, 50),
-        "tpot_ms_p90": _percentile(tpot, 90),
-        "tpot_ms_p99": _percentile(tpot, 99),
+        "ttft_ms_p50": percentile(ttft, 50),
+        "tpot_ms_p50": percentile(tpot, 50),
+        "tpot_ms_p90": percentile(tpot, 90),
+        "tpot_ms_p99": percentile(tpot, 99),
         "identical_to_baseline": None if baseline is None else all(
             r["tokens"] == baseline[r["index"]] for r in requests),
     }

@@ -158,7 +158,9 @@ class TreeCPUModelRunner(CPUModelRunner):
         rows = []
         for row, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
             drafts = spec.get(req_id)
-            if not drafts or self._drafting[req_id].verification is not Verification.TREE:
+            # A request new to this worker can arrive with drafts: vLLM pads one whose prompt is
+            # cached but for its last token to a full spec step of -1 placeholders.
+            if not drafts or self._request_drafting(req_id).verification is not Verification.TREE:
                 continue
             tree = proposer.tree_for(req_id, drafts)
             if tree is None or num_scheduled_tokens[row] != len(drafts) + 1:

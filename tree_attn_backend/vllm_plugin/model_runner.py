@@ -253,7 +253,8 @@ class TreeCPUModelRunner(CPUModelRunner):
 
 
 class _TreeStats:
-    """Tree sizes and acceptance per verify step, logged every ``every`` steps."""
+    """Tree sizes and acceptance per verify step, logged every ``every`` steps (0: never, and
+    nothing is kept: the figures are only held until they are logged)."""
 
     def __init__(self, every: int) -> None:
         self.every = every
@@ -262,10 +263,12 @@ class _TreeStats:
         self.accepted: list[int] = []
 
     def record(self, draft_sizes: np.ndarray, accepted: np.ndarray, proposer: TreeProposer) -> None:
+        if not self.every:
+            return
         self.steps += 1
         self.sizes.extend(int(x) for x in draft_sizes)
         self.accepted.extend(int(x) for x in accepted)
-        if self.every and self.steps % self.every == 0:
+        if self.steps % self.every == 0:
             sizes = np.array(self.sizes)
             logger.info(
                 "tree_pruned: %d verify steps, %d trees: draft nodes per tree min %d / mean %.2f / max %d, "

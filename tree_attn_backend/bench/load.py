@@ -36,7 +36,8 @@ Measured:
 * ``rss_mb_start`` / ``rss_mb_end``: resident memory of the tree server process and all its
   children (engine core, worker), after a warm-up round at the load's peak shape (``clients``
   long requests at once) and before the load, then after the load drained, a settle pause and
-  the same warm-up round again, so per-request state that is never freed shows as growth;
+  the same warm-up round again, so per-request state that is never freed shows as growth
+  (``rss_mb_by_process_start`` / ``_end``: the same per process);
 * ``healthy_after``: ``/health`` answers 200 after the load; ``running_after`` /
   ``waiting_after``: vLLM's request gauges then (aborted requests must not linger). When the
   server is not healthy, the figures read from it are ``null``; ``server_log_error``: the
@@ -249,16 +250,18 @@ def _first_error(path: Path, lines: int = 60) -> "str | None":
     return None if at is None else "\n".join(log[at:at + lines])
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` and all its descendants, in MiB."""
+def rss_mb_by_process(pid: int) -> dict[str, float]:
+    """Resident memory in MiB of process ``pid`` and each of its descendants, by process name
+    (the API server, vLLM's engine core and worker), ``name (pid)`` where names repeat."""
     root = psutil.Process(pid)
-    total = 0
+    sizes: list[tuple[str, int, float]] = []
     for proc in (root, *root.children(recursive=True)):
         try:
-            total += proc.memory_info().rss
+            sizes.append((proc.name(), proc.pid, proc.memory_info().rss / 2**20))
         except psutil.NoSuchProcess:
             pass  # a helper that exited between the listing and the read
-    return total / 2**20
+    names = [name for name, _, _ in sizes]
+    return {(name if names.count(name) == 1 else f"{name} ({pid})"): round(mb, 1) for name, pid, mb in sizes}
 
 
 def metric(url: str, name: str) -> float:
@@ -324,7 +327,7 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
         tree_log = Path(tmp, "tree_server.log")
         with running_server(argv, env, port, tree_log) as proc:
             warmups = list(drive(url, config.model, warmup, len(warmup), description="warm-up" if progress else None).items())
-            rss_start, preemptions_start = rss_mb(proc.pid), metric(url, "vllm:num_preemptions_total")
+            rss_start, preemptions_start = rss_mb_by_process(proc.pid), metric(url, "vllm:num_preemptions_total")
             start = time.perf_counter()
             outcomes = drive(url, config.model, planned, config.clients, description="bench load" if progress else None)
             wall_s = time.perf_counter() - start
@@ -335,7 +338,7 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
                 preemptions = metric(url, "vllm:num_preemptions_total") - preemptions_start
                 running, waiting = metric(url, "vllm:num_requests_running"), metric(url, "vllm:num_requests_waiting")
                 warmups += drive(url, config.model, warmup, len(warmup), description="warm-up again" if progress else None).items()
-                rss_end = rss_mb(proc.pid)
+                rss_end = rss_mb_by_process(proc.pid)
             tree_log_error = _first_error(tree_log)
 
         greedy = [r for r in planned if r.greedy and outcomes[r.index].status == "completed"]
@@ -373,8 +376,10 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
         "wall_s": round(wall_s, 1),
         "latency_ms_p50": percentile(latencies, 50),
         "latency_ms_p99": percentile(latencies, 99),
-        "rss_mb_start": round(rss_start, 1),
-        "rss_mb_end": None if rss_end is None else round(rss_end, 1),
+        "rss_mb_start": round(sum(rss_start.values()), 1),
+        "rss_mb_end": None if rss_end is None else round(sum(rss_end.values()), 1),
+        "rss_mb_by_process_start": rss_start,
+        "rss_mb_by_process_end": rss_end,
         "healthy_after": healthy,
         "running_after": None if running is None else int(running),
         "waiting_after": None if waiting is None else int(waiting),

@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 import requests
 
 from tree_attn_backend.default_model import default_model_dir
-from tree_attn_backend.serve import free_port, server_command
+from tree_attn_backend.serve import free_port, running_server, server_command
 from tree_attn_backend.vllm_plugin import default_speculative_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,27 +252,8 @@ def server(model: str, tmp_path_factory):
     # requests keep crossing block boundaries and the scheduler has to preempt.
     argv, env = server_command(model, port, {"log_every_steps": 0, "batch_budget": False},
                                ["--block-size", "32", "--num-gpu-blocks-override", "48", "--max-model-len", "1024"])
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, Path(log.name).read_text()[-4000:]
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(1)
-        else:
-            pytest.fail("server did not start in 300 s")
-        yield url, model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with running_server(argv, env, port, tmp_path_factory.mktemp("server") / "server.log"):
+        yield f"http://127.0.0.1:{port}", model
 
 
 def _spec_counters(url: str) -> dict:

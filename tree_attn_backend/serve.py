@@ -10,8 +10,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import requests
+
+START_TIMEOUT_S = 300.0
 
 
 def free_port() -> int:
@@ -37,6 +45,41 @@ def server_command(
     env = dict(os.environ, VLLM_ATTENTION_BACKEND="TREE_PRUNED", HF_HUB_OFFLINE="1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     return argv, env
+
+
+@contextmanager
+def running_server(argv: list[str], env: dict[str, str], port: int, log_path: Path) -> Iterator[subprocess.Popen]:
+    """Start the server, wait until ``/health`` answers 200, stop it (and its children) on exit."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not healthy(f"http://127.0.0.1:{port}"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}) while starting:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not answer /health in {START_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
+            time.sleep(1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def healthy(url: str) -> bool:
+    """Whether the server at ``url`` answers ``/health`` with 200."""
+    try:
+        return requests.get(f"{url}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def main(port: int = 0, extra_args: "list[str] | None" = None) -> int:

@@ -50,20 +50,17 @@ import json
 import math
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import requests
 
-from ..serve import free_port, server_command
+from ..serve import free_port, healthy, running_server, server_command
 from .e2e import DEFAULT_PROMPTS, E2EConfig, percentile, tokenize_prompts
 
 BLOCK_SIZE = 32
@@ -71,7 +68,6 @@ LONG_PREFILL_TOKENS = 128  # concurrent chunked prefills: what makes preemption 
 KV_OVER_MAX_MODEL_LEN = 1.5  # the cache holds one longest request, not the concurrent load
 DISCONNECT_AFTER_CHUNKS = (2, 4)
 SETTLE_S = 5.0
-START_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = (10.0, 900.0)  # (connect, between bytes): a preempted request can wait long
 ERROR_SAMPLES = 5
 GREEDY = {"temperature": 0.0}
@@ -209,40 +205,6 @@ def drive(url: str, model: str, planned: list[LoadRequest], clients: int, discon
     return outcomes
 
 
-@contextmanager
-def running_server(argv: list[str], env: dict[str, str], port: int, log_path: Path) -> Iterator[subprocess.Popen]:
-    """Start the server, wait until ``/health`` answers 200, stop it (and its children) on exit."""
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(f"http://127.0.0.1:{port}"):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}) while starting:\n{_tail(log_path)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not answer /health in {START_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
-            time.sleep(1)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 def _first_error(path: Path, lines: int = 60) -> "str | None":
     """The server log from its first ERROR line or traceback on (the root cause comes first)."""
     log = path.read_text(errors="replace").splitlines()
@@ -332,9 +294,9 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
             outcomes = drive(url, config.model, planned, config.clients, description="bench load" if progress else None)
             wall_s = time.perf_counter() - start
             time.sleep(SETTLE_S)
-            healthy = _healthy(url)
+            healthy_after = healthy(url)
             rss_end = preemptions = running = waiting = None  # a dead server has none left to read
-            if healthy:
+            if healthy_after:
                 preemptions = metric(url, "vllm:num_preemptions_total") - preemptions_start
                 running, waiting = metric(url, "vllm:num_requests_running"), metric(url, "vllm:num_requests_waiting")
                 warmups += drive(url, config.model, warmup, len(warmup), description="warm-up again" if progress else None).items()
@@ -380,7 +342,7 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
         "rss_mb_end": None if rss_end is None else round(sum(rss_end.values()), 1),
         "rss_mb_by_process_start": rss_start,
         "rss_mb_by_process_end": rss_end,
-        "healthy_after": healthy,
+        "healthy_after": healthy_after,
         "running_after": None if running is None else int(running),
         "waiting_after": None if waiting is None else int(waiting),
         "error_samples": [{**r.describe(), "error": o.error} for r, o in (errors + reference_errors)[:ERROR_SAMPLES]],

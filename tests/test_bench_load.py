@@ -14,7 +14,7 @@ from tree_attn_backend.bench.load import LoadConfig, plan_requests, reference_co
 from tree_attn_backend.cli import main
 
 KEYS = {"completed", "errors", "disconnects", "preemptions", "mismatches", "latency_ms_p50", "latency_ms_p99",
-        "rss_mb_start", "rss_mb_end", "clients", "requests", "seed", "prompts", "kv_blocks", "error_samples"}
+        "rss_mb_start", "rss_mb_end", "onednn_primitive_cache", "clients", "requests", "seed", "prompts", "kv_blocks", "error_samples"}
 
 
 def test_quick_load_run_meets_its_targets():
@@ -24,7 +24,7 @@ def test_quick_load_run_meets_its_targets():
     assert proc.stdout, proc.stderr[-6000:]
     result = json.loads(proc.stdout)
     assert KEYS <= set(result)
-    assert (result["clients"], result["requests"]) == (8, 24)
+    assert (result["clients"], result["requests"], result["onednn_primitive_cache"]) == (8, 24, 0)
     assert result["errors"] == 0, result["error_samples"]
     assert result["mismatches"] == 0, result["mismatch_samples"]
     assert result["completed"] > 0 and result["disconnects"] > 0

@@ -6,6 +6,7 @@
     tree-pruned bench e2e [--quick] [--json] [--plot DIR] [--prompts FILE]   modes x concurrency in vLLM
     tree-pruned bench replay [--prompts FILE] [--path-probs P,...]   pruning scored offline on greedy outputs
     tree-pruned bench load [--quick] [--json] [--check] [--clients N] [--requests N]   the tree server under streaming load
+    tree-pruned bench step-cost [--quick] [--json] [--check]   what a draft token costs: stock chain vs TREE_PRUNED tree
     tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
 """
 
@@ -163,7 +164,9 @@ def _bench_load(args: argparse.Namespace) -> int:
     try:
         config = load.LoadConfig(
             model=str(default_model_dir()), prompts=tuple(e2e.load_prompts(args.prompts)), prompts_file=args.prompts,
-            seed=args.seed, disconnect_fraction=args.disconnect_fraction, **{**quick, **given})
+            seed=args.seed, disconnect_fraction=args.disconnect_fraction,
+            onednn_primitive_cache=None if args.onednn_primitive_cache < 0 else args.onednn_primitive_cache,
+            **{**quick, **given})
     except (OSError, ValueError) as exc:
         raise SystemExit(f"tree-pruned bench load: {exc}") from None
     result = load.run_load(config)
@@ -172,6 +175,30 @@ def _bench_load(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(load.format_summary(result))
+        for statement, met in targets:
+            print(f"[{'met' if met else 'NOT MET'}] {statement}")
+    return 1 if args.check and not all(met for _, met in targets) else 0
+
+
+def _bench_step_cost(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .bench import step_cost
+    from .default_model import default_model_dir
+
+    quick = {"batch_sizes": (1, 4), "draft_tokens": (4,), "warmup_steps": 2, "timed_steps": 4} if args.quick else {}
+    try:
+        config = step_cost.StepCostConfig(model=str(default_model_dir()), **quick)
+    except ValueError as exc:
+        raise SystemExit(f"tree-pruned bench step-cost: {exc}") from None
+    # Per engine process: its engines x batch sizes.
+    with tqdm(total=3 * len(config.batch_sizes), desc="bench step-cost", unit="batch", file=sys.stderr) as bar:
+        result = step_cost.run_step_cost(config, progress=lambda line: (bar.set_postfix_str(line), bar.update()))
+    targets = step_cost.check_targets(result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(step_cost.format_summary(result))
         for statement, met in targets:
             print(f"[{'met' if met else 'NOT MET'}] {statement}")
     return 1 if args.check and not all(met for _, met in targets) else 0
@@ -256,10 +283,20 @@ def main(argv: "list[str] | None" = None) -> int:
                         help="fraction of requests the client closes after a few chunks (default 0.1)")
     load_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
                         help="Spec-Bench-style JSONL (default: the shipped mixed set)")
+    load_p.add_argument("--onednn-primitive-cache", type=int, default=0, metavar="N",
+                        help="the tree server's ONEDNN_PRIMITIVE_CACHE_CAPACITY (default 0, so the RSS figures show "
+                        "per-request state, not oneDNN's per-shape kernel cache; -1 keeps oneDNN's 1024)")
     load_p.add_argument("--json", action="store_true", help="print one JSON object")
     load_p.add_argument("--check", action="store_true",
                         help="exit 1 when a target is missed (errors, greedy mismatches, health, drained, RSS growth)")
     load_p.set_defaults(func=_bench_load)
+    step_p = bench_sub.add_parser("step-cost", help="the cost of a draft token per step: the stock engine's chains vs "
+                                  "TREE_PRUNED's trees, synthetic drafts of controlled shape")
+    step_p.add_argument("--quick", action="store_true", help="batch sizes 1,4; 0 or 4 drafts; 4 timed steps (default "
+                        "1,4,16; 0,2,4,8,16; 10)")
+    step_p.add_argument("--json", action="store_true", help="print one JSON object")
+    step_p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (tree_vs_chain, no_draft_step_ratio)")
+    step_p.set_defaults(func=_bench_step_cost)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
     serve_p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     serve_p.set_defaults(func=_serve)

@@ -37,7 +37,13 @@ Measured:
   children (engine core, worker), after a warm-up round at the load's peak shape (``clients``
   long requests at once) and before the load, then after the load drained, a settle pause and
   the same warm-up round again, so per-request state that is never freed shows as growth
-  (``rss_mb_by_process_start`` / ``_end``: the same per process);
+  (``rss_mb_by_process_start`` / ``_end``: the same per process). The tree server runs with
+  oneDNN's primitive cache at ``onednn_primitive_cache`` entries (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``;
+  default 0 here, ``None`` keeps oneDNN's 1,024): vLLM's CPU linear layers JIT-compile a oneDNN
+  kernel per weight shape and token count, and that cache keeps up to 1,024 of them, so under
+  default settings the worker grows with every new batch size until the cache is full (+68 MiB
+  on ``--quick``, +333 MiB on the full run) whatever the requests leave behind; with it off the
+  RSS figures show per-request state alone;
 * ``healthy_after``: ``/health`` answers 200 after the load; ``running_after`` /
   ``waiting_after``: vLLM's request gauges then (aborted requests must not linger). When the
   server is not healthy, the figures read from it are ``null``; ``server_log_error``: the
@@ -86,6 +92,7 @@ class LoadConfig:
     disconnect_fraction: float = 0.1
     max_tokens: tuple[int, int] = (16, 64)
     prompts_file: str = str(DEFAULT_PROMPTS)
+    onednn_primitive_cache: "int | None" = 0  # the tree server's ONEDNN_PRIMITIVE_CACHE_CAPACITY; None: oneDNN's
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -98,6 +105,8 @@ class LoadConfig:
             raise ValueError(f"max_tokens = {self.max_tokens}: must be 1 <= low <= high")
         if not self.prompts:
             raise ValueError("no prompts")
+        if self.onednn_primitive_cache is not None and self.onednn_primitive_cache < 0:
+            raise ValueError(f"onednn_primitive_cache = {self.onednn_primitive_cache}: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -286,6 +295,8 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
         url = f"http://127.0.0.1:{port}"
         argv, env = server_command(config.model, port, {"log_every_steps": 0}, shared + [
             "--num-gpu-blocks-override", str(kv_blocks), "--max-num-seqs", str(config.clients)])
+        if config.onednn_primitive_cache is not None:
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(config.onednn_primitive_cache)
         tree_log = Path(tmp, "tree_server.log")
         with running_server(argv, env, port, tree_log) as proc:
             warmups = list(drive(url, config.model, warmup, len(warmup), description="warm-up" if progress else None).items())
@@ -328,6 +339,7 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
         "kv_blocks": kv_blocks,
         "block_size": BLOCK_SIZE,
         "max_model_len": max_model_len,
+        "onednn_primitive_cache": config.onednn_primitive_cache,
         "completed": len(latencies),
         "errors": len(errors),
         "disconnects": sum(o.status == "disconnected" for o in outcomes.values()),
@@ -380,7 +392,8 @@ def format_summary(result: dict) -> str:
         f"preemptions {r['preemptions']}",
         f"latency p50 {r['latency_ms_p50']} ms, p99 {r['latency_ms_p99']} ms",
         f"greedy vs no-spec server: {r['mismatches']} of {r['greedy_compared']} differ",
-        f"server RSS {r['rss_mb_start']} -> {r['rss_mb_end']} MiB",
+        f"server RSS {r['rss_mb_start']} -> {r['rss_mb_end']} MiB (oneDNN primitive cache: "
+        f"{'oneDNN default' if r['onednn_primitive_cache'] is None else r['onednn_primitive_cache']})",
     ]
     lines += [f"error: {json.dumps(e)}" for e in r["error_samples"]]
     lines += [f"mismatch: {json.dumps(m)}" for m in r["mismatch_samples"]]

@@ -148,29 +148,42 @@ def run_engines(config: E2EConfig, prompts: list[dict],
     records (see ``e2e_engine``). ``progress(description, runs_done)`` is called as runs finish."""
     results: list[dict] = []
     done = 0
-    with tempfile.TemporaryDirectory(prefix="tree-pruned-e2e-") as tmp:
-        for name, env, engines in _engine_processes(config):
-            spec_path, out_path = Path(tmp, f"{name}.json"), Path(tmp, f"{name}.out.json")
-            spec_path.write_text(json.dumps({
-                "engines": engines, "prompts": prompts, "max_tokens": config.max_tokens,
-                "num_requests": {str(c): config.num_requests(c) for c in config.concurrency},
-            }))
-            process_env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND"}
-            process_env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **env})
+    for name, env, engines in _engine_processes(config):
+        if progress:
+            progress(f"starting {name} engines", done)
+        spec = {"engines": engines, "prompts": prompts, "max_tokens": config.max_tokens,
+                "num_requests": {str(c): config.num_requests(c) for c in config.concurrency}}
+
+        def on_progress(line: str, offset: int = done, name: str = name) -> None:
             if progress:
-                progress(f"starting {name} engines", done)
-            proc = subprocess.Popen([sys.executable, "-m", "tree_attn_backend.bench.e2e_engine", str(spec_path), str(out_path)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=process_env)
-            log = []
-            for line in proc.stdout:  # type: ignore[union-attr]
-                log.append(line)
-                if line.startswith("PROGRESS ") and progress:
-                    progress(f"{name} engines", done + int(line.split()[1]))
-            if proc.wait() != 0:
-                raise RuntimeError(f"the {name} engine process failed (exit {proc.returncode}):\n{''.join(log[-60:])}")
-            results.extend(json.loads(out_path.read_text())["runs"])
-            done += sum(len(e["runs"]) for e in engines)
+                progress(f"{name} engines", offset + int(line.split()[0]))
+
+        results.extend(run_engine_process("tree_attn_backend.bench.e2e_engine", name, env, spec, on_progress)["runs"])
+        done += sum(len(e["runs"]) for e in engines)
     return results
+
+
+def run_engine_process(module: str, name: str, env: dict[str, str], spec: dict,
+                       on_progress: "Callable[[str], None] | None" = None) -> dict:
+    """Run ``python -m module SPEC.json OUT.json`` (an engine-side benchmark module) in a fresh
+    process with ``env`` on top of this one's (``VLLM_ATTENTION_BACKEND`` only if ``env`` sets
+    it) and return OUT's JSON; ``on_progress`` gets the rest of every ``PROGRESS ...`` line the
+    process prints. A failing process raises with the end of its output."""
+    with tempfile.TemporaryDirectory(prefix="tree-pruned-bench-") as tmp:
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_path.write_text(json.dumps(spec))
+        process_env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND"}
+        process_env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **env})
+        proc = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(out_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=process_env)
+        log = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            log.append(line)
+            if line.startswith("PROGRESS ") and on_progress:
+                on_progress(line[len("PROGRESS "):].strip())
+        if proc.wait() != 0:
+            raise RuntimeError(f"the {name} engine process failed (exit {proc.returncode}):\n{''.join(log[-60:])}")
+        return json.loads(out_path.read_text())
 
 
 def tpot_ms(requests: list[dict]) -> list[float]:

@@ -15,7 +15,7 @@
 // Query token i of request r attends to r's context (positions < context_lens[r]) and to its
 // tree ancestors and itself. Online softmax in float32; all query tokens of a request and all
 // query heads sharing a KV head are processed together, so each K/V block is read once per
-// (request, KV head). The torch
+// (request, KV head), and the context's scores and probabilities x V are BLAS GEMMs. The torch
 // path in tree_attn_backend/cpu_attention.py is the fallback and the fuzzed oracle.
 //
 // Every index the op follows is checked first (input_checks.h): both indptrs start at 0, never
@@ -27,12 +27,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "input_checks.h"
@@ -60,21 +62,55 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// The cache block of one KV head as float32: K transposed [D, block_size], then V [block_size, D].
+// A float32 cache is read in place; other dtypes are converted into `scratch` first.
+template <typename scalar_t>
+const float* block_as_float(const scalar_t* block, int64_t count, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return block;
+  } else {
+    for (int64_t i = 0; i < count; ++i) scratch[i] = static_cast<float>(block[i]);
+    return scratch;
+  }
+}
+
+// Online softmax, one row: folds the row's scores s[0..n) into its running maximum and sum,
+// rescales its accumulator and leaves the probabilities (relative to the new maximum) in s;
+// the caller adds probabilities x V to the accumulator.
+inline void softmax_fold(float* s, int64_t n, float* acc_row, int64_t head_dim, float& max_score, float& sum) {
+  float block_max = max_score;
+  for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
+  const float rescale = std::exp(max_score - block_max);  // 0 on the first fold
+  float total = sum * rescale;
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = exp_nonpositive(s[t] - block_max);
+    total += s[t];
+  }
+  for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= rescale;
+  sum = total;
+  max_score = block_max;
+}
+
 // One request, one KV head: rows = its query tokens x the query heads of that KV head, so each
-// K/V block is read once for all of them.
+// K/V block is read once for all of them. Per context block, scores = Q [rows, D] x K^T [D, n]
+// (K is stored transposed) and acc += P [rows, n] x V [n, D] are two row-major GEMMs
+// (ATen's brgemm: oneDNN's small-matrix kernels).
 template <typename scalar_t>
 void attend_request(const scalar_t* q, const scalar_t* cache, scalar_t* out, int64_t num_queries, int64_t group,
                     int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t block_stride,
                     const int32_t* pages, int64_t context_len, const int32_t* parents, float scale,
                     std::vector<float>& work) {
   const int64_t rows = num_queries * group;
-  work.resize(rows * (2 * head_dim + 2 + block_size) + block_size);
+  const int64_t block_floats = 2 * head_dim * block_size;
+  work.resize(rows * (2 * head_dim + 2 + block_size) + block_floats + num_queries);
   float* qs = work.data();               // [rows, D] scaled queries
   float* acc = qs + rows * head_dim;     // [rows, D]
   float* max_score = acc + rows * head_dim;
   float* sum = max_score + rows;
   float* scores = sum + rows;            // [rows, block_size]
-  float* probs = scores + rows * block_size;  // [block_size], one row's at a time
+  float* block = scores + rows * block_size;  // one converted cache block (non-float32 caches)
+  float* path_scores = block + block_floats;  // [num_queries] one row's scores over a token's path
+  std::vector<int64_t> path_positions(num_queries);  // the path's linear cache positions
   // Row (i, g) is query token i, head kv_head * group + g: q[(i * num_heads + g) * D].
   for (int64_t i = 0; i < num_queries; ++i)
     for (int64_t g = 0; g < group; ++g)
@@ -84,55 +120,37 @@ void attend_request(const scalar_t* q, const scalar_t* cache, scalar_t* out, int
   std::fill(max_score, max_score + rows, -std::numeric_limits<float>::infinity());
   std::fill(sum, sum + rows, 0.0f);
 
-  // Folds row's scores[0..n) (at s) with V rows v_row(t) into its running softmax.
-  auto fold = [&](int64_t row, const float* s, int64_t n, auto v_row) {
-    float block_max = max_score[row];
-    for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
-    const float rescale = std::exp(max_score[row] - block_max);  // 0 on the first fold
-    float* a = acc + row * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) a[d] *= rescale;
-    float total = sum[row] * rescale;
-    for (int64_t t = 0; t < n; ++t) {
-      probs[t] = exp_nonpositive(s[t] - block_max);
-      total += probs[t];
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      const float p = probs[t];
-      const scalar_t* v = v_row(t);
-      for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(v[d]);
-    }
-    sum[row] = total;
-    max_score[row] = block_max;
-  };
-
   const int64_t num_context_blocks = (context_len + block_size - 1) / block_size;
   for (int64_t b = 0; b < num_context_blocks; ++b) {
-    const scalar_t* base = cache + static_cast<int64_t>(pages[b]) * block_stride;
-    const scalar_t* v_base = base + head_dim * block_size;
+    const float* k_t = block_as_float(cache + static_cast<int64_t>(pages[b]) * block_stride, block_floats, block);
+    const float* v = k_t + head_dim * block_size;
     const int64_t n = std::min(block_size, context_len - b * block_size);
-    std::fill(scores, scores + rows * block_size, 0.0f);
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const scalar_t* k_row = base + d * block_size;  // K transposed: contiguous over tokens
-      for (int64_t row = 0; row < rows; ++row) {
-        const float qd = qs[row * head_dim + d];
-        float* s = scores + row * block_size;
-        for (int64_t t = 0; t < n; ++t) s[t] += qd * static_cast<float>(k_row[t]);
-      }
-    }
+    at::native::cpublas::brgemm(rows, n, head_dim, head_dim, block_size, block_size, false, qs, k_t, scores);
     for (int64_t row = 0; row < rows; ++row)
-      fold(row, scores + row * block_size, n, [&](int64_t t) { return v_base + t * head_dim; });
+      softmax_fold(scores + row * block_size, n, acc + row * head_dim, head_dim, max_score[row], sum[row]);
+    at::native::cpublas::brgemm(rows, head_dim, n, block_size, head_dim, head_dim, true, scores, v, acc);
   }
-  // The tree part: each token's ancestors and itself (depth <= a few dozen), one at a time.
+  // The tree part: each token's ancestors and itself (at most num_queries of them), read in place.
   for (int64_t i = 0; i < num_queries; ++i) {
-    for (int64_t node = i; node >= 0; node = parents[node]) {
-      const int64_t pos = context_len + node;
-      const scalar_t* base = cache + static_cast<int64_t>(pages[pos / block_size]) * block_stride;
-      const int64_t off = pos % block_size;
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t row = i * group + g;
+    int64_t depth = 0;
+    for (int64_t node = i; node >= 0; node = parents[node]) path_positions[depth++] = context_len + node;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t row = i * group + g;
+      const float* qr = qs + row * head_dim;
+      for (int64_t j = 0; j < depth; ++j) {
+        const int64_t pos = path_positions[j];
+        const scalar_t* k_t = cache + static_cast<int64_t>(pages[pos / block_size]) * block_stride + pos % block_size;
         float s = 0.0f;
-        for (int64_t d = 0; d < head_dim; ++d) s += qs[row * head_dim + d] * static_cast<float>(base[d * block_size + off]);
-        fold(row, &s, 1, [&](int64_t) { return base + head_dim * block_size + off * head_dim; });
+        for (int64_t d = 0; d < head_dim; ++d) s += qr[d] * static_cast<float>(k_t[d * block_size]);
+        path_scores[j] = s;
+      }
+      float* a = acc + row * head_dim;
+      softmax_fold(path_scores, depth, a, head_dim, max_score[row], sum[row]);
+      for (int64_t j = 0; j < depth; ++j) {
+        const int64_t pos = path_positions[j];
+        const scalar_t* v = cache + static_cast<int64_t>(pages[pos / block_size]) * block_stride +
+                            head_dim * block_size + (pos % block_size) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) a[d] += path_scores[j] * static_cast<float>(v[d]);
       }
     }
   }

@@ -1,9 +1,10 @@
 """TREE_PRUNED as a vLLM attention backend (CPU).
 
-vLLM's own CPU attention kernel runs every row of the batch (it is causal, which is exact for
-prefill chunks, plain decodes and chain drafts); rows that carry a branching draft tree are
-then recomputed by :mod:`tree_attn_backend.cpu_attention` over ``metadata``'s tree layout and
-overwritten. Steps without trees therefore cost what stock vLLM costs.
+Every row is computed once. Steps without branching trees are vLLM's own CPU attention, untouched
+(it is causal, which is exact for prefill chunks, plain decodes and chain drafts). In a step with
+trees, vLLM's kernel runs on the sub-batch of rows without trees (vLLM's metadata built for those
+rows only) and :mod:`tree_attn_backend.cpu_attention` runs the tree rows over ``metadata``'s tree
+layout; each writes its rows of the output.
 
 On CPU this class is registered in the ``CPU_ATTN`` slot of vLLM's backend registry (the CPU
 platform always asks for that slot), so ``get_name()`` returns ``"CPU_ATTN"``: vLLM looks the
@@ -13,7 +14,7 @@ name up as an enum member in every process. The KV cache keeps vLLM's CPU layout
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -45,10 +46,25 @@ class TreeRowsAttention:
 
 
 @dataclass
+class PlainRowsAttention:
+    """The rows without trees of a step that has trees, shared by all layers.
+
+    token_index: int64 ``[P]`` their query tokens in the step's token order;
+    metadata: vLLM's CPU metadata of the sub-batch made of those rows only (its token ``i`` is
+    ``token_index[i]``).
+    """
+
+    token_index: torch.Tensor
+    metadata: CPUAttentionMetadata
+
+
+@dataclass
 class TreePrunedMetadata(CPUAttentionMetadata):
-    """vLLM's CPU metadata for the whole batch, plus the tree rows (``None``: no trees)."""
+    """vLLM's CPU metadata for the whole batch, plus the tree rows (``None``: no trees) and, when
+    there are tree rows, the other rows (``None``: every row has a tree)."""
 
     tree_rows: "TreeRowsAttention | None" = None
+    plain_rows: "PlainRowsAttention | None" = None
 
 
 class TreePrunedMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -82,7 +98,37 @@ class TreePrunedMetadataBuilder(CPUAttentionMetadataBuilder):
             token_index=torch.from_numpy(segment_arange(qsl[rows], query_lens[rows])),
             plan=plan_cpu_attention(tree),
         )
+        plain = np.setdiff1d(np.arange(num_reqs), rows)
+        if plain.size:
+            metadata.plain_rows = self._plain_rows(cm, plain, qsl, query_lens)
         return metadata
+
+    def _plain_rows(
+        self, cm: CommonAttentionMetadata, plain: np.ndarray, qsl: np.ndarray, query_lens: np.ndarray
+    ) -> PlainRowsAttention:
+        """vLLM's metadata for the sub-batch of rows ``plain`` (sorted request indices): their
+        query tokens packed in order, their sequences and block tables. The KV cache is written
+        for every row before attention (``do_kv_cache_update``), so no slot mapping is needed."""
+        sub_lens = query_lens[plain]
+        sub_qsl = torch.from_numpy(np.concatenate([[0], np.cumsum(sub_lens)]).astype(np.int32))
+        index = torch.from_numpy(plain)
+        seq_lens = cm.seq_lens[: cm.num_reqs].index_select(0, index)
+        sub = replace(
+            cm,
+            query_start_loc=sub_qsl,
+            query_start_loc_cpu=sub_qsl,
+            seq_lens=seq_lens,
+            num_reqs=int(plain.size),
+            num_actual_tokens=int(sub_lens.sum()),
+            max_query_len=int(sub_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=cm.block_table_tensor[: cm.num_reqs].index_select(0, index),
+            slot_mapping=cm.slot_mapping[:0],
+        )
+        return PlainRowsAttention(
+            token_index=torch.from_numpy(segment_arange(qsl[plain], sub_lens)),
+            metadata=super().build(0, sub),
+        )
 
 
 class TreePrunedImpl(CPUAttentionBackendImpl):
@@ -130,9 +176,17 @@ class TreePrunedImpl(CPUAttentionBackendImpl):
         output_scale: "torch.Tensor | None" = None,
         output_block_scale: "torch.Tensor | None" = None,
     ) -> torch.Tensor:
-        super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         if attn_metadata is None or attn_metadata.tree_rows is None:
-            return output
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        plain_rows = attn_metadata.plain_rows
+        if plain_rows is not None:
+            index = plain_rows.token_index
+            plain_out = output.new_empty((index.shape[0], *output.shape[1:]))
+            # key and value are not read: vLLM's decoder attention reads the cache only.
+            super().forward(layer, query.index_select(0, index), key, value, kv_cache, plain_rows.metadata, plain_out,
+                            output_scale, output_block_scale)
+            output.index_copy_(0, index, plain_out)
         tree_rows = attn_metadata.tree_rows
         index = tree_rows.token_index
         q = query.index_select(0, index).view(-1, self.num_heads, self.head_size)

@@ -27,7 +27,7 @@ def _cli_json(*args: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory) -> tuple[list[dict], object]:
     plots = tmp_path_factory.mktemp("plots")
-    return _cli_json("e2e", "--quick", "--concurrency", "2", "--max-tokens", "8", "--plot", str(plots)), plots
+    return _cli_json("e2e", "--quick", "--repeat", "2", "--concurrency", "2", "--max-tokens", "8", "--plot", str(plots)), plots
 
 
 def test_bench_e2e_all_modes_through_real_engines(e2e_run):
@@ -37,8 +37,10 @@ def test_bench_e2e_all_modes_through_real_engines(e2e_run):
     categories = {r["category"] for r in rows} - {"all"}
     assert {"summarization", "rag", "translation", "writing"} <= categories
     for r in rows:
-        assert set(r) == {"mode", "concurrency", "category", "requests", *METRICS}
-        assert r["concurrency"] == 2 and r["tokens_per_s"] > 0
+        assert set(r) == {"mode", "concurrency", "category", "requests", "repeats", "spread", *METRICS}
+        assert r["concurrency"] == 2 and r["tokens_per_s"] > 0 and r["repeats"] == 2
+        low, high = r["spread"]["tokens_per_s"]
+        assert low <= r["tokens_per_s"] <= high
         assert r["identical_to_baseline"] is True, r  # greedy speculation never changes tokens
     assert overall["none"]["draft_tokens_per_step"] == 0 and overall["none"]["accepted_tokens_per_step"] == 0
     for mode in ("chain", "static_tree", "pruned_tree"):
@@ -80,11 +82,25 @@ def test_summarize_rows_by_hand():
     assert "NO" in format_table(rows)
 
 
+def test_summarize_takes_medians_over_repetitions():
+    base = [_request(0, "qa", [1, 2, 3, 4], 4, 0.0)]
+    runs = [{"mode": mode, "concurrency": 1, "wall_s": wall, "counters": {}, "requests": requests, "repetition": rep}
+            for rep, wall in enumerate((1.0, 2.0, 4.0))
+            for mode, requests in (("none", base), ("chain", base if rep < 2 else [_request(0, "qa", [1, 2, 3, 5], 2, 0.0)]))]
+    rows = {(r["mode"], r["category"]): r for r in summarize(runs)}
+    none = rows[("none", "all")]
+    assert none["repeats"] == 3 and none["tokens_per_s"] == 2.0 and none["spread"]["tokens_per_s"] == [1.0, 4.0]
+    assert rows[("chain", "all")]["identical_to_baseline"] is False  # differs in one repetition of three
+    assert "tokens_per_s_range" in format_table(list(rows.values())) and "1.0-4.0" in format_table(list(rows.values()))
+
+
 def test_bench_e2e_argument_errors(tmp_path):
     with pytest.raises(SystemExit):
         main(["bench", "e2e", "--modes", "none,tree"])
     with pytest.raises(SystemExit, match="--per-category 0: must be >= 1"):
         main(["bench", "e2e", "--per-category", "0"])
+    with pytest.raises(ValueError, match="repeat = 0: must be >= 1"):
+        E2EConfig(model="m", prompts=({"category": "qa", "messages": []},), repeat=0)
     with pytest.raises(ValueError, match="must include 'none'"):
         E2EConfig(model="m", prompts=({"category": "qa", "messages": []},), modes=("chain",))
     bad = tmp_path / "bad.jsonl"

@@ -88,6 +88,10 @@ class OnlineCostFit:
         self.decay = decay
         self.theta0 = np.array([prior.step_ms, prior.token_ms, prior.draft_token_ms, prior.draft_step_ms])
         self.ridge = prior_weight * np.eye(4)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every observed step: the fit is the prior again."""
         self.xtx = np.zeros((4, 4))
         self.xty = np.zeros(4)
 

@@ -10,10 +10,18 @@ Modes (named exactly so in the output):
 * ``pruned_budget``: ``pruned_tree`` plus the batch-wide verify budget.
 
 The three tree modes share one engine (they differ only in per-request ``extra_args``), so a
-run costs three engine starts, in two processes (stock, TREE_PRUNED) that run the engines in
-process (:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the
-records back and turns them into rows, a table, and plots. Requests are greedy, so every mode's tokens
-are compared with ``none``'s at the same concurrency (``identical_to_baseline``).
+repetition costs three engine starts, each in its own process (``none``, ``chain``: the stock
+platform; ``tree``: TREE_PRUNED) that runs the engine in process (:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the
+records back and turns them into rows, a table, and plots. Requests are greedy, so every mode's
+tokens are compared with ``none``'s at the same concurrency and repetition
+(``identical_to_baseline``).
+
+Repetitions (``repeat``): each starts fresh engine processes, in a shuffled order, and runs each
+engine's (mode, concurrency) runs in a shuffled order, so no mode always runs first or last on a
+warming or cooling machine. Every mode starts from the same state: before its runs each engine
+runs every (mode, concurrency) once, briefly and untimed (kernels for every batch shape), and the
+tree engine forgets what its batch budget learned (cost fit, acceptance calibration) before
+every run. A row holds the median over repetitions of each metric, ``spread`` the min and max.
 
 Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt category):
 
@@ -27,7 +35,8 @@ Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt cate
 * ``acceptance_rate``: accepted / draft tokens (``null`` without drafts);
 * ``ttft_ms_p50``; ``tpot_ms_p50/p90/p99``: per request, (last token - first token) /
   (output tokens - 1), percentiles over requests;
-* ``identical_to_baseline``: every request's tokens equal ``none``'s.
+* ``identical_to_baseline``: every request's tokens equal ``none``'s (in every repetition);
+* ``repeats``: the repetitions behind the medians; ``spread``: ``{metric: [min, max]}``.
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ class E2EConfig:
     modes: tuple[str, ...] = MODES
     concurrency: tuple[int, ...] = (1, 4, 16)
     max_tokens: int = 64
+    repeat: int = 1
+    shuffle_seed: int = 0  # the runs' order in every repetition
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -79,6 +90,8 @@ class E2EConfig:
             raise ValueError("no prompts")
         if self.max_tokens < 2:
             raise ValueError(f"max_tokens = {self.max_tokens}: must be >= 2 (time per output token needs two)")
+        if self.repeat < 1:
+            raise ValueError(f"repeat = {self.repeat}: must be >= 1")
 
     def num_requests(self, concurrency: int) -> int:
         return max(len(self.prompts), concurrency)
@@ -107,7 +120,9 @@ def load_prompts(path: "str | Path", per_category: "int | None" = None) -> list[
 
 
 def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
-    """``(name, env, engines)`` per process (one platform each), in run order; an engine is
+    """``(name, env, engines)`` per process, one engine each (a fresh process per engine: vLLM
+    0.32's CPU worker start-up scans every loaded module, and trips over llvmlite objects that
+    an earlier ngram engine in the same process loaded); an engine is
     ``{"name", "engine": EngineArgs kwargs, "runs": [...]}``."""
     # Prefix caching off: every run of a shared engine must pay the same prefill.
     base = {"model": config.model, "dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "seed": 0,
@@ -117,18 +132,19 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
         return [{"mode": m, "concurrency": c, "extra_args": TREE_MODE_OPTIONS.get(m)}
                 for c in config.concurrency for m in modes]
 
-    stock = []
+    processes = []
     if "none" in config.modes:
-        stock.append({"name": "none", "engine": base, "runs": runs(["none"])})
+        processes.append(("none", {}, [{"name": "none", "engine": base, "runs": runs(["none"])}]))
     if "chain" in config.modes:
-        stock.append({"name": "chain", "engine": dict(base, speculative_config=CHAIN_SPECULATIVE_CONFIG), "runs": runs(["chain"])})
-    processes = [("stock", {}, stock)]
+        engine = dict(base, speculative_config=CHAIN_SPECULATIVE_CONFIG)
+        processes.append(("chain", {}, [{"name": "chain", "engine": engine, "runs": runs(["chain"])}]))
     tree_modes = [m for m in MODES if m in TREE_MODE_OPTIONS and m in config.modes]
     if tree_modes:
         engine = dict(base, speculative_config=default_speculative_config(),
                       # the modes turn the batch budget off per request
                       additional_config={"tree_pruned": {"allow_larger_request_share": True}})
-        processes.append(("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, [{"name": "tree", "engine": engine, "runs": runs(tree_modes)}]))
+        processes.append(("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"},
+                          [{"name": "tree", "engine": engine, "runs": runs(tree_modes), "reset_tree_state": True}]))
     return processes
 
 
@@ -144,22 +160,29 @@ def tokenize_prompts(config: E2EConfig) -> list[dict]:
 
 def run_engines(config: E2EConfig, prompts: list[dict],
                 progress: "Callable[[str, int], None] | None" = None) -> list[dict]:
-    """Run every engine on ``prompts`` (``tokenize_prompts(config)``); returns all runs'
-    records (see ``e2e_engine``). ``progress(description, runs_done)`` is called as runs finish."""
+    """Run every engine on ``prompts`` (``tokenize_prompts(config)``), ``config.repeat`` times
+    in shuffled orders (module docstring); returns all runs' records (see ``e2e_engine``), each
+    with its ``repetition``. ``progress(description, runs_done)`` is called as runs finish."""
+    rng = np.random.default_rng(config.shuffle_seed)
     results: list[dict] = []
     done = 0
-    for name, env, engines in _engine_processes(config):
-        if progress:
-            progress(f"starting {name} engines", done)
-        spec = {"engines": engines, "prompts": prompts, "max_tokens": config.max_tokens,
-                "num_requests": {str(c): config.num_requests(c) for c in config.concurrency}}
-
-        def on_progress(line: str, offset: int = done, name: str = name) -> None:
+    for repetition in range(config.repeat):
+        processes = _engine_processes(config)
+        for name, env, engines in (processes[i] for i in rng.permutation(len(processes))):
+            engines = [dict(e, runs=[e["runs"][i] for i in rng.permutation(len(e["runs"]))]) for e in engines]
+            label = f"{name} engines" + (f", repetition {repetition + 1}/{config.repeat}" if config.repeat > 1 else "")
             if progress:
-                progress(f"{name} engines", offset + int(line.split()[0]))
+                progress(f"starting {label}", done)
+            spec = {"engines": engines, "prompts": prompts, "max_tokens": config.max_tokens,
+                    "num_requests": {str(c): config.num_requests(c) for c in config.concurrency}}
 
-        results.extend(run_engine_process("tree_attn_backend.bench.e2e_engine", name, env, spec, on_progress)["runs"])
-        done += sum(len(e["runs"]) for e in engines)
+            def on_progress(line: str, offset: int = done, label: str = label) -> None:
+                if progress:
+                    progress(label, offset + int(line.split()[0]))
+
+            runs = run_engine_process("tree_attn_backend.bench.e2e_engine", name, env, spec, on_progress)["runs"]
+            results.extend(dict(run, repetition=repetition) for run in runs)
+            done += sum(len(e["runs"]) for e in engines)
     return results
 
 
@@ -224,17 +247,37 @@ def _row(mode: str, concurrency: int, category: str, requests: list[dict], wall_
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """Rows from the engines' records: per run an ``all`` row, then one per category."""
+    """Rows from the engines' records: per (mode, concurrency) an ``all`` row, then one per
+    category; each metric the median over the runs' repetitions (module docstring)."""
     baselines = {
-        run["concurrency"]: {r["index"]: r["tokens"] for r in run["requests"]}
+        (run["concurrency"], run.get("repetition", 0)): {r["index"]: r["tokens"] for r in run["requests"]}
         for run in runs if run["mode"] == "none"
     }
-    rows = []
-    for run in sorted(runs, key=lambda r: (r["concurrency"], MODES.index(r["mode"]))):
-        baseline = baselines.get(run["concurrency"])
+    per_repetition: dict[tuple[str, int, str], list[dict]] = {}
+    for run in runs:
+        baseline = baselines.get((run["concurrency"], run.get("repetition", 0)))
         requests = run["requests"]
-        rows.append(_row(run["mode"], run["concurrency"], "all", requests, run["wall_s"], run["counters"], baseline))
-        for category in sorted({r["category"] for r in requests}):
-            members = [r for r in requests if r["category"] == category]
-            rows.append(_row(run["mode"], run["concurrency"], category, members, run["wall_s"], None, baseline))
-    return rows
+        groups = [("all", requests, run["counters"])]
+        groups += [(c, [r for r in requests if r["category"] == c], None) for c in sorted({r["category"] for r in requests})]
+        for category, members, counters in groups:
+            row = _row(run["mode"], run["concurrency"], category, members, run["wall_s"], counters, baseline)
+            per_repetition.setdefault((run["mode"], run["concurrency"], category), []).append(row)
+    order = sorted(per_repetition, key=lambda k: (k[1], MODES.index(k[0]), k[2] != "all", k[2]))
+    return [_median_row(per_repetition[key]) for key in order]
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """One row from the repetitions' rows: numeric metrics the median of the repetitions that
+    have them (``spread``: min, max), ``identical_to_baseline`` true only if it is in every
+    repetition."""
+    out = dict(rows[0], repeats=len(rows), spread={})
+    for key in METRICS:
+        values = [r[key] for r in rows]
+        if key == "identical_to_baseline":
+            out[key] = None if all(v is None for v in values) else all(v is True for v in values)
+        else:
+            present = [v for v in values if v is not None]
+            out[key] = round(float(np.median(present)), 3) if present else None
+            if present:
+                out["spread"][key] = [min(present), max(present)]
+    return out

@@ -16,6 +16,11 @@ until ``num_requests`` are done, and records per request: its index (request ``i
 ``i % len(prompts)``), category, output tokens, arrival /
 first / last token times and the number of engine steps that produced its tokens; per run:
 wall time and vLLM's count of verified draft tokens. Prints ``PROGRESS <done>`` after each run.
+
+Before its runs, an engine runs each of them once untimed with ``concurrency`` requests of a few
+tokens (every batch shape's kernels are built before any timing). An engine with
+``"reset_tree_state": true`` (TREE_PRUNED) forgets what its batch budget learned before every
+run, so each mode starts from the same state.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
+
+
+WARM_UP_TOKENS = 8  # per warm-up request: enough decode steps to draft and verify
 
 
 class SpecCounters(StatLoggerBase):
@@ -104,10 +112,12 @@ def main(spec_path: str, out_path: str) -> None:
     done = 0
     for group in spec["engines"]:
         engine = LLMEngine.from_engine_args(EngineArgs(**group["engine"]), stat_loggers=[SpecCounters])
-        # One short untimed request first, so no run pays for lazy initialisation.
-        warm = {"concurrency": 1, "mode": "warm-up"}
-        run_workload(engine, dict(spec, num_requests={"1": 1}, max_tokens=4), warm, -1)
+        for warm_up, run in enumerate(group["runs"]):
+            short = dict(spec, num_requests={str(run["concurrency"]): run["concurrency"]}, max_tokens=WARM_UP_TOKENS)
+            run_workload(engine, short, run, -1 - warm_up)
         for run in group["runs"]:
+            if group.get("reset_tree_state"):
+                engine.collective_rpc("reset_tree_pruned_state")
             results.append(run_workload(engine, spec, run, done))
             done += 1
             print(f"PROGRESS {done}", flush=True)

@@ -32,13 +32,14 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool]]:
             checks.append((f"c={c}: pruned_tree tokens/s {pruned['tokens_per_s']} vs static_tree {static['tokens_per_s']}, "
                            "target not lower", pruned["tokens_per_s"] >= static["tokens_per_s"]))
         if budget and none:
-            ratio = budget["tokens_per_s"] / none["tokens_per_s"]
-            checks.append((f"c={c}: pruned_budget tokens/s {ratio:.3f} x none, target >= 0.97", ratio >= 0.97))
-            for other in (static, chain):
-                if other and other["tokens_per_s"] < none["tokens_per_s"]:
-                    checks.append((f"c={c}: {other['mode']} is below none; pruned_budget {budget['tokens_per_s']} vs "
-                                   f"{other['mode']} {other['tokens_per_s']}, target above",
-                                   budget["tokens_per_s"] > other["tokens_per_s"]))
+            if c <= 4:  # few requests: speculation must pay, against vLLM's own chain too
+                best = max((r for r in (none, chain) if r), key=lambda r: r["tokens_per_s"])
+                checks.append((f"c={c}: pruned_budget tokens/s {budget['tokens_per_s']} vs the best of none/chain "
+                               f"({best['mode']} {best['tokens_per_s']}), target not lower",
+                               budget["tokens_per_s"] >= best["tokens_per_s"]))
+            else:  # a full batch: drafts rarely pay, the budget must not cost
+                ratio = budget["tokens_per_s"] / none["tokens_per_s"]
+                checks.append((f"c={c}: pruned_budget tokens/s {ratio:.3f} x none, target >= 0.98", ratio >= 0.98))
     for r in rows:
         if r["category"] == "all" and r["mode"] != "none" and r["identical_to_baseline"] is not None:
             if not r["identical_to_baseline"]:
@@ -50,12 +51,16 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool]]:
 
 
 def format_table(rows: list[dict], categories: bool = False) -> str:
-    """A fixed-width table of the ``all`` rows (every row with ``categories``)."""
+    """A fixed-width table of the ``all`` rows (every row with ``categories``); medians, with
+    tokens/s's min-max over repetitions in ``tokens_per_s_range``."""
     shown = [r for r in rows if categories or r["category"] == "all"]
     if not shown:
         return "(no rows)"
-    keys = [k for k in shown[0] if categories or k != "category"]
+    keys = [k for k in shown[0] if (categories or k != "category") and k != "spread"]
     cell = lambda v: "-" if v is None else ("yes" if v is True else "NO" if v is False else str(v))  # noqa: E731
+    if any(r.get("repeats", 1) > 1 for r in shown):
+        shown = [dict(r, tokens_per_s_range="{}-{}".format(*r["spread"]["tokens_per_s"])) for r in shown]
+        keys.insert(keys.index("tokens_per_s") + 1, "tokens_per_s_range")
     widths = [max(len(k), *(len(cell(r[k])) for r in shown)) for k in keys]
     lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths))]
     lines += ["  ".join(cell(r[k]).rjust(w) for k, w in zip(keys, widths)) for r in shown]
@@ -98,24 +103,27 @@ def plot(rows: list[dict], runs: list[dict], out_dir: "str | Path") -> list[Path
         return [(by[(mode, c)][key] or 0) if (mode, c) in by else 0 for c in levels]
 
     def throughput(ax, mode: str, xs, width: float) -> None:  # noqa: ANN001
-        ax.bar(xs, metric(mode, "tokens_per_s"), width, label=mode, color=colors[mode])
+        medians = metric(mode, "tokens_per_s")
+        spreads = [by[(mode, c)]["spread"].get("tokens_per_s", [m, m]) if (mode, c) in by else [m, m]
+                   for c, m in zip(levels, medians)]
+        low_high = np.abs(np.array(spreads).T - np.array(medians))  # error bars: min and max over repetitions
+        ax.bar(xs, medians, width, label=mode, color=colors[mode], yerr=low_high, capsize=2)
 
     def drafted_and_accepted(ax, mode: str, xs, width: float) -> None:  # noqa: ANN001
         ax.bar(xs, metric(mode, "draft_tokens_per_step"), width, color=colors[mode], alpha=0.35)
         ax.bar(xs, metric(mode, "accepted_tokens_per_step"), width, color=colors[mode], label=mode)
 
-    bars_by_concurrency("tokens_per_s.png", modes, throughput, "generated tokens / s", "Throughput by mode")
+    bars_by_concurrency("tokens_per_s.png", modes, throughput, "generated tokens / s",
+                        "Throughput by mode (median, bars: min-max over repetitions)")
     bars_by_concurrency("draft_vs_accepted.png", [m for m in modes if m != "none"], drafted_and_accepted,
                         "tokens per request-step", "Draft tokens verified (light) vs accepted (dark) per step")
 
     fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.6), squeeze=False)
     for ax, c in zip(axes[0], levels):
-        for run in runs:
-            if run["concurrency"] != c:
-                continue
-            tpot = np.sort(tpot_ms(run["requests"]))
+        for mode in modes:  # every repetition's requests together
+            tpot = np.sort([t for run in runs if run["concurrency"] == c and run["mode"] == mode for t in tpot_ms(run["requests"])])
             if tpot.size:
-                ax.step(tpot, np.arange(1, tpot.size + 1) / tpot.size, where="post", label=run["mode"], color=colors[run["mode"]])
+                ax.step(tpot, np.arange(1, tpot.size + 1) / tpot.size, where="post", label=mode, color=colors[mode])
         ax.set_title(f"concurrency {c}")
         ax.set_xlabel("time per output token (ms)")
         ax.set_ylim(0, 1.02)

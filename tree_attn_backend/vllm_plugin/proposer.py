@@ -68,6 +68,13 @@ class TreeProposer:
     def load_model(self, *args: object, **kwargs: object) -> None:
         """Nothing to load: the drafter reads the requests' own tokens."""
 
+    def reset_learned_state(self) -> None:
+        """Forget what serving has taught the budget: the online cost fit back to its prior
+        and the acceptance calibration back to 1 (benchmarks start every mode from here)."""
+        if isinstance(self.cost_model, OnlineCostFit):
+            self.cost_model.reset()
+        self.acceptance_scale = _DecayedRatio()
+
     def drafting_for(self, config: TreePrunedConfig, verification: Verification) -> RequestDrafting:
         """A request's drafting from its (per-request) config."""
         return RequestDrafting(config.policy(self.num_speculative_tokens), verification, config.batch_budget)

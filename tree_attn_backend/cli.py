@@ -112,7 +112,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     from .bench import e2e, e2e_report
 
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
-    config = _bench_config(args, 1 if args.quick else None, modes=args.modes, concurrency=args.concurrency,
+    config = _bench_config(args, 1 if args.quick else None, modes=args.modes or e2e.MODES, concurrency=args.concurrency,
                            max_tokens=args.max_tokens or (16 if args.quick else 64), repeat=repeat)
     total = len(config.modes) * len(config.concurrency) * config.repeat
     with tqdm(total=total, desc="bench e2e", unit="run", file=sys.stderr) as bar:
@@ -262,8 +262,9 @@ def main(argv: "list[str] | None" = None) -> int:
                        help="Spec-Bench-style JSONL (default: the shipped mixed set)")
     e2e_p.add_argument("--per-category", type=int, default=None, help="the first N prompts of each category (default: all)")
     e2e_p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
-    e2e_p.add_argument("--modes", type=_modes, default=("none", "chain", "static_tree", "pruned_tree", "pruned_budget"),
-                       help="comma-separated subset of none,chain,static_tree,pruned_tree,pruned_budget (none is required)")
+    e2e_p.add_argument("--modes", type=_modes, default=None,
+                       help="comma-separated subset of none,chain,suffix,static_tree,pruned_tree,pruned_budget "
+                       "(default: all; none is required)")
     e2e_p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64, quick 16)")
     e2e_p.add_argument("--categories", action="store_true", help="table rows per prompt category too (JSON always has them)")
     e2e_p.add_argument("--repeat", type=int, default=None,

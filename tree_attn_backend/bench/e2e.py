@@ -4,14 +4,17 @@ Modes (named exactly so in the output):
 
 * ``none``: no speculation (stock vLLM CPU engine);
 * ``chain``: vLLM's ngram proposer (stock engine, :data:`CHAIN_SPECULATIVE_CONFIG`);
+* ``suffix``: vLLM's SuffixDecoding (``method: "suffix"``, the ``arctic-inference`` package,
+  vLLM's defaults: per-request and global suffix trees, drafts up to 24 tokens as a chain);
 * ``static_tree``: TREE_PRUNED, the tree shape filled up to ``num_speculative_tokens`` nodes
   with no thresholds and no budget;
 * ``pruned_tree``: TREE_PRUNED with the per-node / path thresholds;
 * ``pruned_budget``: ``pruned_tree`` plus the batch-wide verify budget.
 
 The three tree modes share one engine (they differ only in per-request ``extra_args``), so a
-repetition costs three engine starts, each in its own process (``none``, ``chain``: the stock
-platform; ``tree``: TREE_PRUNED) that runs the engine in process (:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the
+repetition costs one engine start per stock mode and one for the tree modes, each in its own
+process (``none``, ``chain``, ``suffix``: the stock platform; ``tree``: TREE_PRUNED) that runs
+the engine in process (:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the
 records back and turns them into rows, a table, and plots. Requests are greedy, so every mode's
 tokens are compared with ``none``'s at the same concurrency and repetition
 (``identical_to_baseline``).
@@ -19,9 +22,9 @@ tokens are compared with ``none``'s at the same concurrency and repetition
 Repetitions (``repeat``): each starts fresh engine processes, in a shuffled order, and runs each
 engine's (mode, concurrency) runs in a shuffled order, so no mode always runs first or last on a
 warming or cooling machine. Every mode starts from the same state: before its runs each engine
-runs every (mode, concurrency) once, briefly and untimed (kernels for every batch shape), and the
-tree engine forgets what its batch budget learned (cost fit, acceptance calibration) before
-every run. A row holds the median over repetitions of each metric, ``spread`` the min and max.
+runs every (mode, concurrency) once, briefly and untimed (kernels for every batch shape), and
+its drafter forgets what earlier requests taught it before every run (the tree engine's batch
+budget, SuffixDecoding's global cache of responses). A row holds the median over repetitions of each metric, ``spread`` the min and max.
 
 Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt category):
 
@@ -41,6 +44,7 @@ Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt cate
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,8 +58,10 @@ import numpy as np
 
 from ..vllm_plugin import default_speculative_config
 
-MODES = ("none", "chain", "static_tree", "pruned_tree", "pruned_budget")
+MODES = ("none", "chain", "suffix", "static_tree", "pruned_tree", "pruned_budget")
 CHAIN_SPECULATIVE_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+# The stock engine's speculative config per peer mode.
+STOCK_SPECULATIVE_CONFIGS = {"none": None, "chain": CHAIN_SPECULATIVE_CONFIG, "suffix": {"method": "suffix"}}
 # Per-request tree options of the three tree modes (one engine, defaults elsewhere).
 TREE_MODE_OPTIONS = {
     "static_tree": {"prune_min_prob": 0.0, "prune_path_prob": 0.0, "batch_budget": False},
@@ -92,6 +98,9 @@ class E2EConfig:
             raise ValueError(f"max_tokens = {self.max_tokens}: must be >= 2 (time per output token needs two)")
         if self.repeat < 1:
             raise ValueError(f"repeat = {self.repeat}: must be >= 1")
+        if "suffix" in self.modes and importlib.util.find_spec("arctic_inference") is None:
+            raise ValueError("mode 'suffix' needs the arctic-inference package (vLLM's SuffixDecoding); "
+                             "`make setup` builds it from source")
 
     def num_requests(self, concurrency: int) -> int:
         return max(len(self.prompts), concurrency)
@@ -133,18 +142,17 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
                 for c in config.concurrency for m in modes]
 
     processes = []
-    if "none" in config.modes:
-        processes.append(("none", {}, [{"name": "none", "engine": base, "runs": runs(["none"])}]))
-    if "chain" in config.modes:
-        engine = dict(base, speculative_config=CHAIN_SPECULATIVE_CONFIG)
-        processes.append(("chain", {}, [{"name": "chain", "engine": engine, "runs": runs(["chain"])}]))
+    for mode, speculative_config in STOCK_SPECULATIVE_CONFIGS.items():
+        if mode in config.modes:
+            engine = dict(base, speculative_config=speculative_config) if speculative_config else base
+            processes.append((mode, {}, [{"name": mode, "engine": engine, "runs": runs([mode])}]))
     tree_modes = [m for m in MODES if m in TREE_MODE_OPTIONS and m in config.modes]
     if tree_modes:
         engine = dict(base, speculative_config=default_speculative_config(),
                       # the modes turn the batch budget off per request
                       additional_config={"tree_pruned": {"allow_larger_request_share": True}})
         processes.append(("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"},
-                          [{"name": "tree", "engine": engine, "runs": runs(tree_modes), "reset_tree_state": True}]))
+                          [{"name": "tree", "engine": engine, "runs": runs(tree_modes)}]))
     return processes
 
 

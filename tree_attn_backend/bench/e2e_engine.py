@@ -18,9 +18,9 @@ first / last token times and the number of engine steps that produced its tokens
 wall time and vLLM's count of verified draft tokens. Prints ``PROGRESS <done>`` after each run.
 
 Before its runs, an engine runs each of them once untimed with ``concurrency`` requests of a few
-tokens (every batch shape's kernels are built before any timing). An engine with
-``"reset_tree_state": true`` (TREE_PRUNED) forgets what its batch budget learned before every
-run, so each mode starts from the same state.
+tokens (every batch shape's kernels are built before any timing), and before every run its
+drafter forgets what earlier requests taught it (:func:`reset_drafter`), so each run starts from
+the same state.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
+from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer  # noqa: E402
+
+from tree_attn_backend.vllm_plugin.proposer import TreeProposer  # noqa: E402
 
 
 WARM_UP_TOKENS = 8  # per warm-up request: enough decode steps to draft and verify
@@ -60,6 +63,19 @@ class SpecCounters(StatLoggerBase):
 
     def log_engine_initialized(self) -> None:
         pass
+
+
+def reset_drafter(worker) -> None:  # noqa: ANN001 (vLLM's worker)
+    """On the worker (``collective_rpc``): TREE_PRUNED's proposer forgets what its batch budget
+    learned (cost fit, acceptance calibration); a SuffixDecoding proposer is replaced by a fresh
+    one (its global tree caches earlier responses, and every run re-sends the same prompts).
+    vLLM's ngram proposer keeps nothing between requests."""
+    runner = worker.model_runner
+    drafter = getattr(runner, "drafter", None)
+    if isinstance(drafter, TreeProposer):
+        drafter.reset_learned_state()
+    elif isinstance(drafter, SuffixDecodingProposer):
+        runner.drafter = SuffixDecodingProposer(worker.vllm_config)
 
 
 def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> dict:
@@ -116,8 +132,7 @@ def main(spec_path: str, out_path: str) -> None:
             short = dict(spec, num_requests={str(run["concurrency"]): run["concurrency"]}, max_tokens=WARM_UP_TOKENS)
             run_workload(engine, short, run, -1 - warm_up)
         for run in group["runs"]:
-            if group.get("reset_tree_state"):
-                engine.collective_rpc("reset_tree_pruned_state")
+            engine.collective_rpc(reset_drafter)
             results.append(run_workload(engine, spec, run, done))
             done += 1
             print(f"PROGRESS {done}", flush=True)

@@ -6,7 +6,6 @@ from vllm.v1.worker import cpu_worker
 
 from .compat import build_worker_model_runner
 from .model_runner import TreeCPUModelRunner
-from .proposer import TreeProposer
 
 
 class TreeCPUWorker(cpu_worker.CPUWorker):
@@ -17,12 +16,6 @@ class TreeCPUWorker(cpu_worker.CPUWorker):
                 f"TREE_PRUNED needs the V1 CPU model runner, got {type(self.model_runner).__name__} "
                 "(unset VLLM_USE_V2_MODEL_RUNNER)"
             )
-
-    def reset_tree_pruned_state(self) -> None:
-        """What the budget has learned from served steps is forgotten (``collective_rpc`` target)."""
-        proposer = self.model_runner.drafter
-        if isinstance(proposer, TreeProposer):
-            proposer.reset_learned_state()
 
     def compile_or_warm_up_model(self):  # noqa: ANN201 (vLLM's CompilationTimes)
         times = super().compile_or_warm_up_model()

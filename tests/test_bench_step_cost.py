@@ -20,9 +20,9 @@ KEYS = {"plain_token_ms", "chain_draft_token_ms", "tree_draft_token_ms", "tree_c
 
 
 def test_quick_step_cost_run():
-    """Two engine processes, three engines; every cell's drafts are checked by the engine side
+    """Two engine processes run twice, three engines; every cell's drafts are checked by the engine side
     before each timed step (it raises when a request carries another number of drafts)."""
-    proc = subprocess.run([sys.executable, "-m", "tree_attn_backend.cli", "bench", "step-cost", "--quick", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "tree_attn_backend.cli", "bench", "step-cost", "--quick", "--repeat", "2", "--json"],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads(proc.stdout)
@@ -33,7 +33,7 @@ def test_quick_step_cost_run():
     expected |= {("tree", b, d, s) for b in (1, 4) for d, s in ((0, "chain"), (4, "chain"), (4, "tree"))}
     assert set(cells) == expected
     for cell in result["cells"]:
-        assert cell["steps"] == 8  # 4 timed steps, forwards and backwards
+        assert cell["steps"] == 16  # 4 timed steps, forwards and backwards, in each of 2 repetitions
         assert 0 < cell["min_ms"] <= cell["median_ms"] <= cell["max_ms"]
     assert all(math.isfinite(v) for fit in result["fits"].values() for v in fit.values())
     assert result["tree_vs_chain"] == pytest.approx(result["tree_draft_token_ms"] / result["chain_draft_token_ms"])
@@ -68,6 +68,7 @@ def test_synthetic_shapes_are_trees_of_the_requested_size(draft_tokens):
     ({"batch_sizes": (0, 4)}, "batch_sizes"),
     ({"draft_tokens": (0, 4)}, "draft_tokens"),
     ({"timed_steps": 0}, "timed_steps = 0"),
+    ({"repeat": 0}, "repeat = 0"),
 ])
 def test_config_errors_name_the_value(options, message):
     with pytest.raises(ValueError, match=message):

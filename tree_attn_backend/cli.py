@@ -6,7 +6,7 @@
     tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE]   modes x concurrency in vLLM
     tree-pruned bench replay [--prompts FILE] [--path-probs P,...]   pruning scored offline on greedy outputs
     tree-pruned bench load [--quick] [--json] [--check] [--clients N] [--requests N]   the tree server under streaming load
-    tree-pruned bench step-cost [--quick] [--json] [--check]   what a draft token costs: stock chain vs TREE_PRUNED tree
+    tree-pruned bench step-cost [--quick] [--repeat N] [--json] [--check]   what a draft token costs: stock chain vs TREE_PRUNED tree
     tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
 """
 
@@ -188,13 +188,15 @@ def _bench_step_cost(args: argparse.Namespace) -> int:
     from .bench import step_cost
     from .default_model import default_model_dir
 
-    quick = {"batch_sizes": (1, 4), "draft_tokens": (4,), "warmup_steps": 2, "timed_steps": 4} if args.quick else {}
+    quick = {"batch_sizes": (1, 4), "draft_tokens": (4,), "warmup_steps": 2, "timed_steps": 4, "repeat": 1} if args.quick else {}
+    if args.repeat is not None:
+        quick["repeat"] = args.repeat
     try:
         config = step_cost.StepCostConfig(model=str(default_model_dir()), **quick)
     except ValueError as exc:
         raise SystemExit(f"tree-pruned bench step-cost: {exc}") from None
     # Per engine process: its engines x batch sizes.
-    with tqdm(total=3 * len(config.batch_sizes), desc="bench step-cost", unit="batch", file=sys.stderr) as bar:
+    with tqdm(total=3 * len(config.batch_sizes) * config.repeat, desc="bench step-cost", unit="batch", file=sys.stderr) as bar:
         result = step_cost.run_step_cost(config, progress=lambda line: (bar.set_postfix_str(line), bar.update()))
     targets = step_cost.check_targets(result)
     if args.json:
@@ -298,8 +300,9 @@ def main(argv: "list[str] | None" = None) -> int:
     load_p.set_defaults(func=_bench_load)
     step_p = bench_sub.add_parser("step-cost", help="the cost of a draft token per step: the stock engine's chains vs "
                                   "TREE_PRUNED's trees, synthetic drafts of controlled shape")
-    step_p.add_argument("--quick", action="store_true", help="batch sizes 1,4; 0 or 4 drafts; 4 timed steps (default "
-                        "1,4,16; 0,2,4,8,16; 10)")
+    step_p.add_argument("--quick", action="store_true", help="batch sizes 1,4; 0 or 4 drafts; 4 timed steps; one "
+                        "repetition (default 1,4,16; 0,2,4,8,16; 10; 3)")
+    step_p.add_argument("--repeat", type=int, default=None, help="runs of both engine processes, in a shuffled order")
     step_p.add_argument("--json", action="store_true", help="print one JSON object")
     step_p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (tree_vs_chain, no_draft_step_ratio)")
     step_p.set_defaults(func=_bench_step_cost)

@@ -9,7 +9,9 @@ In one run, three engines execute fixed decode batches (``batch_sizes`` requests
 * ``tree``: the TREE_PRUNED engine with its proposer's trees replaced by synthetic ones: chains
   and breadth-first binary trees of the same sizes.
 
-Per cell the median step time over the timed steps (both passes) is taken; a least-squares fit
+The two engine processes run ``repeat`` times, in a shuffled order each time (machine drift
+weighs on both platforms alike); per cell the median step time over every timed step (both
+passes, all repetitions) is taken; a least-squares fit
 ``step_ms = fixed_ms + plain_ms * B + draft_ms * B * D`` per engine and shape gives:
 
 * ``plain_token_ms``: ``plain_ms`` of ``stock`` (its fit has no draft term);
@@ -45,6 +47,8 @@ class StepCostConfig:
     context_tokens: int = 256
     warmup_steps: int = 3
     timed_steps: int = 10
+    repeat: int = 3
+    shuffle_seed: int = 0  # the processes' order in every repetition
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -53,9 +57,9 @@ class StepCostConfig:
             raise ValueError(f"draft_tokens = {self.draft_tokens}: need at least one, each >= 1 (0 is always run)")
         if len(self.batch_sizes) < 2:
             raise ValueError(f"batch_sizes = {self.batch_sizes}: the fit needs two batch sizes or more")
-        if self.context_tokens < 1 or self.warmup_steps < 0 or self.timed_steps < 1:
+        if self.context_tokens < 1 or self.warmup_steps < 0 or self.timed_steps < 1 or self.repeat < 1:
             raise ValueError(f"context_tokens = {self.context_tokens}, warmup_steps = {self.warmup_steps}, "
-                             f"timed_steps = {self.timed_steps}: need >= 1, >= 0, >= 1")
+                             f"timed_steps = {self.timed_steps}, repeat = {self.repeat}: need >= 1, >= 0, >= 1, >= 1")
 
 
 def _engine_processes(config: StepCostConfig) -> list[tuple[str, dict[str, str], list[dict]]]:
@@ -85,14 +89,20 @@ def _prompt(config: StepCostConfig) -> list[int]:
 
 
 def run_step_cost(config: StepCostConfig, progress: "Callable[[str], None] | None" = None) -> dict:
-    """Run every engine and return the result object (``--json``; module docstring)."""
+    """Run every engine process ``config.repeat`` times and return the result object
+    (``--json``; module docstring). ``progress`` gets a line per batch size an engine finishes."""
     prompt = _prompt(config)
-    cells: list[dict] = []
-    for name, env, engines in _engine_processes(config):
-        spec = {"engines": engines, "batch_sizes": list(config.batch_sizes), "prompt_token_ids": prompt,
-                "warmup_steps": config.warmup_steps, "timed_steps": config.timed_steps}
-        cells += run_engine_process(_ENGINE_MODULE, name, env, spec,
-                                    (lambda line: progress(f"{line}")) if progress else None)["cells"]
+    rng = np.random.default_rng(config.shuffle_seed)
+    steps: dict[tuple, list[float]] = {}
+    for _ in range(config.repeat):
+        processes = _engine_processes(config)
+        for name, env, engines in (processes[i] for i in rng.permutation(len(processes))):
+            spec = {"engines": engines, "batch_sizes": list(config.batch_sizes), "prompt_token_ids": prompt,
+                    "warmup_steps": config.warmup_steps, "timed_steps": config.timed_steps}
+            for cell in run_engine_process(_ENGINE_MODULE, name, env, spec, progress)["cells"]:
+                key = (cell["engine"], cell["batch_size"], cell["draft_tokens"], cell["shape"])
+                steps.setdefault(key, []).extend(cell["step_ms"])
+    cells = [{"engine": e, "batch_size": b, "draft_tokens": d, "shape": s, "step_ms": ms} for (e, b, d, s), ms in steps.items()]
     return summarize(cells, config)
 
 
@@ -139,7 +149,7 @@ def summarize(raw_cells: list[dict], config: StepCostConfig) -> dict:
         "fits": {"stock": stock, "stock_chain": chain, "tree": tree, "tree_chain": tree_chain},
         "config": {"batch_sizes": list(config.batch_sizes), "draft_tokens": [0, *config.draft_tokens],
                    "context_tokens": config.context_tokens, "warmup_steps": config.warmup_steps,
-                   "timed_steps_per_pass": config.timed_steps, "passes": 2},
+                   "timed_steps_per_pass": config.timed_steps, "passes": 2, "repeat": config.repeat},
         "cells": cells,
     }
 

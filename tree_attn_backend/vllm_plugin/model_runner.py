@@ -7,7 +7,8 @@ Per step, on top of vLLM's runner:
    positions to ``context + depth`` and publish the batch's parents to the attention builder.
    The KV slots stay linear (node ``i`` at ``context + i``).
 2. ``_sample``: for those requests, the target's token at every node is drawn as vLLM's sampler
-   draws it (:mod:`.tree_sampling`) and the tree is verified against them; then the accepted
+   draws it (:mod:`.tree_sampling`) and the tree is verified against them (vLLM's sampler runs
+   only when some row is not a tree request, whose output it keeps); then the accepted
    branch's K/V is compacted to ``context + 0, 1, 2, ...`` in every layer, which is what the
    scheduler's ``num_computed_tokens`` rollback assumes. Every other request (prefill, chain
    requests whose options vLLM's rejection sampler applies, requests without drafts) keeps
@@ -201,7 +202,15 @@ class TreeCPUModelRunner(CPUModelRunner):
         if step is None or spec_decode_metadata is None:
             return super()._sample(logits, spec_decode_metadata)
         result, seeded = self._verify_trees(step, logits, spec_decode_metadata)  # before vLLM may edit logits
-        output = super()._sample(logits, spec_decode_metadata)
+        num_reqs = spec_decode_metadata.cu_num_sampled_tokens.shape[0]
+        if len(step.rows) == num_reqs:
+            # Every row is a tree request (no logprobs, see verification_kind): vLLM's sampler
+            # output would be overwritten row for row, so it does not run. -1 pads, as vLLM's does.
+            width = spec_decode_metadata.max_spec_len + 1
+            output = SamplerOutput(sampled_token_ids=torch.full((num_reqs, width), -1, dtype=torch.int32),
+                                   logprobs_tensors=None)
+        else:
+            output = super()._sample(logits, spec_decode_metadata)
         rows = step.rows.tolist()
         seeded.settle(rows, result.num_accepted + 1)
         sampled = output.sampled_token_ids

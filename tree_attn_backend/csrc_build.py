@@ -36,8 +36,11 @@ def build_cpu_ops(verbose: bool = False) -> Path:
     load(
         name="tree_pruned_C",
         sources=sources,
-        # Built where it runs (make setup), so the host's vector units are fair game.
-        extra_cflags=["-O3", "-std=c++17", "-march=native"],
+        # Built where it runs (make setup), so the host's vector units are fair game. -fopenmp:
+        # at::parallel_for is an OpenMP pragma inlined from ATen's headers, serial without it;
+        # the library then needs libgomp.so.1, the one torch has already loaded.
+        extra_cflags=["-O3", "-std=c++17", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         build_directory=str(BUILD_DIR),
         is_python_module=False,
         verbose=verbose,

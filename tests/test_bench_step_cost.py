@@ -20,7 +20,7 @@ KEYS = {"plain_token_ms", "chain_draft_token_ms", "tree_draft_token_ms", "tree_c
 
 
 def test_quick_step_cost_run():
-    """Two engine processes run twice, three engines; every cell's drafts are checked by the engine side
+    """Three engine processes run twice, their steps interleaved; every cell's drafts are checked by the engine side
     before each timed step (it raises when a request carries another number of drafts)."""
     proc = subprocess.run([sys.executable, "-m", "tree_attn_backend.cli", "bench", "step-cost", "--quick", "--repeat", "2", "--json"],
                           capture_output=True, text=True, timeout=1200)

@@ -195,8 +195,7 @@ def _bench_step_cost(args: argparse.Namespace) -> int:
         config = step_cost.StepCostConfig(model=str(default_model_dir()), **quick)
     except ValueError as exc:
         raise SystemExit(f"tree-pruned bench step-cost: {exc}") from None
-    # Per engine process: its engines x batch sizes.
-    with tqdm(total=3 * len(config.batch_sizes) * config.repeat, desc="bench step-cost", unit="batch", file=sys.stderr) as bar:
+    with tqdm(total=len(config.batch_sizes) * config.repeat, desc="bench step-cost", unit="batch", file=sys.stderr) as bar:
         result = step_cost.run_step_cost(config, progress=lambda line: (bar.set_postfix_str(line), bar.update()))
     targets = step_cost.check_targets(result)
     if args.json:
@@ -302,7 +301,7 @@ def main(argv: "list[str] | None" = None) -> int:
                                   "TREE_PRUNED's trees, synthetic drafts of controlled shape")
     step_p.add_argument("--quick", action="store_true", help="batch sizes 1,4; 0 or 4 drafts; 4 timed steps; one "
                         "repetition (default 1,4,16; 0,2,4,8,16; 10; 3)")
-    step_p.add_argument("--repeat", type=int, default=None, help="runs of both engine processes, in a shuffled order")
+    step_p.add_argument("--repeat", type=int, default=None, help="runs of the three engine processes, fresh each time (default 3, quick 1)")
     step_p.add_argument("--json", action="store_true", help="print one JSON object")
     step_p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (tree_vs_chain, no_draft_step_ratio)")
     step_p.set_defaults(func=_bench_step_cost)

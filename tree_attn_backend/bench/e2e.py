@@ -194,19 +194,24 @@ def run_engines(config: E2EConfig, prompts: list[dict],
     return results
 
 
+def engine_process_env(env: dict[str, str]) -> dict[str, str]:
+    """An engine process's environment: this one's, offline, a 1 GiB KV cache, and ``env`` on top
+    (``VLLM_ATTENTION_BACKEND`` only if ``env`` sets it)."""
+    process_env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND"}
+    process_env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **env})
+    return process_env
+
+
 def run_engine_process(module: str, name: str, env: dict[str, str], spec: dict,
                        on_progress: "Callable[[str], None] | None" = None) -> dict:
     """Run ``python -m module SPEC.json OUT.json`` (an engine-side benchmark module) in a fresh
-    process with ``env`` on top of this one's (``VLLM_ATTENTION_BACKEND`` only if ``env`` sets
-    it) and return OUT's JSON; ``on_progress`` gets the rest of every ``PROGRESS ...`` line the
+    process (:func:`engine_process_env`) and return OUT's JSON; ``on_progress`` gets the rest of every ``PROGRESS ...`` line the
     process prints. A failing process raises with the end of its output."""
     with tempfile.TemporaryDirectory(prefix="tree-pruned-bench-") as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
-        process_env = {k: v for k, v in os.environ.items() if k != "VLLM_ATTENTION_BACKEND"}
-        process_env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **env})
         proc = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(out_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=process_env)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=engine_process_env(env))
         log = []
         for line in proc.stdout:  # type: ignore[union-attr]
             log.append(line)

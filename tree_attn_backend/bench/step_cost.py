@@ -9,10 +9,14 @@ In one run, three engines execute fixed decode batches (``batch_sizes`` requests
 * ``tree``: the TREE_PRUNED engine with its proposer's trees replaced by synthetic ones: chains
   and breadth-first binary trees of the same sizes.
 
-The two engine processes run ``repeat`` times, in a shuffled order each time (machine drift
-weighs on both platforms alike); per cell the median step time over every timed step (both
-passes, all repetitions) is taken; a least-squares fit
-``step_ms = fixed_ms + plain_ms * B + draft_ms * B * D`` per engine and shape gives:
+Each engine lives in its own process and all three are alive at once: for every cell (drafts,
+shape) the engines that run it take turns step by step, in a shuffled order per step, so
+machine drift (on a shared host, up to tens of percent over minutes) weighs on every engine
+alike. The cells run forwards and then backwards, so the contexts' growth weighs on every cell
+alike too. ``repeat`` times, with fresh processes started in a shuffled order; per cell the
+median step time over every timed step (both passes, all repetitions) is taken; a
+least-squares fit ``step_ms = fixed_ms + plain_ms * B + draft_ms * B * D`` per engine and
+shape gives:
 
 * ``plain_token_ms``: ``plain_ms`` of ``stock`` (its fit has no draft term);
 * ``chain_draft_token_ms``: ``draft_ms`` of ``stock_chain`` (its chains);
@@ -28,15 +32,23 @@ passes, all repetitions) is taken; a least-squares fit
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .e2e import DEFAULT_PROMPTS, E2EConfig, load_prompts, run_engine_process, tokenize_prompts
+from .e2e import DEFAULT_PROMPTS, E2EConfig, engine_process_env, load_prompts, tokenize_prompts
 
 TARGETS = {"tree_vs_chain": 1.15, "no_draft_step_ratio": 1.03}  # upper bounds
 _ENGINE_MODULE = "tree_attn_backend.bench.step_cost_engine"
+MAX_MODEL_LEN = 4096
 
 
 @dataclass(frozen=True)
@@ -62,23 +74,67 @@ class StepCostConfig:
                              f"timed_steps = {self.timed_steps}, repeat = {self.repeat}: need >= 1, >= 0, >= 1, >= 1")
 
 
-def _engine_processes(config: StepCostConfig) -> list[tuple[str, dict[str, str], list[dict]]]:
-    """``(name, env, engines)`` per process, in run order."""
+@dataclass(frozen=True)
+class _Engine:
+    name: str
+    env: dict[str, str]
+    engine_args: dict
+    cells: tuple[tuple[int, str], ...]
+
+
+def _engines(config: StepCostConfig) -> list[_Engine]:
     from ..vllm_plugin import default_speculative_config
 
     k = max(config.draft_tokens)
-    base = {"model": config.model, "dtype": "float32", "max_model_len": 4096, "enforce_eager": True, "seed": 0,
+    base = {"model": config.model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN, "enforce_eager": True, "seed": 0,
             "enable_prefix_caching": False, "distributed_executor_backend": "uni", "disable_log_stats": True}
-    chains = [[0, "chain"], *([d, "chain"] for d in config.draft_tokens)]
-    trees = [[d, "tree"] for d in config.draft_tokens]
+    chains = ((0, "chain"), *((d, "chain") for d in config.draft_tokens))
+    trees = tuple((d, "tree") for d in config.draft_tokens)
     chain_spec = {"method": "custom_class", "model": f"{_ENGINE_MODULE}.SyntheticChainProposer", "num_speculative_tokens": k}
     tree_spec = dict(default_speculative_config(k), model=f"{_ENGINE_MODULE}.SyntheticTreeProposer")
     return [
-        ("stock", {}, [{"name": "stock", "engine": base, "cells": [[0, "chain"]]},
-                       {"name": "stock_chain", "engine": dict(base, speculative_config=chain_spec), "cells": chains}]),
-        ("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"},
-         [{"name": "tree", "engine": dict(base, speculative_config=tree_spec), "cells": chains + trees}]),
+        _Engine("stock", {}, base, ((0, "chain"),)),
+        _Engine("stock_chain", {}, dict(base, speculative_config=chain_spec), chains),
+        _Engine("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, dict(base, speculative_config=tree_spec), chains + trees),
     ]
+
+
+class _EngineProcess:
+    """One engine process of :mod:`.step_cost_engine`, driven command by command."""
+
+    def __init__(self, engine: _Engine, workdir: str) -> None:
+        self.name = engine.name
+        args_path = Path(workdir, f"{engine.name}.json")
+        args_path.write_text(json.dumps(engine.engine_args))
+        self.log: deque[str] = deque(maxlen=60)
+        self.proc = subprocess.Popen([sys.executable, "-m", _ENGINE_MODULE, str(args_path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=engine_process_env(engine.env))
+        self._read("READY")
+
+    def request(self, **command: object) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass  # the process has exited: _read reports how
+        return json.loads(self._read("REPLY "))
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if line.startswith(prefix):
+                return line[len(prefix):]
+            self.log.append(line)
+        raise RuntimeError(f"the {self.name} engine process failed (exit {self.proc.wait()}):\n{''.join(self.log)}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]  # end of commands: the engine shuts down
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def _prompt(config: StepCostConfig) -> list[int]:
@@ -89,19 +145,35 @@ def _prompt(config: StepCostConfig) -> list[int]:
 
 
 def run_step_cost(config: StepCostConfig, progress: "Callable[[str], None] | None" = None) -> dict:
-    """Run every engine process ``config.repeat`` times and return the result object
-    (``--json``; module docstring). ``progress`` gets a line per batch size an engine finishes."""
+    """Run every engine ``config.repeat`` times, interleaved step by step, and return the result
+    object (``--json``; module docstring). ``progress`` gets a line per repetition and batch size."""
     prompt = _prompt(config)
     rng = np.random.default_rng(config.shuffle_seed)
+    engines = _engines(config)
+    all_cells = list(dict.fromkeys(cell for engine in engines for cell in engine.cells))
     steps: dict[tuple, list[float]] = {}
-    for _ in range(config.repeat):
-        processes = _engine_processes(config)
-        for name, env, engines in (processes[i] for i in rng.permutation(len(processes))):
-            spec = {"engines": engines, "batch_sizes": list(config.batch_sizes), "prompt_token_ids": prompt,
-                    "warmup_steps": config.warmup_steps, "timed_steps": config.timed_steps}
-            for cell in run_engine_process(_ENGINE_MODULE, name, env, spec, progress)["cells"]:
-                key = (cell["engine"], cell["batch_size"], cell["draft_tokens"], cell["shape"])
-                steps.setdefault(key, []).extend(cell["step_ms"])
+    for repetition in range(config.repeat):
+        with tempfile.TemporaryDirectory(prefix="tree-pruned-step-cost-") as workdir, ExitStack() as stack:
+            processes = {}
+            for i in rng.permutation(len(engines)):
+                processes[engines[i].name] = process = _EngineProcess(engines[i], workdir)
+                stack.callback(process.close)
+            for batch_size in config.batch_sizes:
+                for process in processes.values():
+                    process.request(op="start", batch_size=batch_size, prompt_token_ids=prompt,
+                                    max_tokens=MAX_MODEL_LEN - len(prompt) - max(config.draft_tokens) - 1)
+                for draft_tokens, shape in [*all_cells, *reversed(all_cells)]:
+                    members = [e.name for e in engines if (draft_tokens, shape) in e.cells]
+                    for step in range(config.warmup_steps + config.timed_steps):
+                        timed = step >= config.warmup_steps
+                        for name in (members[i] for i in rng.permutation(len(members))):
+                            reply = processes[name].request(op="step", draft_tokens=draft_tokens, shape=shape, check=timed)
+                            if timed:
+                                steps.setdefault((name, batch_size, draft_tokens, shape), []).append(reply["step_ms"])
+                for process in processes.values():
+                    process.request(op="finish")
+                if progress:
+                    progress(f"repetition {repetition + 1}, batch {batch_size}")
     cells = [{"engine": e, "batch_size": b, "draft_tokens": d, "shape": s, "step_ms": ms} for (e, b, d, s), ms in steps.items()]
     return summarize(cells, config)
 

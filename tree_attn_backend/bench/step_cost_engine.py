@@ -1,22 +1,26 @@
-"""The step-cost benchmark's engine side: one vLLM engine in this process, fixed batches timed
-step by step.
+"""The step-cost benchmark's engine side: one vLLM engine in this process, stepped on command.
 
-    python -m tree_attn_backend.bench.step_cost_engine SPEC.json OUT.json
+    python -m tree_attn_backend.bench.step_cost_engine ENGINE_ARGS.json
 
-Run in its own process by ``tree-pruned bench step-cost`` (the platform is fixed per process
-by ``VLLM_ATTENTION_BACKEND``). The engine runs in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-uni executor), so one ``step()`` is one scheduled batch: forward, sampling or verification,
-compaction, drafting and output processing, timed with ``perf_counter``. SPEC::
+Started by ``tree-pruned bench step-cost``, one process per engine (the platform is fixed per
+process by ``VLLM_ATTENTION_BACKEND``), all alive at once so that the driver can interleave
+their steps one by one: machine drift then weighs on every engine alike. The engine runs in
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni executor), so one ``step()`` is one scheduled
+batch: forward, sampling or verification, compaction, drafting and output processing, timed
+with ``perf_counter``.
 
-    {"engines": [{"name", "engine": {EngineArgs kwargs}, "cells": [[draft_tokens, shape], ...]}],
-     "batch_sizes": [B, ...], "prompt_token_ids": [...], "warmup_steps": W, "timed_steps": S}
+Protocol: one JSON command per stdin line, one ``REPLY <json>`` stdout line per command (other
+stdout lines are vLLM's log); ``READY`` once the engine is built.
 
-Engines run one after another. For each ``B``, ``B`` greedy requests (the same prompt, ``ignore_eos``) are prefilled, then each
-cell runs ``W`` untimed and ``S`` timed steps with every request carrying ``draft_tokens``
-synthetic drafts of ``shape`` (``"chain"`` or ``"tree"``, see :func:`synthetic_parents`); the
-cells run forwards and then backwards (so the contexts' growth weighs on every cell alike).
-Output: ``{"cells": [{"engine", "batch_size", "draft_tokens", "shape", "step_ms": [...]}]}``; a cell's
-``step_ms`` holds both passes.
+* ``{"op": "start", "batch_size": B, "prompt_token_ids": [...], "max_tokens": M}``: ``B`` greedy
+  requests of that prompt (``ignore_eos``), prefilled; reply ``{}``.
+* ``{"op": "step", "draft_tokens": D, "shape": S, "check": bool}``: every decoding request gets
+  ``D`` synthetic drafts of shape ``S`` (``"chain"`` or ``"tree"``, see :func:`synthetic_parents`)
+  from this step's proposal on; with ``check``, first verify that every request is scheduled
+  with ``D`` drafts now (the previous step proposed them). Reply ``{"step_ms": t}``.
+* ``{"op": "finish"}``: abort the batch's requests; reply ``{}``.
+
+The end of stdin shuts the engine down.
 
 The drafts are token ids no greedy continuation of the prompt is likely to pick, so almost
 every step verifies the whole batch shape and accepts nothing (a step that accepts tokens
@@ -25,12 +29,10 @@ still runs the same shape; the requests only grow faster).
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
 import time
-from typing import Sequence
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM reads its environment
 
@@ -108,34 +110,35 @@ class SyntheticTreeProposer(TreeProposer):
         return out
 
 
-def time_cells(engine: LLMEngine, batch_size: int, cells: Sequence[tuple[int, str]], prompt: list[int],
-               warmup_steps: int, timed_steps: int) -> dict[tuple[int, str], list[float]]:
-    """Step times (ms) per cell for ``batch_size`` decoding requests (module docstring)."""
-    steps_needed = 2 * len(cells) * (warmup_steps + timed_steps)
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps_needed * (1 + max(d for d, _ in cells)) + 64)
+def start_batch(engine: LLMEngine, batch_size: int, prompt: list[int], max_tokens: int) -> list[str]:
+    """Add ``batch_size`` greedy requests of ``prompt`` and run until all are decoding."""
     _Cell.draft_tokens = 0
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
     ids = [f"b{batch_size}-{i}" for i in range(batch_size)]
     for request_id in ids:
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
     while engine.engine_core.engine_core.scheduler.waiting or _any_prefilling(engine):
         engine.step()
-    times: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
-    for cell in [*cells, *reversed(cells)]:
-        _Cell.draft_tokens, _Cell.shape = cell
-        for step in range(warmup_steps + timed_steps):
-            if step >= warmup_steps:
-                _check_drafts(engine, batch_size, cell)
-            start = time.perf_counter()
-            outputs = engine.step()
-            elapsed = (time.perf_counter() - start) * 1e3
-            if any(o.finished for o in outputs):
-                raise RuntimeError(f"a request finished during cell {cell} of batch {batch_size}: max_tokens too small")
-            if step >= warmup_steps:
-                times[cell].append(elapsed)
+    return ids
+
+
+def timed_step(engine: LLMEngine, batch_size: int, cell: tuple[int, str], check: bool) -> float:
+    """One ``engine.step()`` in ms, with the cell's drafts proposed from this step on."""
+    _Cell.draft_tokens, _Cell.shape = cell
+    if check:
+        _check_drafts(engine, batch_size, cell)
+    start = time.perf_counter()
+    outputs = engine.step()
+    elapsed = (time.perf_counter() - start) * 1e3
+    if any(o.finished for o in outputs):
+        raise RuntimeError(f"a request finished during cell {cell} of batch {batch_size}: max_tokens too small")
+    return elapsed
+
+
+def finish_batch(engine: LLMEngine, ids: list[str]) -> None:
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return times
 
 
 def _check_drafts(engine: LLMEngine, batch_size: int, cell: tuple[int, str]) -> None:
@@ -151,27 +154,30 @@ def _any_prefilling(engine: LLMEngine) -> bool:
     return any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
 
 
-def main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
-    results = []
-    for group in spec["engines"]:
-        engine = LLMEngine.from_engine_args(EngineArgs(**group["engine"]))
-        cells = [(int(d), str(s)) for d, s in group["cells"]]
-        for batch_size in spec["batch_sizes"]:
-            times = time_cells(engine, batch_size, cells, spec["prompt_token_ids"], spec["warmup_steps"], spec["timed_steps"])
-            results += [{"engine": group["name"], "batch_size": batch_size, "draft_tokens": d, "shape": s,
-                         "step_ms": times[(d, s)]} for d, s in cells]
-            print(f"PROGRESS {group['name']} {batch_size}", flush=True)
-        engine.engine_core.shutdown()
-        del engine
-        gc.collect()
-    with open(out_path, "w") as f:
-        json.dump({"cells": results}, f)
+def main(engine_args_path: str) -> None:
+    engine = LLMEngine.from_engine_args(EngineArgs(**json.loads(open(engine_args_path).read())))
+    print("READY", flush=True)
+    ids: list[str] = []
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command["op"]
+        reply: dict = {}
+        if op == "start":
+            ids = start_batch(engine, command["batch_size"], command["prompt_token_ids"], command["max_tokens"])
+        elif op == "step":
+            reply["step_ms"] = timed_step(engine, len(ids), (command["draft_tokens"], command["shape"]), command["check"])
+        elif op == "finish":
+            finish_batch(engine, ids)
+            ids = []
+        else:
+            raise ValueError(f"unknown command {op!r}")
+        print("REPLY " + json.dumps(reply), flush=True)
+    engine.engine_core.shutdown()
 
 
 if __name__ == "__main__":
-    # vLLM imports the proposers by module path: run that module's main, so the timing loop sets
+    # vLLM imports the proposers by module path: run that module's main, so the step loop sets
     # the same _Cell they read (not the copy this file defines as __main__).
     from tree_attn_backend.bench import step_cost_engine
 
-    step_cost_engine.main(sys.argv[1], sys.argv[2])
+    step_cost_engine.main(sys.argv[1])

@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from tree_attn_backend.bench.step_cost import StepCostConfig, check_targets, fit_step_ms
+from tree_attn_backend.bench.step_cost import StepCostConfig, check_targets, fit_step_ms, summarize
 from tree_attn_backend.bench.step_cost_engine import synthetic_parents
 from tree_attn_backend.tree import DraftTree
 
 KEYS = {"plain_token_ms", "chain_draft_token_ms", "tree_draft_token_ms", "tree_chain_draft_token_ms", "tree_vs_chain",
-        "no_draft_step_ratio", "no_draft_step_ratio_by_batch", "fits", "config", "cells"}
+        "no_draft_step_ratio", "no_draft_step_ratio_by_batch", "no_draft_median_ratio_by_batch", "fits", "config", "cells"}
 
 
 def test_quick_step_cost_run():
@@ -37,8 +37,9 @@ def test_quick_step_cost_run():
         assert 0 < cell["min_ms"] <= cell["median_ms"] <= cell["max_ms"]
     assert all(math.isfinite(v) for fit in result["fits"].values() for v in fit.values())
     assert result["tree_vs_chain"] == pytest.approx(result["tree_draft_token_ms"] / result["chain_draft_token_ms"])
-    by_batch = result["no_draft_step_ratio_by_batch"]
-    assert by_batch["1"] == pytest.approx(cells[("tree", 1, 0, "chain")]["median_ms"] / cells[("stock", 1, 0, "chain")]["median_ms"])
+    medians = result["no_draft_median_ratio_by_batch"]
+    assert medians["1"] == pytest.approx(cells[("tree", 1, 0, "chain")]["median_ms"] / cells[("stock", 1, 0, "chain")]["median_ms"])
+    assert set(result["no_draft_step_ratio_by_batch"]) == {"1", "4"}
     assert [statement.split(" =")[0] for statement, _ in check_targets(result)] == ["tree_vs_chain", "no_draft_step_ratio"]
 
 
@@ -48,6 +49,21 @@ def test_fit_recovers_the_cost_model():
     fit = fit_step_ms(points)
     assert fit == pytest.approx({"fixed_ms": fixed, "plain_ms": plain, "draft_ms": draft})
     assert set(fit_step_ms([(b, 0, fixed + plain * b) for b in (1, 4)])) == {"fixed_ms", "plain_ms"}
+
+
+def test_no_draft_ratio_pairs_the_rounds():
+    """The engines step in turns, one round after another: a round where the host is slow for
+    both counts once, as its ratio, instead of moving one engine's median."""
+    rounds = {"stock": [10.0, 10.0, 30.0], "tree": [10.5, 31.5, 31.5]}  # the second round ran slow for tree only
+    cells = [{"engine": e, "batch_size": b, "draft_tokens": 0, "shape": "chain", "step_ms": [t * b for t in ms]}
+             for e, ms in rounds.items() for b in (1, 4)]
+    cells += [{"engine": e, "batch_size": b, "draft_tokens": d, "shape": s, "step_ms": [10.0 * b + d]}
+              for e, shapes in (("stock_chain", ("chain",)), ("tree", ("chain", "tree"))) for s in shapes
+              for b in (1, 4) for d in ((0, 4) if e == "stock_chain" else (4,))]
+    result = summarize(cells, StepCostConfig(model="m", batch_sizes=(1, 4), draft_tokens=(4,)))
+    assert result["no_draft_step_ratio"] == pytest.approx(1.05)
+    assert result["no_draft_step_ratio_by_batch"] == pytest.approx({"1": 1.05, "4": 1.05})
+    assert result["no_draft_median_ratio_by_batch"] == pytest.approx({"1": 3.15, "4": 3.15})
 
 
 @pytest.mark.parametrize("draft_tokens", [0, 1, 2, 5, 16])

@@ -23,8 +23,11 @@ shape gives:
 * ``tree_draft_token_ms``: ``draft_ms`` of ``tree`` over its draft-free and binary-tree cells
   (``tree_chain_draft_token_ms``: the same engine's chains);
 * ``tree_vs_chain`` = tree_draft_token_ms / chain_draft_token_ms;
-* ``no_draft_step_ratio``: the ``tree`` engine's draft-free steps over ``stock``'s, summed over
-  the batch sizes (``no_draft_step_ratio_by_batch``: per batch size).
+* ``no_draft_step_ratio``: the ``tree`` engine's draft-free steps over ``stock``'s: the median of
+  the per-round ratios (the two engines step one after the other in each round, so a ratio is
+  taken under the same machine state), pooled over the batch sizes
+  (``no_draft_step_ratio_by_batch``: per batch size; ``no_draft_median_ratio_by_batch``: the
+  ratio of the two cells' medians, which drift between rounds blurs).
 
 ``cells`` holds every cell's median, min and max (ms) and the number of timed steps.
 """
@@ -202,6 +205,13 @@ def summarize(raw_cells: list[dict], config: StepCostConfig) -> dict:
         return [(c["batch_size"], c["draft_tokens"], c["median_ms"]) for c in cells
                 if c["engine"] == engine and (c["draft_tokens"] == 0 or c["shape"] in shapes)]
 
+    def paired_ratios(batch_size: int) -> np.ndarray:
+        """tree / stock step times of the draft-free rounds of ``batch_size`` (both engines'
+        lists hold one time per round, in round order)."""
+        tree_ms, stock_ms = (next(np.array(c["step_ms"]) for c in raw_cells if c["engine"] == engine
+                                  and c["batch_size"] == batch_size and c["draft_tokens"] == 0) for engine in ("tree", "stock"))
+        return tree_ms / stock_ms
+
     def draft_free(engine: str) -> dict[int, float]:
         return {c["batch_size"]: c["median_ms"] for c in cells if c["engine"] == engine and c["draft_tokens"] == 0}
 
@@ -216,8 +226,9 @@ def summarize(raw_cells: list[dict], config: StepCostConfig) -> dict:
         "tree_draft_token_ms": tree["draft_ms"],
         "tree_chain_draft_token_ms": tree_chain["draft_ms"],
         "tree_vs_chain": tree["draft_ms"] / chain["draft_ms"],
-        "no_draft_step_ratio": sum(tree_0.values()) / sum(stock_0.values()),
-        "no_draft_step_ratio_by_batch": {str(b): tree_0[b] / stock_0[b] for b in sorted(stock_0)},
+        "no_draft_step_ratio": float(np.median(np.concatenate([paired_ratios(b) for b in sorted(stock_0)]))),
+        "no_draft_step_ratio_by_batch": {str(b): float(np.median(paired_ratios(b))) for b in sorted(stock_0)},
+        "no_draft_median_ratio_by_batch": {str(b): tree_0[b] / stock_0[b] for b in sorted(stock_0)},
         "fits": {"stock": stock, "stock_chain": chain, "tree": tree, "tree_chain": tree_chain},
         "config": {"batch_sizes": list(config.batch_sizes), "draft_tokens": [0, *config.draft_tokens],
                    "context_tokens": config.context_tokens, "warmup_steps": config.warmup_steps,
@@ -239,7 +250,8 @@ def format_summary(result: dict) -> str:
         f"  its chains         {result['tree_chain_draft_token_ms']:.3f} ms",
         f"tree_vs_chain        {result['tree_vs_chain']:.3f}",
         f"no_draft_step_ratio  {result['no_draft_step_ratio']:.3f}  by batch size "
-        + ", ".join(f"{b}: {r:.3f}" for b, r in result["no_draft_step_ratio_by_batch"].items()),
+        + ", ".join(f"{b}: {r:.3f}" for b, r in result["no_draft_step_ratio_by_batch"].items())
+        + " (per-round ratios; ratio of medians " + ", ".join(f"{r:.3f}" for r in result["no_draft_median_ratio_by_batch"].values()) + ")",
         "",
         f"{'engine':<12} {'B':>3} {'D':>3} {'shape':<6} {'median ms':>10} {'min-max ms':>16}",
     ]

@@ -10,9 +10,9 @@ In one run, three engines execute fixed decode batches (``batch_sizes`` requests
   and breadth-first binary trees of the same sizes.
 
 Each engine lives in its own process and all three are alive at once: for every cell (drafts,
-shape) the engines that run it take turns step by step, in a shuffled order per step, so
-machine drift (on a shared host, up to tens of percent over minutes) weighs on every engine
-alike. The cells run forwards and then backwards, so the contexts' growth weighs on every cell
+shape) the engines take turns step by step, in a shuffled order per step, so machine drift (on
+a shared host, up to tens of percent over minutes) weighs on every engine alike; an engine
+without the cell steps without drafts, untimed, so every engine's contexts grow alike. The cells run forwards and then backwards, so the contexts' growth weighs on every cell
 alike too. ``repeat`` times, with fresh processes started in a shuffled order; per cell the
 median step time over every timed step (both passes, all repetitions) is taken; a
 least-squares fit ``step_ms = fixed_ms + plain_ms * B + draft_ms * B * D`` per engine and
@@ -165,14 +165,17 @@ def run_step_cost(config: StepCostConfig, progress: "Callable[[str], None] | Non
                 for process in processes.values():
                     process.request(op="start", batch_size=batch_size, prompt_token_ids=prompt,
                                     max_tokens=MAX_MODEL_LEN - len(prompt) - max(config.draft_tokens) - 1)
-                for draft_tokens, shape in [*all_cells, *reversed(all_cells)]:
-                    members = [e.name for e in engines if (draft_tokens, shape) in e.cells]
+                for cell in [*all_cells, *reversed(all_cells)]:
                     for step in range(config.warmup_steps + config.timed_steps):
-                        timed = step >= config.warmup_steps
-                        for name in (members[i] for i in rng.permutation(len(members))):
-                            reply = processes[name].request(op="step", draft_tokens=draft_tokens, shape=shape, check=timed)
+                        for i in rng.permutation(len(engines)):
+                            # An engine without this cell steps without drafts, untimed, so every
+                            # engine's contexts grow alike (attention cost follows them).
+                            timed = step >= config.warmup_steps and cell in engines[i].cells
+                            draft_tokens, shape = cell if cell in engines[i].cells else (0, "chain")
+                            reply = processes[engines[i].name].request(op="step", draft_tokens=draft_tokens, shape=shape,
+                                                                       check=timed)
                             if timed:
-                                steps.setdefault((name, batch_size, draft_tokens, shape), []).append(reply["step_ms"])
+                                steps.setdefault((engines[i].name, batch_size, *cell), []).append(reply["step_ms"])
                 for process in processes.values():
                     process.request(op="finish")
                 if progress:

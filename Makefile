@@ -8,7 +8,7 @@ CUDA_SO := tree_attn_backend/_C/tree_pruned_cuda.so
 # The CUDA helpers build wherever nvcc exists (no GPU needed); without nvcc they are skipped.
 NVCC    := $(shell command -v nvcc 2>/dev/null || ls $${CUDA_HOME:-/usr/local/cuda}/bin/nvcc 2>/dev/null)
 
-.PHONY: setup test lint fuzz bench serve gpu-bundle clean
+.PHONY: setup test test-fast lint fuzz bench serve gpu-bundle clean
 
 setup: $(STAMP) $(CSRC_SO) $(if $(NVCC),$(CUDA_SO))
 
@@ -38,6 +38,10 @@ $(CUDA_SO): $(STAMP) $(wildcard csrc/*.cu) tree_attn_backend/csrc_build.py
 
 test: setup
 	$(PY) -m pytest -q
+
+# Unit and property tests only: no vLLM engine, server or engine benchmark starts.
+test-fast: setup
+	$(PY) -m pytest -q -m "not engine"
 
 # Zero findings expected; a per-line ignore says why.
 lint: setup

@@ -36,6 +36,7 @@ def e2e_run(tmp_path_factory) -> tuple[list[dict], object]:
     ), plots
 
 
+@pytest.mark.engine
 def test_bench_e2e_all_modes_through_real_engines(e2e_run):
     rows, plots = e2e_run
     overall = {r["mode"]: r for r in rows if r["category"] == "all"}
@@ -54,6 +55,7 @@ def test_bench_e2e_all_modes_through_real_engines(e2e_run):
     assert sorted(p.name for p in plots.iterdir()) == ["draft_vs_accepted.png", "tokens_per_s.png", "tpot_cdf.png"]
 
 
+@pytest.mark.engine
 def test_replay_reproduces_the_engines_draft_and_accepted_counts(e2e_run):
     """Offline replay on the stock engine's greedy outputs gives exactly the tree engine's
     per-step draft and accepted tokens (same prompts, same drafter and pruning)."""

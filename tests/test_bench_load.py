@@ -33,6 +33,7 @@ KEYS = {
 }
 
 
+@pytest.mark.engine
 def test_quick_load_run_meets_its_targets():
     """Two server starts (tree, then the no-spec reference) and 24 streaming requests."""
     proc = subprocess.run(
@@ -74,6 +75,7 @@ def test_plan_is_a_function_of_the_seed_and_mixes_every_kind():
     assert all(r.disconnect_after is None for r in plan_requests(_config(requests=50, disconnect_fraction=0.0)))
 
 
+@pytest.mark.engine
 def test_reference_server_runs_without_the_tree_path():
     argv, env = reference_command("m", 1234, ["--block-size", "32"])
     assert "--speculative-config" not in argv and "--additional-config" not in argv

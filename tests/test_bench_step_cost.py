@@ -30,6 +30,7 @@ KEYS = {
 }
 
 
+@pytest.mark.engine
 def test_quick_step_cost_run():
     """Three engine processes run twice, their steps interleaved; every cell's drafts are checked by the engine side
     before each timed step (it raises when a request carries another number of drafts)."""

@@ -20,6 +20,8 @@ from tree_attn_backend.default_model import default_model_dir
 from tree_attn_backend.serve import free_port, running_server, server_command
 from tree_attn_backend.vllm_plugin import default_speculative_config
 
+pytestmark = pytest.mark.engine
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [json.loads(line) for line in (ROOT / "tree_attn_backend" / "data" / "spec_bench_mixed.jsonl").open()]
 PROMPTS = [p for i, p in enumerate(PROMPTS) if i not in (2, 5)]  # 16 prompts, one long one fewer per easy category

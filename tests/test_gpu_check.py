@@ -14,6 +14,7 @@ from tree_attn_backend.gpu import bundle
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.engine
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, TREE_PRUNED_GPU_BUNDLE=str(tmp_path / "no-bundle"))

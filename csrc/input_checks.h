@@ -35,8 +35,8 @@ void check_indptr(const char* op, const char* name, const T* indptr, int64_t num
     TORCH_CHECK(indptr[s + 1] >= indptr[s], op, ": ", name, "[", s + 1, "] = ", indptr[s + 1], " < ", name, "[", s,
                 "] = ", indptr[s], " (must be non-decreasing)");
   }
-  TORCH_CHECK(static_cast<int64_t>(indptr[num_segments]) == length, op, ": ", name, "[", num_segments, "] = ",
-              indptr[num_segments], " (must be ", length, ", the length of ", of, ")");
+  TORCH_CHECK(static_cast<int64_t>(indptr[num_segments]) == length, op, ": ", name, "[", num_segments,
+              "] = ", indptr[num_segments], " (must be ", length, ", the length of ", of, ")");
 }
 
 // Request `request`'s q request-local parents form a tree in topological order:

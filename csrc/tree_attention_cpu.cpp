@@ -23,11 +23,11 @@
 // context + new tokens, every page id is in [0, num_blocks), and each request's parents form a
 // tree in topological order (so the ancestor walk below ends and stays inside the request).
 
-#include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -97,19 +97,18 @@ inline void softmax_fold(float* s, int64_t n, float* acc_row, int64_t head_dim, 
 // (ATen's brgemm: oneDNN's small-matrix kernels).
 template <typename scalar_t>
 void attend_request(const scalar_t* q, const scalar_t* cache, scalar_t* out, int64_t num_queries, int64_t group,
-                    int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t block_stride,
-                    const int32_t* pages, int64_t context_len, const int32_t* parents, float scale,
-                    std::vector<float>& work) {
+                    int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t block_stride, const int32_t* pages,
+                    int64_t context_len, const int32_t* parents, float scale, std::vector<float>& work) {
   const int64_t rows = num_queries * group;
   const int64_t block_floats = 2 * head_dim * block_size;
   work.resize(rows * (2 * head_dim + 2 + block_size) + block_floats + num_queries);
-  float* qs = work.data();               // [rows, D] scaled queries
-  float* acc = qs + rows * head_dim;     // [rows, D]
+  float* qs = work.data();            // [rows, D] scaled queries
+  float* acc = qs + rows * head_dim;  // [rows, D]
   float* max_score = acc + rows * head_dim;
   float* sum = max_score + rows;
-  float* scores = sum + rows;            // [rows, block_size]
-  float* block = scores + rows * block_size;  // one converted cache block (non-float32 caches)
-  float* path_scores = block + block_floats;  // [num_queries] one row's scores over a token's path
+  float* scores = sum + rows;                        // [rows, block_size]
+  float* block = scores + rows * block_size;         // one converted cache block (non-float32 caches)
+  float* path_scores = block + block_floats;         // [num_queries] one row's scores over a token's path
   std::vector<int64_t> path_positions(num_queries);  // the path's linear cache positions
   // Row (i, g) is query token i, head kv_head * group + g: q[(i * num_heads + g) * D].
   for (int64_t i = 0; i < num_queries; ++i)
@@ -222,8 +221,8 @@ void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, c
         const int64_t r = item / num_kv_heads, kv_head = item % num_kv_heads;
         const int64_t head_offset = (qo[r] * num_heads + kv_head * group) * head_dim;
         attend_request<scalar_t>(q + head_offset, cache + kv_head * block_size * 2 * head_dim, o + head_offset,
-                                 qo[r + 1] - qo[r], group, num_heads, head_dim, block_size, block_stride, pages + pip[r],
-                                 ctx[r], par + qo[r], static_cast<float>(scale), work);
+                                 qo[r + 1] - qo[r], group, num_heads, head_dim, block_size, block_stride,
+                                 pages + pip[r], ctx[r], par + qo[r], static_cast<float>(scale), work);
       }
     });
   });

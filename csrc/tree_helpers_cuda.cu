@@ -50,7 +50,10 @@ __device__ __forceinline__ int32_t find_segment(const T* indptr, int32_t n, int6
   int32_t lo = 0, hi = n;  // invariant: indptr[lo] <= x < indptr[hi]
   while (hi - lo > 1) {
     const int32_t mid = (lo + hi) / 2;
-    if (static_cast<int64_t>(indptr[mid]) <= x) lo = mid; else hi = mid;
+    if (static_cast<int64_t>(indptr[mid]) <= x)
+      lo = mid;
+    else
+      hi = mid;
   }
   return lo;
 }
@@ -82,10 +85,9 @@ __global__ void custom_mask_kernel(const int32_t* parents, const int32_t* qo_ind
   }
 }
 
-__global__ void packed_custom_mask_kernel(const int32_t* parents, const int32_t* qo_indptr,
-                                          const int32_t* context_lens, const int64_t* bit_indptr,
-                                          const int64_t* byte_indptr, int32_t num_reqs, int64_t total_bytes,
-                                          uint8_t* out) {
+__global__ void packed_custom_mask_kernel(const int32_t* parents, const int32_t* qo_indptr, const int32_t* context_lens,
+                                          const int64_t* bit_indptr, const int64_t* byte_indptr, int32_t num_reqs,
+                                          int64_t total_bytes, uint8_t* out) {
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total_bytes;
        k += int64_t(gridDim.x) * blockDim.x) {
     const int32_t b = find_segment(byte_indptr, num_reqs, k);
@@ -114,8 +116,8 @@ __device__ __forceinline__ int64_t row_offset(const CacheLayout& layout, int64_t
 
 // One thread block per (layer, move, K or V) row; Word is uint4 when every row is 16-byte aligned.
 template <typename Word, bool kGather>
-__global__ void move_rows_kernel(const int64_t* layer_ptrs, const int64_t* slots, int64_t num_moves,
-                                 CacheLayout layout, uint8_t* scratch) {
+__global__ void move_rows_kernel(const int64_t* layer_ptrs, const int64_t* slots, int64_t num_moves, CacheLayout layout,
+                                 uint8_t* scratch) {
   const int64_t row = blockIdx.x;  // ((layer * num_moves) + move) * 2 + kv
   const int kv = static_cast<int>(row % 2);
   const int64_t move = (row / 2) % num_moves;
@@ -162,12 +164,12 @@ int tree_pruned_tree_mask(const int32_t* parents, const int32_t* qo_indptr, cons
 }
 
 int tree_pruned_custom_mask(const int32_t* parents, const int32_t* qo_indptr, const int32_t* context_lens,
-                            const int64_t* mask_indptr, int32_t num_reqs, int64_t total, bool* out,
-                            int32_t device, cudaStream_t stream) {
+                            const int64_t* mask_indptr, int32_t num_reqs, int64_t total, bool* out, int32_t device,
+                            cudaStream_t stream) {
   if (const cudaError_t err = cudaSetDevice(device); err != cudaSuccess) return err;
   if (total == 0) return cudaSuccess;
-  custom_mask_kernel<<<grid_for(total), kThreads, 0, stream>>>(parents, qo_indptr, context_lens, mask_indptr,
-                                                                num_reqs, total, out);
+  custom_mask_kernel<<<grid_for(total), kThreads, 0, stream>>>(parents, qo_indptr, context_lens, mask_indptr, num_reqs,
+                                                               total, out);
   return cudaGetLastError();
 }
 
@@ -191,8 +193,8 @@ int tree_pruned_compact_kv(const int64_t* layer_ptrs, int64_t num_layers, const 
   if (const cudaError_t err = cudaSetDevice(device); err != cudaSuccess) return err;
   if (num_moves == 0 || num_layers == 0) return cudaSuccess;
   const CacheLayout layout{block_stride, kv_stride, token_stride, row_bytes, block_size};
-  const bool aligned = bases_aligned && row_bytes % 16 == 0 && block_stride % 16 == 0 && kv_stride % 16 == 0 &&
-                       token_stride % 16 == 0;
+  const bool aligned =
+      bases_aligned && row_bytes % 16 == 0 && block_stride % 16 == 0 && kv_stride % 16 == 0 && token_stride % 16 == 0;
   return aligned ? move_rows<uint4>(layer_ptrs, num_layers, src, dst, num_moves, layout, scratch, stream)
                  : move_rows<uint8_t>(layer_ptrs, num_layers, src, dst, num_moves, layout, scratch, stream);
 }

@@ -18,9 +18,9 @@
 // decreases and ends at the number of tokens, every request has >= 1 new token and a context in
 // [0, 2^31), its parents form a tree in topological order, and the block-table entries a
 // request uses exist and are in [0, 2^31).
-#include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
@@ -99,10 +99,9 @@ Batch check_batch(const char* op, const at::Tensor& parents, const at::Tensor& q
   tree_pruned::check_vector(op, "qo_indptr", qo_indptr, at::kLong);
   tree_pruned::check_vector(op, "context_lens", context_lens, at::kLong);
   const int64_t num_reqs = context_lens.size(0);
-  TORCH_CHECK(qo_indptr.size(0) == num_reqs + 1, op, ": qo_indptr has ", qo_indptr.size(0), " entries for ",
-              num_reqs, " requests");
-  Batch batch{parents.data_ptr<int32_t>(), qo_indptr.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
-              num_reqs};
+  TORCH_CHECK(qo_indptr.size(0) == num_reqs + 1, op, ": qo_indptr has ", qo_indptr.size(0), " entries for ", num_reqs,
+              " requests");
+  Batch batch{parents.data_ptr<int32_t>(), qo_indptr.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(), num_reqs};
   tree_pruned::check_indptr(op, "qo_indptr", batch.qo, num_reqs, parents.size(0), "parents");
   tree_pruned::check_range(op, "context_lens", batch.ctx, 0, num_reqs, tree_pruned::kInt32Limit, "the int32 limit");
   for (int64_t b = 0; b < num_reqs; ++b) {
@@ -125,8 +124,7 @@ at::Tensor output_buffer(const std::optional<at::Tensor>& buffer, int64_t size, 
 }
 
 std::vector<at::Tensor> build_tree_masks(const at::Tensor& parents, const at::Tensor& qo_indptr,
-                                         const at::Tensor& context_lens,
-                                         const std::optional<at::Tensor>& packed_buffer,
+                                         const at::Tensor& context_lens, const std::optional<at::Tensor>& packed_buffer,
                                          const std::optional<at::Tensor>& tree_buffer) {
   const Batch batch = check_batch("build_tree_masks", parents, qo_indptr, context_lens);
   const int64_t num_reqs = batch.num_reqs;

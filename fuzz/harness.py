@@ -3,8 +3,8 @@ step's queries, the builder's metadata, and the same data in dense form for the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,9 @@ class AttentionCase:
     scale: float
 
 
-def make_block_table(kv_lens: Sequence[int], block_size: int, spare_blocks: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def make_block_table(
+    kv_lens: Sequence[int], block_size: int, spare_blocks: int, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
     """A shuffled block table with enough blocks for every request; returns (table, num_blocks)."""
     need = [-(-k // block_size) for k in kv_lens]
     num_blocks = sum(need) + spare_blocks
@@ -60,7 +62,7 @@ def context_slots(block_row: np.ndarray, context_len: int, block_size: int) -> t
     return torch.from_numpy(block_row)[linear // block_size] * block_size + linear % block_size
 
 
-def nhd_cache(case: AttentionCase, device: "torch.device | str", seed: int = 0) -> torch.Tensor:
+def nhd_cache(case: AttentionCase, device: torch.device | str, seed: int = 0) -> torch.Tensor:
     """The case's KV (every context token and every new token) in FlashInfer's NHD layout
     ``[num_blocks, 2, block_size, Hkv, D]`` on ``device``; unwritten slots hold garbage."""
     from tree_attn_backend.gpu import paged_cache

@@ -5,7 +5,7 @@ They share no code with :mod:`tree_attn_backend.verify` (not even the inverse-CD
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

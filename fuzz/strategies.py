@@ -63,7 +63,9 @@ def pruning_cases(draw: st.DrawFn) -> tuple[TreeShape, SyntheticDrafter, list[in
     shape = TreeShape.from_paths(paths[1:])
     low = draw(st.floats(0.05, 1.0))
     high = draw(st.floats(low, 1.0))
-    drafter = SyntheticDrafter(vocab_size=draw(st.integers(8, 200)), confidence=(low, high), seed=draw(st.integers(0, 999)))
+    drafter = SyntheticDrafter(
+        vocab_size=draw(st.integers(8, 200)), confidence=(low, high), seed=draw(st.integers(0, 999))
+    )
     context = draw(st.lists(st.integers(0, 7), min_size=1, max_size=6))
     policy = PruningPolicy(
         min_node_prob=draw(st.sampled_from([0.0, 0.05, 0.2, 0.5])),

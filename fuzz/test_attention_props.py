@@ -19,13 +19,20 @@ def _max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @settings(max_examples=max(10, settings().max_examples // 2))
-@given(spec=batch_specs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1),
-       short_query_max=st.sampled_from([1, 16, 128]), max_group_keys=st.sampled_from([1, 1 << 12, 1 << 16]),
-       use_native=st.booleans())
+@given(
+    spec=batch_specs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+    short_query_max=st.sampled_from([1, 16, 128]),
+    max_group_keys=st.sampled_from([1, 1 << 12, 1 << 16]),
+    use_native=st.booleans(),
+)
 def test_cpu_path_and_cascade_match_reference(spec, dtype, seed, short_query_max, max_group_keys, use_native):
     case = make_attention_case(spec, dtype, seed)
     ref = reference_tree_attention(case.reference, case.scale)
-    plan = plan_cpu_attention(case.meta, short_query_max=short_query_max, max_group_keys=max_group_keys, use_native=use_native)
+    plan = plan_cpu_attention(
+        case.meta, short_query_max=short_query_max, max_group_keys=max_group_keys, use_native=use_native
+    )
     cpu = run_cpu_attention(plan, case.query, case.kv_cache, case.scale)
     assert _max_error(cpu, ref) <= TOLERANCE[dtype]
     cascade = cascade_attention(case.meta, case.query, case.key, case.value, case.kv_cache, case.scale)
@@ -43,7 +50,14 @@ def test_native_tree_paged_attention_matches_reference(spec, dtype, seed):
     ref = reference_tree_attention(case.reference, case.scale)
     meta = case.meta
     out = torch.empty_like(case.query, dtype=case.kv_cache.dtype)
-    op(case.query.to(case.kv_cache.dtype).contiguous(), case.kv_cache,
-       *(t.to(torch.int32).contiguous() for t in (meta.qo_indptr, meta.context_lens, meta.parents,
-                                                  meta.paged_kv_indptr, meta.paged_kv_indices)), case.scale, out)
+    op(
+        case.query.to(case.kv_cache.dtype).contiguous(),
+        case.kv_cache,
+        *(
+            t.to(torch.int32).contiguous()
+            for t in (meta.qo_indptr, meta.context_lens, meta.parents, meta.paged_kv_indptr, meta.paged_kv_indices)
+        ),
+        case.scale,
+        out,
+    )
     assert _max_error(out, ref) <= TOLERANCE[dtype]

@@ -1,6 +1,5 @@
 """KV compaction moves exactly the accepted path into place and touches nothing else."""
 
-import numpy as np
 import torch
 from hypothesis import given
 from hypothesis import strategies as st

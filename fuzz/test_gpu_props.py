@@ -9,7 +9,7 @@ The FlashInfer modules are the bf16 / head_dim 128 ones the GPU bundle carries
 (scripts/gpu_check.sh), so these properties fix that dtype and head size.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ def _require_cuda_library() -> None:
     assert cuda_ops.cuda_library() is not None, f"{cuda_ops.CUDA_LIBRARY_PATH} is not built"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _attention(mode: str):  # one per mode: each owns a workspace
     from tree_attn_backend.gpu.flashinfer_attention import FlashInferTreeAttention
 
@@ -63,32 +63,49 @@ def test_cuda_compaction_equals_torch_copy(block_size, num_blocks, layers, heads
     _require_cuda_library()
     slots = num_blocks * block_size
     moves = data.draw(st.integers(0, min(slots, 64)))
-    dst = torch.tensor(data.draw(st.lists(st.integers(0, slots - 1), min_size=moves, max_size=moves, unique=True)),
-                       dtype=torch.int64)
-    src = torch.tensor(data.draw(st.lists(st.integers(0, slots - 1), min_size=moves, max_size=moves)), dtype=torch.int64)
+    dst = torch.tensor(
+        data.draw(st.lists(st.integers(0, slots - 1), min_size=moves, max_size=moves, unique=True)), dtype=torch.int64
+    )
+    src = torch.tensor(
+        data.draw(st.lists(st.integers(0, slots - 1), min_size=moves, max_size=moves)), dtype=torch.int64
+    )
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    caches = [torch.randn(num_blocks, 2, block_size, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-              for _ in range(layers)]
+    caches = [
+        torch.randn(num_blocks, 2, block_size, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+        for _ in range(layers)
+    ]
     expected = [c.clone() for c in caches]
-    for cache in expected:
-        paged_cache.copy_slots(cache, src.to(DEVICE), dst.to(DEVICE))
+    for expected_cache in expected:
+        paged_cache.copy_slots(expected_cache, src.to(DEVICE), dst.to(DEVICE))
     cuda_ops.compact_kv(caches, src, dst)
     for got, want in zip(caches, expected):
         assert torch.equal(got, want)
 
 
-@given(spec=batch_specs(head_sizes=(128,)), seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(["cascade", "full_mask"]))
+@given(
+    spec=batch_specs(head_sizes=(128,)), seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(["cascade", "full_mask"])
+)
 def test_flashinfer_modes_equal_reference(spec, seed, mode):
     case = make_attention_case(spec, torch.bfloat16, seed)
     cache = nhd_cache(case, DEVICE, seed)
     reference = reference_tree_attention(
-        [ReferenceRequest(*(t.to(DEVICE) for t in (r.query, r.context_key, r.context_value, r.new_key, r.new_value)),
-                          r.parents) for r in case.reference],
+        [
+            ReferenceRequest(
+                *(t.to(DEVICE) for t in (r.query, r.context_key, r.context_value, r.new_key, r.new_value)), r.parents
+            )
+            for r in case.reference
+        ],
         case.scale,
     )
     attention = _attention(mode)
-    attention.plan(case.meta, num_qo_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
-                   dtype=torch.bfloat16, scale=case.scale)
+    attention.plan(
+        case.meta,
+        num_qo_heads=spec.num_q_heads,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_size,
+        dtype=torch.bfloat16,
+        scale=case.scale,
+    )
     out = attention.run(case.query.to(DEVICE), case.key.to(DEVICE), case.value.to(DEVICE), cache)
     assert out.shape == reference.shape and torch.isfinite(out).all()
     error = (out.double() - reference).abs().max().item()

@@ -65,8 +65,13 @@ def test_native_token_layout_equals_numpy(spec):
     op = native_op("tree_token_layout")
     assert op is not None, "native ops are built by `make setup`"
     qo = np.concatenate([[0], np.cumsum(batch.query_lens)])
-    native = op(torch.from_numpy(batch.parents), torch.from_numpy(qo), torch.from_numpy(batch.context_lens),
-                torch.from_numpy(batch.block_table), batch.block_size)
+    native = op(
+        torch.from_numpy(batch.parents),
+        torch.from_numpy(qo),
+        torch.from_numpy(batch.context_lens),
+        torch.from_numpy(batch.block_table),
+        batch.block_size,
+    )
     for got, want in zip(native, token_layout_numpy(batch, qo)):
         assert got.dtype == torch.from_numpy(want).dtype
         assert np.array_equal(got.numpy(), want)

@@ -14,8 +14,8 @@ import re
 import subprocess
 import threading
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,7 +55,7 @@ def bounded(call: Callable[[], object], what: str) -> object:
     def run() -> None:
         try:
             outcome["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+        except BaseException as exc:  # handed to the caller's thread below
             outcome["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
@@ -119,14 +119,28 @@ def _i64(t: torch.Tensor) -> torch.Tensor:
 
 def _attention_arrays(x: Inputs) -> dict[str, torch.Tensor]:
     m = x.meta
-    return {"qo_indptr": _i32(m.qo_indptr), "context_lens": _i32(m.context_lens), "parents": _i32(m.parents),
-            "page_indptr": _i32(m.paged_kv_indptr), "page_indices": _i32(m.paged_kv_indices)}
+    return {
+        "qo_indptr": _i32(m.qo_indptr),
+        "context_lens": _i32(m.context_lens),
+        "parents": _i32(m.parents),
+        "page_indptr": _i32(m.paged_kv_indptr),
+        "page_indices": _i32(m.paged_kv_indices),
+    }
 
 
 def _attention(x: Inputs, a: dict[str, torch.Tensor]) -> object:
     out = torch.empty_like(x.query)
-    return native_op("tree_paged_attention")(x.query, x.kv_cache, a["qo_indptr"], a["context_lens"], a["parents"],
-                                             a["page_indptr"], a["page_indices"], 1.0, out)
+    return native_op("tree_paged_attention")(
+        x.query,
+        x.kv_cache,
+        a["qo_indptr"],
+        a["context_lens"],
+        a["parents"],
+        a["page_indptr"],
+        a["page_indices"],
+        1.0,
+        out,
+    )
 
 
 def _mask_op_arrays(x: Inputs) -> dict[str, torch.Tensor]:
@@ -143,8 +157,11 @@ def _cuda_arrays(with_context: bool, packed: bool) -> Callable[[Inputs], dict[st
 
     def arrays(x: Inputs) -> dict[str, torch.Tensor]:
         m = x.meta
-        out = {"parents": _i32(m.parents), "qo_indptr": _i32(m.qo_indptr),
-               "mask_indptr": _i64(m.mask_bit_indptr if with_context else m.tree_mask_indptr)}
+        out = {
+            "parents": _i32(m.parents),
+            "qo_indptr": _i32(m.qo_indptr),
+            "mask_indptr": _i64(m.mask_bit_indptr if with_context else m.tree_mask_indptr),
+        }
         if with_context:
             out["context_lens"] = _i32(m.context_lens)
         if packed:
@@ -160,14 +177,28 @@ def _cuda_check(name: str) -> Callable[[Inputs, dict[str, torch.Tensor]], object
 
 ENTRIES = (
     Entry("tree_paged_attention", _attention_arrays, _attention, native=True),
-    Entry("build_tree_masks", _mask_op_arrays, lambda x, a: native_op("build_tree_masks")(
-        a["parents"], a["qo_indptr"], a["context_lens"]), native=True),
-    Entry("tree_token_layout", _layout_arrays, lambda x, a: native_op("tree_token_layout")(
-        a["parents"], a["qo_indptr"], a["context_lens"], a["block_table"], x.batch.block_size), native=True),
+    Entry(
+        "build_tree_masks",
+        _mask_op_arrays,
+        lambda x, a: native_op("build_tree_masks")(a["parents"], a["qo_indptr"], a["context_lens"]),
+        native=True,
+    ),
+    Entry(
+        "tree_token_layout",
+        _layout_arrays,
+        lambda x, a: native_op("tree_token_layout")(
+            a["parents"], a["qo_indptr"], a["context_lens"], a["block_table"], x.batch.block_size
+        ),
+        native=True,
+    ),
     Entry("tree_pruned_tree_mask", _cuda_arrays(False, False), _cuda_check("tree_pruned_tree_mask"), native=False),
     Entry("tree_pruned_custom_mask", _cuda_arrays(True, False), _cuda_check("tree_pruned_custom_mask"), native=False),
-    Entry("tree_pruned_packed_custom_mask", _cuda_arrays(True, True), _cuda_check("tree_pruned_packed_custom_mask"),
-          native=False),
+    Entry(
+        "tree_pruned_packed_custom_mask",
+        _cuda_arrays(True, True),
+        _cuda_check("tree_pruned_packed_custom_mask"),
+        native=False,
+    ),
 )
 
 
@@ -206,7 +237,7 @@ def test_valid_inputs_pass_every_check(spec):
     results with their oracles)."""
     x = make_inputs(spec)
     for entry in ENTRIES:
-        bounded(lambda: entry.call(x, entry.arrays(x)), entry.name)
+        bounded(lambda: entry.call(x, entry.arrays(x)), entry.name)  # noqa: B023 (called before the loop moves on)
 
 
 @PER_EXAMPLE
@@ -291,7 +322,7 @@ def test_context_beyond_its_pages_is_rejected(spec, data):
 def test_page_id_out_of_range_is_rejected(spec, data):
     x = make_inputs(spec)
     num_blocks = x.kv_cache.shape[0]
-    (entry, arrays), = _with(ENTRIES, "page_indices", x)
+    ((entry, arrays),) = _with(ENTRIES, "page_indices", x)
     pages = arrays["page_indices"]
     k = data.draw(st.integers(0, pages.numel() - 1), label="k")
     bad = data.draw(st.sampled_from([num_blocks, num_blocks + 7, 2**31 - 1, -1, -(2**31)]))
@@ -299,7 +330,7 @@ def test_page_id_out_of_range_is_rejected(spec, data):
     _rejects(entry, x, arrays, f"page_indices[{k}] = {bad} " + (f">= num_blocks {num_blocks}" if bad > 0 else "< 0"))
 
     # tree_token_layout reads the block-table columns a request uses; they become int32 page ids.
-    (entry, arrays), = _with(ENTRIES, "block_table", x)
+    ((entry, arrays),) = _with(ENTRIES, "block_table", x)
     b = data.draw(st.integers(0, x.meta.num_reqs - 1), label="request")
     used = int(x.meta.paged_kv_indptr[b + 1] - x.meta.paged_kv_indptr[b])
     col = data.draw(st.integers(0, used - 1), label="column")
@@ -343,11 +374,13 @@ def test_cuda_wrappers_validate_before_any_launch(spec, data):
     parents[qo[b] + i] = i  # a self-parent (at the root: not -1)
     bad_tree = dataclasses.replace(meta, parents=parents)
     bad_kv = dataclasses.replace(meta, kv_lens=meta.kv_lens + 1)  # custom masks sized for another context
-    for function, name in ((cuda_ops.tree_mask, "tree_pruned_tree_mask"),
-                           (cuda_ops.custom_mask, "tree_pruned_custom_mask"),
-                           (cuda_ops.packed_custom_mask, "tree_pruned_packed_custom_mask")):
+    for function, name in (
+        (cuda_ops.tree_mask, "tree_pruned_tree_mask"),
+        (cuda_ops.custom_mask, "tree_pruned_custom_mask"),
+        (cuda_ops.packed_custom_mask, "tree_pruned_packed_custom_mask"),
+    ):
         with pytest.raises(RuntimeError, match=re.escape(f"{name}: request {b}: parents[{i}] = {i} (must")):
-            bounded(lambda: function(bad_tree, "cuda"), name)
+            bounded(lambda: function(bad_tree, "cuda"), name)  # noqa: B023 (called before the loop moves on)
         if name != "tree_pruned_tree_mask":
             with pytest.raises(RuntimeError, match=re.escape(f"{name}: mask_indptr[1] = ")):
-                bounded(lambda: function(bad_kv, "cuda"), name)
+                bounded(lambda: function(bad_kv, "cuda"), name)  # noqa: B023 (called before the loop moves on)

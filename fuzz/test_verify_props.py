@@ -45,16 +45,28 @@ def _check(result, trees, expect_fn):
         assert emitted[emitted >= 0].tolist() == [int(tree.tokens[i]) for i in path[1:]] + [bonus]
 
 
-@given(trees=st.lists(draft_trees(vocab_size=VOCAB), min_size=1, max_size=5), seed=st.integers(0, 2**32 - 1),
-       peaked=st.booleans())
+@given(
+    trees=st.lists(draft_trees(vocab_size=VOCAB), min_size=1, max_size=5),
+    seed=st.integers(0, 2**32 - 1),
+    peaked=st.booleans(),
+)
 def test_all_modes_equal_sequential_oracles(trees, seed, peaked):
     flat, logits, target, draft, u = _inputs(trees, seed, peaked)
-    _check(verify_greedy(flat, torch.from_numpy(logits)), trees,
-           lambda b, t, s: oracles.greedy_walk(t.parents, t.tokens, logits[s]))
-    _check(verify_sampling(flat, torch.from_numpy(target), uniforms=torch.from_numpy(u)), trees,
-           lambda b, t, s: oracles.target_only_walk(t.parents, t.tokens, target[s], u[s]))
-    _check(verify_sampling(flat, torch.from_numpy(target), torch.from_numpy(draft), uniforms=torch.from_numpy(u)),
-           trees, lambda b, t, s: oracles.rejection_walk(t.parents, t.tokens, target[s], draft[s], u[s]))
+    _check(
+        verify_greedy(flat, torch.from_numpy(logits)),
+        trees,
+        lambda b, t, s: oracles.greedy_walk(t.parents, t.tokens, logits[s]),
+    )
+    _check(
+        verify_sampling(flat, torch.from_numpy(target), uniforms=torch.from_numpy(u)),
+        trees,
+        lambda b, t, s: oracles.target_only_walk(t.parents, t.tokens, target[s], u[s]),
+    )
+    _check(
+        verify_sampling(flat, torch.from_numpy(target), torch.from_numpy(draft), uniforms=torch.from_numpy(u)),
+        trees,
+        lambda b, t, s: oracles.rejection_walk(t.parents, t.tokens, target[s], draft[s], u[s]),
+    )
 
 
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=6), seed=st.integers(0, 2**32 - 1))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -42,12 +42,12 @@ class StepBatch:
     @classmethod
     def from_requests(
         cls,
-        context_lens: "Sequence[int] | np.ndarray",
-        query_lens: "Sequence[int] | np.ndarray",
-        trees: "Sequence[np.ndarray | None]",
+        context_lens: Sequence[int] | np.ndarray,
+        query_lens: Sequence[int] | np.ndarray,
+        trees: Sequence[np.ndarray | None],
         block_table: np.ndarray,
         block_size: int,
-    ) -> "StepBatch":
+    ) -> StepBatch:
         """Build from per-request parent arrays; ``None`` marks a linear chunk."""
         query_lens = np.asarray(query_lens, dtype=np.int64)
         if len(trees) != query_lens.shape[0]:
@@ -59,7 +59,10 @@ class StepBatch:
                 continue
             tree = np.asarray(tree)
             if tree.ndim != 1 or tree.shape[0] != q:
-                raise ValueError(f"request {b}: tree has {tree.shape[0] if tree.ndim == 1 else tuple(tree.shape)} nodes but query_lens[{b}] = {q}")
+                raise ValueError(
+                    f"request {b}: tree has {tree.shape[0] if tree.ndim == 1 else tuple(tree.shape)} nodes "
+                    f"but query_lens[{b}] = {q}"
+                )
             pieces.append(tree)
         parents = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
         return cls(np.asarray(context_lens), query_lens, parents, block_table, block_size)
@@ -69,8 +72,12 @@ class StepBatch:
         query_lens = np.asarray(self.query_lens)
         parents = np.asarray(self.parents)
         block_table = np.asarray(self.block_table)
-        for name, value in (("context_lens", context_lens), ("query_lens", query_lens),
-                            ("parents", parents), ("block_table", block_table)):
+        for name, value in (
+            ("context_lens", context_lens),
+            ("query_lens", query_lens),
+            ("parents", parents),
+            ("block_table", block_table),
+        ):
             if value.dtype.kind not in "iu":
                 raise ValueError(f"{name} must hold integers, got dtype {value.dtype}")
         context_lens = np.ascontiguousarray(context_lens, dtype=np.int64)

@@ -67,14 +67,17 @@ def token_layout_numpy(batch: StepBatch, qo_indptr: np.ndarray) -> tuple[np.ndar
     )
 
 
-def build_tree_attention_metadata(batch: StepBatch, workspace: "MaskWorkspace | None" = None) -> TreeAttentionMetadata:
+def build_tree_attention_metadata(batch: StepBatch, workspace: MaskWorkspace | None = None) -> TreeAttentionMetadata:
     """Build one step's metadata (see :class:`TreeAttentionMetadata` for every field).
 
     Pass the same ``workspace`` step after step to reuse the mask buffers."""
     q = batch.query_lens
     ctx = batch.context_lens
     kv = ctx + q
-    if int(kv.max()) * int(q.max()) > _INT32_MAX or int(batch.block_table.max(initial=0)) * batch.block_size > _INT32_MAX:
+    if (
+        int(kv.max()) * int(q.max()) > _INT32_MAX
+        or int(batch.block_table.max(initial=0)) * batch.block_size > _INT32_MAX
+    ):
         raise ValueError("batch too large for FlashInfer's int32 indices (context x tree size or block ids)")
     qo_indptr = _indptr(q)
     n = int(qo_indptr[-1])

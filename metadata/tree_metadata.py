@@ -98,7 +98,7 @@ class TreeAttentionMetadata:
     prefix_kv_indptr: torch.Tensor
     prefix_kv_indices: torch.Tensor
     prefix_kv_last_page_len: torch.Tensor
-    workspace: "MaskWorkspace | None" = None
+    workspace: MaskWorkspace | None = None
 
     @property
     def query_lens(self) -> torch.Tensor:
@@ -110,7 +110,7 @@ class TreeAttentionMetadata:
         return int(self.query_lens.max()) if self.num_reqs else 0
 
     @cached_property
-    def _native_masks(self) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None":
+    def _native_masks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(packed, byte_indptr, tree_mask)`` from the native op, or ``None`` without it."""
         op = native_op("build_tree_masks")
         if op is None:
@@ -186,13 +186,13 @@ class TreeAttentionMetadata:
         """int64 indices of the listed requests' tokens in this batch, request after request."""
         return torch.from_numpy(_gather_segments(self.qo_indptr.numpy(), self._request_indices(requests))[1])
 
-    def _request_indices(self, requests: "torch.Tensor | np.ndarray") -> np.ndarray:
+    def _request_indices(self, requests: torch.Tensor | np.ndarray) -> np.ndarray:
         chosen = np.asarray(requests, dtype=np.int64)
         if chosen.ndim != 1 or (chosen.size and (chosen.min() < 0 or chosen.max() >= self.num_reqs)):
             raise ValueError(f"requests {chosen.tolist()} must be 1-D indices below {self.num_reqs}")
         return chosen
 
-    def select(self, requests: torch.Tensor) -> "TreeAttentionMetadata":
+    def select(self, requests: torch.Tensor) -> TreeAttentionMetadata:
         """The metadata of the listed requests alone, in the given order (int64 ``[K]``):
         what :func:`~metadata.builder.build_tree_attention_metadata` gives for that sub-batch.
         Token fields are gathered, indptrs rebased, the mask workspace is not shared; all the

@@ -25,7 +25,7 @@ import sys
 import time
 
 
-def run_job(llm, job: dict) -> dict:  # noqa: ANN001
+def run_job(llm, job: dict) -> dict:
     from vllm import SamplingParams
 
     start = time.perf_counter()
@@ -47,30 +47,44 @@ def run_job(llm, job: dict) -> dict:  # noqa: ANN001
             outs = llm.generate([r["prompt"] for r in job["requests"]], params, use_tqdm=False)
         else:
             outs = llm.chat([r["messages"] for r in job["requests"]], params, use_tqdm=False)
-        result = [{"completions": [{"tokens": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason,
-                                    "logprobs": _logprobs(c.logprobs)} for c in o.outputs],
-                   "prompt_logprobs": _logprobs(o.prompt_logprobs)} for o in outs]
+        result = [
+            {
+                "completions": [
+                    {
+                        "tokens": list(c.token_ids),
+                        "text": c.text,
+                        "finish_reason": c.finish_reason,
+                        "logprobs": _logprobs(c.logprobs),
+                    }
+                    for c in o.outputs
+                ],
+                "prompt_logprobs": _logprobs(o.prompt_logprobs),
+            }
+            for o in outs
+        ]
     elif job["kind"] == "cached_prompt":
         block_size = llm.llm_engine.vllm_config.cache_config.block_size
         token_ids = llm.get_tokenizer().encode(job["prompt"])[: 2 * block_size + 1]
         if len(token_ids) != 2 * block_size + 1:
             raise ValueError(f"cached_prompt: the prompt has {len(token_ids)} tokens, needs {2 * block_size + 1}")
         params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
-        result = [list(llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0].outputs[0].token_ids)
-                  for _ in range(2)]
+        result = [
+            list(llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0].outputs[0].token_ids)
+            for _ in range(2)
+        ]
     else:
         raise ValueError(f"unknown job kind {job['kind']!r}")
     return {"kind": job["kind"], "tokens": result, "seconds": time.perf_counter() - start}
 
 
-def _logprobs(positions) -> "list[dict[str, float]] | None":  # noqa: ANN001
+def _logprobs(positions) -> list[dict[str, float]] | None:
     """vLLM's logprobs (a list of {token id: Logprob} or None per position) as plain JSON."""
     if positions is None:
         return None
     return [None if p is None else {str(t): float(lp.logprob) for t, lp in p.items()} for p in positions]
 
 
-def spec_metrics(llm) -> dict:  # noqa: ANN001
+def spec_metrics(llm) -> dict:
     out = {}
     for metric in llm.get_metrics():
         if metric.name.startswith("vllm:spec_decode_num_") and hasattr(metric, "value"):

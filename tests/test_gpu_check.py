@@ -14,11 +14,18 @@ from tree_attn_backend.gpu import bundle
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.engine
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, TREE_PRUNED_GPU_BUNDLE=str(tmp_path / "no-bundle"))
-    result = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     steps = (out / "steps.log").read_text()
     assert "FAILED" not in steps and "done: exit 0" in steps

@@ -46,17 +46,38 @@ def test_select_equals_the_sub_batch(trees, data):
     batch = _batch(contexts, trees)
     chosen = data.draw(st.lists(st.integers(0, len(trees) - 1), unique=True))
     sub = build_tree_attention_metadata(batch).select(torch.tensor(chosen, dtype=torch.int64))
-    want = build_tree_attention_metadata(StepBatch(
-        batch.context_lens[chosen], batch.query_lens[chosen],
-        np.concatenate([np.array(trees[i], dtype=np.int32) for i in chosen] or [np.zeros(0, np.int32)]),
-        batch.block_table[chosen], batch.block_size,
-    )) if chosen else None
+    want = (
+        build_tree_attention_metadata(
+            StepBatch(
+                batch.context_lens[chosen],
+                batch.query_lens[chosen],
+                np.concatenate([np.array(trees[i], dtype=np.int32) for i in chosen] or [np.zeros(0, np.int32)]),
+                batch.block_table[chosen],
+                batch.block_size,
+            )
+        )
+        if chosen
+        else None
+    )
     if want is None:
         assert sub.num_reqs == 0 and sub.num_tokens == 0
         return
-    for name in ("qo_indptr", "context_lens", "kv_lens", "parents", "depths", "positions", "slot_mapping", "is_chain",
-                 "paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len", "prefix_kv_indptr",
-                 "prefix_kv_indices", "prefix_kv_last_page_len"):
+    for name in (
+        "qo_indptr",
+        "context_lens",
+        "kv_lens",
+        "parents",
+        "depths",
+        "positions",
+        "slot_mapping",
+        "is_chain",
+        "paged_kv_indptr",
+        "paged_kv_indices",
+        "paged_kv_last_page_len",
+        "prefix_kv_indptr",
+        "prefix_kv_indices",
+        "prefix_kv_last_page_len",
+    ):
         got, expected = getattr(sub, name), getattr(want, name)
         assert got.dtype == expected.dtype and torch.equal(got, expected), name
     assert torch.equal(sub.custom_mask, want.custom_mask)
@@ -91,7 +112,9 @@ def test_compaction_and_attention_reject_bad_arguments():
 
 def test_gencode_flags():
     assert csrc_build.gencode_flags("90a") == [
-        "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=compute_90"]
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
     assert csrc_build.gencode_flags("80,90a")[0] == "-gencode=arch=compute_80,code=sm_80"
     with pytest.raises(ValueError, match="'sm90'"):
         csrc_build.gencode_flags("sm90")
@@ -110,8 +133,12 @@ def test_cuda_helpers_are_built_for_sm90a():
 
 
 def test_bench_kernels_cpu_grid(capsys):
-    assert cli.main(["bench", "kernels", "--json", "--device", "cpu", "--batches", "2", "--tree-nodes", "8",
-                     "--contexts", "40"]) == 0
+    assert (
+        cli.main(
+            ["bench", "kernels", "--json", "--device", "cpu", "--batches", "2", "--tree-nodes", "8", "--contexts", "40"]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     (row,) = report["rows"]
     assert (row["device"], row["batch"], row["tree_nodes"], row["context"]) == ("cpu", 2, 8, 40)

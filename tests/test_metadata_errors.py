@@ -22,7 +22,10 @@ def batch(**overrides):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"context_lens": np.array([70, 0])}, "block_table is too short for request 0: context 70 \\+ 3 new tokens need 5 blocks"),
+        (
+            {"context_lens": np.array([70, 0])},
+            "block_table is too short for request 0: context 70 \\+ 3 new tokens need 5 blocks",
+        ),
         ({"context_lens": np.array([10, -1])}, r"context_lens\[1\] = -1 is negative"),
         ({"query_lens": np.array([3, 0]), "parents": np.array([-1, 0, 0])}, r"query_lens\[1\] = 0"),
         ({"query_lens": np.array([2, 2])}, r"parents has shape \(5,\), expected \(4,\)"),

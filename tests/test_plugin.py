@@ -34,7 +34,13 @@ def test_defaults_and_valid_options():
     config = TreePrunedConfig.from_additional_config({})
     assert config.shape.num_nodes > 1
     config = TreePrunedConfig.from_additional_config(
-        {"tree_pruned": {"speculative_token_tree": "[(0,), (1,), (0, 0)]", "prune_min_prob": 0.2, "max_draft_tokens": 3}}
+        {
+            "tree_pruned": {
+                "speculative_token_tree": "[(0,), (1,), (0, 0)]",
+                "prune_min_prob": 0.2,
+                "max_draft_tokens": 3,
+            }
+        }
     )
     assert config.policy(num_speculative_tokens=2).max_nodes == 2  # capped by vLLM's setting
 
@@ -53,17 +59,29 @@ def test_defaults_and_valid_options():
         ({"speculative_token_tree": "[(0, 0)]"}, r"speculative_token_tree: tree path \(0, 0\) has no parent"),
         ({"speculative_token_tree": "[]"}, r"speculative_token_tree: tree has no paths"),
         ({"speculative_token_tree": "[(0,), (0,)]"}, r"speculative_token_tree: tree path \(0,\) appears twice"),
-        ({"speculative_token_tree": "[(0,), (2,)]"}, r"speculative_token_tree: tree path \(2,\) skips a rank: \(1,\) is missing"),
-        ({"speculative_token_tree": str([(r,) for r in range(1025)])},
-         r"speculative_token_tree = .*: must be a tree of at most 1024 nodes and depth 64 \(this one: 1025 nodes, depth 1\)"),
+        (
+            {"speculative_token_tree": "[(0,), (2,)]"},
+            r"speculative_token_tree: tree path \(2,\) skips a rank: \(1,\) is missing",
+        ),
+        (
+            {"speculative_token_tree": str([(r,) for r in range(1025)])},
+            r"speculative_token_tree = .*: must be a tree of at most 1024 nodes and depth 64 "
+            r"\(this one: 1025 nodes, depth 1\)",
+        ),
         ({"speculative_token_tree": str([(0,) * d for d in range(1, 66)])}, r"\(this one: 65 nodes, depth 65\)"),
         ({"log_every_steps": -1}, r"log_every_steps = -1"),
         ({"max_nodes": 4}, r"unknown tree_pruned option\(s\) \['max_nodes'\]"),
         ({"batch_budget": 1}, r"batch_budget = 1: must be true or false"),
         ({"allow_larger_request_share": "yes"}, r"allow_larger_request_share = 'yes': must be true or false"),
         ({"cost_model": {"step_ms": 10.0}}, r"cost_model = \{'step_ms': 10.0\}: .*missing 2 required"),
-        ({"cost_model": {"step_ms": 1, "token_ms": -1, "draft_token_ms": 1}}, r"cost model token_ms = -1: must be a finite number >= 0"),
-        ({"cost_model": {"step_ms": 1, "token_ms": 1, "draft_token_ms": float("inf")}}, r"cost model draft_token_ms = inf"),
+        (
+            {"cost_model": {"step_ms": 1, "token_ms": -1, "draft_token_ms": 1}},
+            r"cost model token_ms = -1: must be a finite number >= 0",
+        ),
+        (
+            {"cost_model": {"step_ms": 1, "token_ms": 1, "draft_token_ms": float("inf")}},
+            r"cost model draft_token_ms = inf",
+        ),
         ({"cost_model": 5}, r"cost_model = 5: must be null \(measured\) or a JSON object"),
     ],
 )
@@ -74,13 +92,16 @@ def test_invalid_options_name_the_option_and_range(options, message):
 
 @pytest.mark.parametrize("section", ["fast", 3, None, ["prune_min_prob"]])
 def test_a_tree_pruned_section_that_is_not_an_object_is_an_error(section):
-    with pytest.raises(ValueError, match=rf"additional_config tree_pruned = {re.escape(repr(section))}: must be a JSON object"):
+    with pytest.raises(
+        ValueError, match=rf"additional_config tree_pruned = {re.escape(repr(section))}: must be a JSON object"
+    ):
         TreePrunedConfig.from_additional_config({"tree_pruned": section})
 
 
 def test_seed_option_names_are_aliases():
     config = TreePrunedConfig.from_additional_config(
-        {"tree_pruned": {"speculative_tree_prune_min_prob": 0.3, "speculative_tree_prune_path_prob": 0.2}})
+        {"tree_pruned": {"speculative_tree_prune_min_prob": 0.3, "speculative_tree_prune_path_prob": 0.2}}
+    )
     assert (config.prune_min_prob, config.prune_path_prob) == (0.3, 0.2)
     request = config.for_request({"speculative_tree_prune_min_prob": 0.4})
     assert request.prune_min_prob == 0.4
@@ -94,7 +115,10 @@ def test_per_request_options_flat_nested_and_their_limits():
     assert (flat.prune_min_prob, flat.max_draft_tokens, flat.batch_budget) == (0.3, 4, True)
     assert server.for_request({"tree_pruned": {"prune_path_prob": 0.5}}).prune_path_prob == 0.5
     for extra_args, message in [
-        ({"max_draft_tokens": 9}, r"request option max_draft_tokens = 9: must be an integer in \[1, 8\] \(the server's"),
+        (
+            {"max_draft_tokens": 9},
+            r"request option max_draft_tokens = 9: must be an integer in \[1, 8\] \(the server's",
+        ),
         ({"batch_budget": 0}, r"request option batch_budget = False: must be true on this server"),
         ({"batch_budget": 2}, r"request option batch_budget = 2: must be true or false \(or 1 or 0\)"),
         ({"prune_min_prob": float("inf")}, r"request option prune_min_prob = inf: must be a number in \[0, 1\]"),
@@ -129,12 +153,21 @@ def test_verification_kind_of_each_option_family():
 
     from tree_attn_backend.vllm_plugin.verification_kind import Verification, verification_for
 
-    tree = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=3),
-            SamplingParams(prompt_logprobs=2, stop=["x"], ignore_eos=True, n=2)]
-    chain = [SamplingParams(repetition_penalty=1.2), SamplingParams(presence_penalty=0.5),
-             SamplingParams(frequency_penalty=0.5), SamplingParams(min_tokens=4), SamplingParams(bad_words=["the"]),
-             SamplingParams(allowed_token_ids=[1, 2]), SamplingParams(logprobs=3),
-             SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object"}))]
+    tree = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=3),
+        SamplingParams(prompt_logprobs=2, stop=["x"], ignore_eos=True, n=2),
+    ]
+    chain = [
+        SamplingParams(repetition_penalty=1.2),
+        SamplingParams(presence_penalty=0.5),
+        SamplingParams(frequency_penalty=0.5),
+        SamplingParams(min_tokens=4),
+        SamplingParams(bad_words=["the"]),
+        SamplingParams(allowed_token_ids=[1, 2]),
+        SamplingParams(logprobs=3),
+        SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object"})),
+    ]
     none = [SamplingParams(min_p=0.1), SamplingParams(logit_bias={5: 2.0})]
     assert [verification_for(p) for p in tree] == [Verification.TREE] * len(tree)
     assert [verification_for(p) for p in chain] == [Verification.CHAIN] * len(chain)
@@ -147,8 +180,9 @@ def _proposer(**options):
     from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
     options.setdefault("allow_larger_request_share", True)  # the tests turn the budget off per request
-    config = SimpleNamespace(additional_config={"tree_pruned": options},
-                             speculative_config=SimpleNamespace(num_speculative_tokens=16))
+    config = SimpleNamespace(
+        additional_config={"tree_pruned": options}, speculative_config=SimpleNamespace(num_speculative_tokens=16)
+    )
     return TreeProposer(config)
 
 
@@ -172,9 +206,13 @@ def test_batch_budget_keeps_trees_when_tokens_are_cheap_and_drops_them_when_cost
     proposer = _proposer()
     unbudgeted = _propose(proposer, [False, False])
     assert all(len(d) > 2 for d in unbudgeted)
-    proposer.cost_model = VerifyCostModel(step_ms=1000.0, token_ms=0.001, draft_token_ms=0.001)  # weight-bound: drafts are free
+    proposer.cost_model = VerifyCostModel(
+        step_ms=1000.0, token_ms=0.001, draft_token_ms=0.001
+    )  # weight-bound: drafts are free
     assert _propose(proposer, [True, True]) == unbudgeted
-    proposer.cost_model = VerifyCostModel(step_ms=1.0, token_ms=10.0, draft_token_ms=10.0)  # compute-bound: these do not pay
+    proposer.cost_model = VerifyCostModel(
+        step_ms=1.0, token_ms=10.0, draft_token_ms=10.0
+    )  # compute-bound: these do not pay
     assert _propose(proposer, [True, False]) == [[], unbudgeted[1]]
     proposer.cost_model = VerifyCostModel(1.0, 10.0, 10.0, draft_step_ms=50.0)  # not even certain tokens would pay...
     assert _propose(proposer, [True, False]) == [[], unbudgeted[1]]

@@ -58,8 +58,12 @@ def test_tree_sampling_preserves_the_target_distribution(with_draft_probs):
     )
     # Node i's distributions: root p0/q0; children p1/q1 of their own token; grandchildren
     # are leaves (their draft distribution is never used).
-    target = np.stack([np.tile(p0, (trials, 1)), p1[kids[:, 0]], p1[kids[:, 1]], p1[grandkids[:, 0]], p1[grandkids[:, 1]]], 1)
-    draft = np.stack([np.tile(q0, (trials, 1)), q1[kids[:, 0]], q1[kids[:, 1]], q1[grandkids[:, 0]], q1[grandkids[:, 1]]], 1)
+    target = np.stack(
+        [np.tile(p0, (trials, 1)), p1[kids[:, 0]], p1[kids[:, 1]], p1[grandkids[:, 0]], p1[grandkids[:, 1]]], 1
+    )
+    draft = np.stack(
+        [np.tile(q0, (trials, 1)), q1[kids[:, 0]], q1[kids[:, 1]], q1[grandkids[:, 0]], q1[grandkids[:, 1]]], 1
+    )
     r = verify_sampling(
         flat,
         torch.from_numpy(target.reshape(-1, vocab)),

@@ -12,10 +12,14 @@ from hypothesis import strategies as st
 from tree_attn_backend.verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget
 
 
-def _throughput(values: list[np.ndarray], keep: tuple[int, ...], num_decoding: int, cost: VerifyCostModel, scale: float) -> float:
+def _throughput(
+    values: list[np.ndarray], keep: tuple[int, ...], num_decoding: int, cost: VerifyCostModel, scale: float
+) -> float:
     accepted = sum(float(np.sum(v[:k])) for v, k in zip(values, keep))
     tokens = sum(keep)
-    time = cost.step_ms + cost.token_ms * num_decoding + cost.draft_token_ms * tokens + cost.draft_step_ms * (tokens > 0)
+    time = (
+        cost.step_ms + cost.token_ms * num_decoding + cost.draft_token_ms * tokens + cost.draft_step_ms * (tokens > 0)
+    )
     return (num_decoding + scale * accepted) / time
 
 
@@ -24,7 +28,9 @@ path_values = st.lists(
     min_size=1,
     max_size=4,
 )
-costs = st.builds(VerifyCostModel, st.floats(0.0, 100.0), st.floats(0.01, 10.0), st.floats(0.0, 20.0), st.floats(0.0, 20.0))
+costs = st.builds(
+    VerifyCostModel, st.floats(0.0, 100.0), st.floats(0.01, 10.0), st.floats(0.0, 20.0), st.floats(0.0, 20.0)
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -34,11 +40,14 @@ def test_budget_is_optimal_over_all_prefix_choices(values, extra_decoding, cost,
     keep = allocate_verify_budget(values, num_decoding, cost, scale)
     assert keep.dtype == np.int64 and keep.shape == (len(values),)
     assert all(0 <= k <= len(v) for k, v in zip(keep.tolist(), values))
-    best = max(_throughput(values, choice, num_decoding, cost, scale)
-               for choice in itertools.product(*[range(len(v) + 1) for v in values]))
+    best = max(
+        _throughput(values, choice, num_decoding, cost, scale)
+        for choice in itertools.product(*[range(len(v) + 1) for v in values])
+    )
     assert _throughput(values, tuple(keep.tolist()), num_decoding, cost, scale) >= best * (1 - 1e-9)
     assert _throughput(values, tuple(keep.tolist()), num_decoding, cost, scale) >= _throughput(
-        values, (0,) * len(values), num_decoding, cost, scale) * (1 - 1e-12)
+        values, (0,) * len(values), num_decoding, cost, scale
+    ) * (1 - 1e-12)
 
 
 def test_budget_shrinks_trees_then_drafts_as_the_batch_grows():

@@ -70,7 +70,6 @@ import itertools
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -131,11 +130,13 @@ def parents_of(tree: Nested, breadth_first: bool) -> tuple[int, ...]:
             parents.append(parent)
             queue.extend((child, len(parents) - 1) for child in node)
     else:
+
         def visit(node: Nested, parent: int) -> None:
             parents.append(parent)
             index = len(parents) - 1
             for child in node:
                 visit(child, index)
+
         visit(tree, -1)
     return tuple(parents)
 
@@ -229,7 +230,7 @@ class _Case:
 class _Batch:
     """All probes of a round as one ``FlatTrees``; ``outcome(values)`` is one verifier call."""
 
-    def __init__(self, run: "_Enumeration", probes: list[_Probe]):
+    def __init__(self, run: _Enumeration, probes: list[_Probe]):
         self.run, self.probes = run, probes
         parents = [run.parents[p.shape] for p in probes]
         sizes = np.array([len(x) for x in parents])
@@ -295,8 +296,16 @@ class _Enumeration:
     target-only mode with children ``candidates(context, k)``.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], target: Dist, draft: Optional[Dist], vocab: int,
-                 root_context: Context, candidates: Optional[Candidates], verify: Verifier):
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, ...]],
+        target: Dist,
+        draft: Dist | None,
+        vocab: int,
+        root_context: Context,
+        candidates: Candidates | None,
+        verify: Verifier,
+    ):
         self.parents = [np.asarray(p, dtype=np.int64) for p in shapes]
         self.children = [[[i for i, q in enumerate(p) if q == v] for v in range(len(p))] for p in shapes]
         self.target, self.draft, self.vocab = target, draft, vocab
@@ -363,7 +372,7 @@ class _Enumeration:
         assert forced.all(), "the walk did not reach the probed node, or a forced rejection failed"
         ends, checks = [], []
         for g, probe in enumerate(probes):
-            b = np.concatenate([[0.0], cuts[g * (self.vocab - 1):(g + 1) * (self.vocab - 1)], [1.0]])
+            b = np.concatenate([[0.0], cuts[g * (self.vocab - 1) : (g + 1) * (self.vocab - 1)], [1.0]])
             assert (np.diff(b) >= 0).all(), f"the sampled token is not monotone in its uniform: {b}"
             for x in np.flatnonzero(b[1:] > b[:-1]):
                 ends.append((g, int(x), b[x], b[x + 1] - b[x]))
@@ -372,8 +381,9 @@ class _Enumeration:
         pieces: list[list[tuple[float, float, int, int]]] = [[] for _ in probes]
         for i, (g, x, start, length) in enumerate(ends):
             lo, hi = 2 * i, 2 * i + 1
-            assert reached[lo] and reached[hi] and token[lo] == token[hi] == x and moved_to[lo] == moved_to[hi], \
+            assert reached[lo] and reached[hi] and token[lo] == token[hi] == x and moved_to[lo] == moved_to[hi], (
                 f"the piece of token {x} is not one outcome"
+            )
             pieces[g].append((start, length, int(moved_to[lo]), x))
         return pieces
 
@@ -457,10 +467,10 @@ class _Enumeration:
 def emitted_distributions(
     shapes: Sequence[tuple[int, ...]],
     target: Dist,
-    draft: Optional[Dist],
+    draft: Dist | None,
     vocab: int,
     root_context: Context,
-    candidates: Optional[Candidates] = None,
+    candidates: Candidates | None = None,
     verify: Verifier = verify_sampling,
 ) -> list[dict[tuple[int, ...], float]]:
     """Per tree (a parent array), the exact distribution of ``verify``'s emitted tokens.
@@ -472,8 +482,9 @@ def emitted_distributions(
     return _Enumeration(shapes, target, draft, vocab, root_context, candidates, verify).run()
 
 
-def max_prefix_error(emitted: dict[tuple[int, ...], float], target: Dist, vocab: int, root_context: Context,
-                     max_len: int) -> float:
+def max_prefix_error(
+    emitted: dict[tuple[int, ...], float], target: Dist, vocab: int, root_context: Context, max_len: int
+) -> float:
     """max over ``s``, ``1 <= |s| <= max_len``, of ``|P_full(prefix s) - P_target(s)|``.
 
     ``P_full``: the emitted tokens followed by sequential sampling from ``target``; a sequence
@@ -490,8 +501,13 @@ def max_prefix_error(emitted: dict[tuple[int, ...], float], target: Dist, vocab:
     return worst
 
 
-def lossless_error(trees: Sequence[tuple[int, ...]], model: HashedModel, mode: str,
-                   verifier_target: Optional[Dist] = None, verify: Verifier = verify_sampling) -> float:
+def lossless_error(
+    trees: Sequence[tuple[int, ...]],
+    model: HashedModel,
+    mode: str,
+    verifier_target: Dist | None = None,
+    verify: Verifier = verify_sampling,
+) -> float:
     """Largest ``max_prefix_error`` over ``trees`` (parent arrays) for ``model`` in ``mode``, all
     enumerated in one batch; the verifier sees ``verifier_target`` (default: the model's target),
     the comparison always uses the model's."""
@@ -556,16 +572,20 @@ def test_every_level_uniform_depth_3_shape(mode):
 @st.composite
 def depth_3_trees(draw: st.DrawFn) -> tuple[int, ...]:
     """A tree of depth exactly 3, <= 3 children per node, in either node order."""
+
     def node(depth: int) -> Nested:
         return () if depth == 3 else tuple(node(depth + 1) for _ in range(draw(st.integers(0, 3))))
+
     tree = node(0)
     assume(tree_depth(tree) == 3)
     return parents_of(tree, draw(st.booleans()))
 
 
 @settings(max_examples=4, deadline=None)
-@given(trees=st.lists(depth_3_trees(), min_size=1, max_size=6).filter(lambda ts: sum(map(len, ts)) <= 100),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    trees=st.lists(depth_3_trees(), min_size=1, max_size=6).filter(lambda ts: sum(map(len, ts)) <= 100),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_random_depth_3_shapes(trees, seed):
     for mode in MODES:
         assert lossless_error(trees, HashedModel(seed=seed), mode) < TOLERANCE

@@ -27,8 +27,13 @@ def vllm_rejection_sample():
         bonus = torch.stack([logits[rows[i + 1] - 1].argmax() for i in range(len(drafts))])[:, None]
         return rejection_sample(
             torch.tensor([t for d in drafts for t in d], dtype=torch.int64),
-            counts, max(counts), torch.tensor(np.cumsum(counts), dtype=torch.int32), None,
-            target, bonus, greedy,
+            counts,
+            max(counts),
+            torch.tensor(np.cumsum(counts), dtype=torch.int32),
+            None,
+            target,
+            bonus,
+            greedy,
         )
 
     return run

@@ -1,13 +1,21 @@
 """``tree-pruned``: the project's command line.
 
-    tree-pruned fuzz --examples N [pytest args]   the Hypothesis property suite, N examples each
-    tree-pruned bench metadata [--json]   builder vs per-node Python builder
-    tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]   tree attention per kernel path (FlashInfer on a GPU)
-    tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE]   modes x concurrency in vLLM
-    tree-pruned bench replay [--prompts FILE] [--path-probs P,...]   pruning scored offline on greedy outputs
-    tree-pruned bench load [--quick] [--json] [--check] [--clients N] [--requests N]   the tree server under streaming load
-    tree-pruned bench step-cost [--quick] [--repeat N] [--json] [--check]   what a draft token costs: stock chain vs TREE_PRUNED tree
-    tree-pruned serve [--port P] [-- vLLM server args]   the default model with TREE_PRUNED
+tree-pruned fuzz --examples N [pytest args]
+    the Hypothesis property suite, N examples each
+tree-pruned bench metadata [--json]
+    builder vs per-node Python builder
+tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]
+    tree attention per kernel path (FlashInfer on a GPU)
+tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE]
+    modes x concurrency in vLLM
+tree-pruned bench replay [--prompts FILE] [--path-probs P,...]
+    pruning scored offline on greedy outputs
+tree-pruned bench load [--quick] [--json] [--check] [--clients N] [--requests N]
+    the tree server under streaming load
+tree-pruned bench step-cost [--quick] [--repeat N] [--json] [--check]
+    what a draft token costs: stock chain vs TREE_PRUNED tree
+tree-pruned serve [--port P] [-- vLLM server args]
+    the default model with TREE_PRUNED
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ if TYPE_CHECKING:
 
 
 def _fuzz(args: argparse.Namespace) -> int:
-    import fuzz
+    from .csrc_build import REPO_ROOT
 
     if args.examples < 1:
         raise SystemExit(f"--examples {args.examples}: must be >= 1")
+    suite = REPO_ROOT / "fuzz"
+    if not suite.is_dir():
+        raise SystemExit(f"tree-pruned fuzz runs the suite of a source checkout; {suite} does not exist")
     env = dict(os.environ, TREE_PRUNED_FUZZ_EXAMPLES=str(args.examples))
-    cmd = [sys.executable, "-m", "pytest", "-q", str(Path(fuzz.__file__).parent), *args.extra]
+    cmd = [sys.executable, "-m", "pytest", "-q", str(suite), *args.extra]
     return subprocess.call(cmd, env=env)
 
 
@@ -88,7 +99,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_config(args: argparse.Namespace, per_category: "int | None", **options: object) -> "E2EConfig":
+def _bench_config(args: argparse.Namespace, per_category: int | None, **options: object) -> E2EConfig:
     """The prompts (``--prompts``, ``--per-category`` else ``per_category``) and the default
     model in an ``E2EConfig`` with ``options``; ``concurrency=None`` = one request per prompt,
     at most 16 at a time. A bad argument exits naming its value."""
@@ -98,7 +109,9 @@ def _bench_config(args: argparse.Namespace, per_category: "int | None", **option
     try:
         if args.per_category is not None and args.per_category < 1:
             raise ValueError(f"--per-category {args.per_category}: must be >= 1")
-        prompts = e2e.load_prompts(args.prompts, per_category=args.per_category if args.per_category is not None else per_category)
+        prompts = e2e.load_prompts(
+            args.prompts, per_category=args.per_category if args.per_category is not None else per_category
+        )
         if options.get("concurrency") is None:
             options["concurrency"] = (min(16, len(prompts)),)
         return e2e.E2EConfig(model=str(default_model_dir()), prompts=tuple(prompts), **options)
@@ -112,10 +125,17 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     from .bench import e2e, e2e_report
 
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
-    config = _bench_config(args, 1 if args.quick else None, modes=args.modes or e2e.MODES, concurrency=args.concurrency,
-                           max_tokens=args.max_tokens or (16 if args.quick else 64), repeat=repeat)
+    config = _bench_config(
+        args,
+        1 if args.quick else None,
+        modes=args.modes or e2e.MODES,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens or (16 if args.quick else 64),
+        repeat=repeat,
+    )
     total = len(config.modes) * len(config.concurrency) * config.repeat
     with tqdm(total=total, desc="bench e2e", unit="run", file=sys.stderr) as bar:
+
         def progress(description: str, done: int) -> None:
             bar.set_description(description)
             bar.update(done - bar.n)
@@ -165,10 +185,14 @@ def _bench_load(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in ("clients", "requests") if getattr(args, name) is not None}
     try:
         config = load.LoadConfig(
-            model=str(default_model_dir()), prompts=tuple(e2e.load_prompts(args.prompts)), prompts_file=args.prompts,
-            seed=args.seed, disconnect_fraction=args.disconnect_fraction,
+            model=str(default_model_dir()),
+            prompts=tuple(e2e.load_prompts(args.prompts)),
+            prompts_file=args.prompts,
+            seed=args.seed,
+            disconnect_fraction=args.disconnect_fraction,
             onednn_primitive_cache=None if args.onednn_primitive_cache < 0 else args.onednn_primitive_cache,
-            **{**quick, **given})
+            **{**quick, **given},
+        )
     except (OSError, ValueError) as exc:
         raise SystemExit(f"tree-pruned bench load: {exc}") from None
     result = load.run_load(config)
@@ -188,14 +212,20 @@ def _bench_step_cost(args: argparse.Namespace) -> int:
     from .bench import step_cost
     from .default_model import default_model_dir
 
-    quick = {"batch_sizes": (1, 4), "draft_tokens": (4,), "warmup_steps": 2, "timed_steps": 4, "repeat": 1} if args.quick else {}
+    quick = (
+        {"batch_sizes": (1, 4), "draft_tokens": (4,), "warmup_steps": 2, "timed_steps": 4, "repeat": 1}
+        if args.quick
+        else {}
+    )
     if args.repeat is not None:
         quick["repeat"] = args.repeat
     try:
         config = step_cost.StepCostConfig(model=str(default_model_dir()), **quick)
     except ValueError as exc:
         raise SystemExit(f"tree-pruned bench step-cost: {exc}") from None
-    with tqdm(total=len(config.batch_sizes) * config.repeat, desc="bench step-cost", unit="batch", file=sys.stderr) as bar:
+    with tqdm(
+        total=len(config.batch_sizes) * config.repeat, desc="bench step-cost", unit="batch", file=sys.stderr
+    ) as bar:
         result = step_cost.run_step_cost(config, progress=lambda line: (bar.set_postfix_str(line), bar.update()))
     targets = step_cost.check_targets(result)
     if args.json:
@@ -233,8 +263,10 @@ def metadata_bench_defaults(name: str) -> tuple[int, ...]:
     return getattr(metadata_bench, name)
 
 
-def main(argv: "list[str] | None" = None) -> int:
-    parser = argparse.ArgumentParser(prog="tree-pruned", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tree-pruned", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     fuzz_p = sub.add_parser("fuzz", help="run the Hypothesis property suite")
     fuzz_p.add_argument("--examples", type=int, default=500, help="examples per property (default 500)")
@@ -244,10 +276,14 @@ def main(argv: "list[str] | None" = None) -> int:
     meta = bench_sub.add_parser("metadata", help="metadata builder vs a per-node Python builder")
     meta.add_argument("--json", action="store_true", help="print one JSON list of rows")
     meta.add_argument("--batches", type=_int_list, default=metadata_bench_defaults("BATCHES"), help="e.g. 1,8,64,256")
-    meta.add_argument("--tree-nodes", type=_int_list, default=metadata_bench_defaults("TREE_NODES"), help="e.g. 8,32,64")
+    meta.add_argument(
+        "--tree-nodes", type=_int_list, default=metadata_bench_defaults("TREE_NODES"), help="e.g. 8,32,64"
+    )
     meta.add_argument("--contexts", type=_int_list, default=metadata_bench_defaults("CONTEXTS"), help="e.g. 512,4096")
     meta.set_defaults(func=_bench_metadata)
-    kern = bench_sub.add_parser("kernels", help="one tree-verify attention layer per kernel path (GPU grid, or a reduced CPU grid)")
+    kern = bench_sub.add_parser(
+        "kernels", help="one tree-verify attention layer per kernel path (GPU grid, or a reduced CPU grid)"
+    )
     kern.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...], "targets": [...]}')
     kern.add_argument("--plot", metavar="DIR", help="write kernels.png into DIR")
     kern.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when torch sees one")
@@ -259,51 +295,108 @@ def main(argv: "list[str] | None" = None) -> int:
     e2e_p.add_argument("--quick", action="store_true", help="one prompt per category, 16 tokens (under 4 minutes)")
     e2e_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
     e2e_p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
-    e2e_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
-                       help="Spec-Bench-style JSONL (default: the shipped mixed set)")
-    e2e_p.add_argument("--per-category", type=int, default=None, help="the first N prompts of each category (default: all)")
+    e2e_p.add_argument(
+        "--prompts",
+        default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
+        help="Spec-Bench-style JSONL (default: the shipped mixed set)",
+    )
+    e2e_p.add_argument(
+        "--per-category", type=int, default=None, help="the first N prompts of each category (default: all)"
+    )
     e2e_p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
-    e2e_p.add_argument("--modes", type=_modes, default=None,
-                       help="comma-separated subset of none,chain,suffix,static_tree,pruned_tree,pruned_budget "
-                       "(default: all; none is required)")
+    e2e_p.add_argument(
+        "--modes",
+        type=_modes,
+        default=None,
+        help="comma-separated subset of none,chain,suffix,static_tree,pruned_tree,pruned_budget "
+        "(default: all; none is required)",
+    )
     e2e_p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64, quick 16)")
-    e2e_p.add_argument("--categories", action="store_true", help="table rows per prompt category too (JSON always has them)")
-    e2e_p.add_argument("--repeat", type=int, default=None,
-                       help="repetitions, each in a shuffled order from fresh engines; rows are medians (default 3, quick 1)")
+    e2e_p.add_argument(
+        "--categories", action="store_true", help="table rows per prompt category too (JSON always has them)"
+    )
+    e2e_p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="repetitions, each in a shuffled order from fresh engines; rows are medians (default 3, quick 1)",
+    )
     e2e_p.add_argument("--check", action="store_true", help="exit 1 when a printed target is not met")
     e2e_p.set_defaults(func=_bench_e2e)
-    replay_p = bench_sub.add_parser("replay", help="score pruning settings offline on greedy outputs (exact for greedy)")
-    replay_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
-                          help="Spec-Bench-style JSONL (default: the shipped mixed set)")
-    replay_p.add_argument("--per-category", type=int, default=None, help="the first N prompts of each category (default: all)")
+    replay_p = bench_sub.add_parser(
+        "replay", help="score pruning settings offline on greedy outputs (exact for greedy)"
+    )
+    replay_p.add_argument(
+        "--prompts",
+        default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
+        help="Spec-Bench-style JSONL (default: the shipped mixed set)",
+    )
+    replay_p.add_argument(
+        "--per-category", type=int, default=None, help="the first N prompts of each category (default: all)"
+    )
     replay_p.add_argument("--max-tokens", type=int, default=128, help="greedy output tokens per prompt (default 128)")
-    replay_p.add_argument("--path-probs", default="0.02,0.05,0.08,0.12", help="path thresholds to score besides the defaults")
+    replay_p.add_argument(
+        "--path-probs", default="0.02,0.05,0.08,0.12", help="path thresholds to score besides the defaults"
+    )
     replay_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
     replay_p.set_defaults(func=_bench_replay)
-    load_p = bench_sub.add_parser("load", help="the OpenAI server with the tree path on under concurrent streaming "
-                                  "clients, a KV cache that forces preemption, and client disconnects")
-    load_p.add_argument("--quick", action="store_true", help="8 clients, 24 requests, 8-16 tokens (default 32, 256, 16-64)")
+    load_p = bench_sub.add_parser(
+        "load",
+        help="the OpenAI server with the tree path on under concurrent streaming "
+        "clients, a KV cache that forces preemption, and client disconnects",
+    )
+    load_p.add_argument(
+        "--quick", action="store_true", help="8 clients, 24 requests, 8-16 tokens (default 32, 256, 16-64)"
+    )
     load_p.add_argument("--clients", type=int, default=None, help="requests in flight (default 32, quick 8)")
     load_p.add_argument("--requests", type=int, default=None, help="requests in all (default 256, quick 24)")
     load_p.add_argument("--seed", type=int, default=0, help="draws the workload (default 0)")
-    load_p.add_argument("--disconnect-fraction", type=float, default=0.1,
-                        help="fraction of requests the client closes after a few chunks (default 0.1)")
-    load_p.add_argument("--prompts", default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
-                        help="Spec-Bench-style JSONL (default: the shipped mixed set)")
-    load_p.add_argument("--onednn-primitive-cache", type=int, default=0, metavar="N",
-                        help="the tree server's ONEDNN_PRIMITIVE_CACHE_CAPACITY (default 0, so the RSS figures show "
-                        "per-request state, not oneDNN's per-shape kernel cache; -1 keeps oneDNN's 1024)")
+    load_p.add_argument(
+        "--disconnect-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of requests the client closes after a few chunks (default 0.1)",
+    )
+    load_p.add_argument(
+        "--prompts",
+        default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
+        help="Spec-Bench-style JSONL (default: the shipped mixed set)",
+    )
+    load_p.add_argument(
+        "--onednn-primitive-cache",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the tree server's ONEDNN_PRIMITIVE_CACHE_CAPACITY (default 0, so the RSS figures show "
+        "per-request state, not oneDNN's per-shape kernel cache; -1 keeps oneDNN's 1024)",
+    )
     load_p.add_argument("--json", action="store_true", help="print one JSON object")
-    load_p.add_argument("--check", action="store_true",
-                        help="exit 1 when a target is missed (errors, greedy mismatches, health, drained, RSS growth)")
+    load_p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a target is missed (errors, greedy mismatches, health, drained, RSS growth)",
+    )
     load_p.set_defaults(func=_bench_load)
-    step_p = bench_sub.add_parser("step-cost", help="the cost of a draft token per step: the stock engine's chains vs "
-                                  "TREE_PRUNED's trees, synthetic drafts of controlled shape")
-    step_p.add_argument("--quick", action="store_true", help="batch sizes 1,4; 0 or 4 drafts; 4 timed steps; one "
-                        "repetition (default 1,4,16; 0,2,4,8,16; 10; 3)")
-    step_p.add_argument("--repeat", type=int, default=None, help="runs of the three engine processes, fresh each time (default 3, quick 1)")
+    step_p = bench_sub.add_parser(
+        "step-cost",
+        help="the cost of a draft token per step: the stock engine's chains vs "
+        "TREE_PRUNED's trees, synthetic drafts of controlled shape",
+    )
+    step_p.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch sizes 1,4; 0 or 4 drafts; 4 timed steps; one repetition (default 1,4,16; 0,2,4,8,16; 10; 3)",
+    )
+    step_p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs of the three engine processes, fresh each time (default 3, quick 1)",
+    )
     step_p.add_argument("--json", action="store_true", help="print one JSON object")
-    step_p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (tree_vs_chain, no_draft_step_ratio)")
+    step_p.add_argument(
+        "--check", action="store_true", help="exit 1 when a target is missed (tree_vs_chain, no_draft_step_ratio)"
+    )
     step_p.set_defaults(func=_bench_step_cost)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
     serve_p.add_argument("--port", type=int, default=0, help="port (default: a free one)")

@@ -73,11 +73,10 @@ class CpuAttentionPlan:
     groups: list[PaddedGroup]
     chunks: list[CausalChunk]
     num_tokens: int
-    native: "tuple[torch.Tensor, ...] | None" = None
+    native: tuple[torch.Tensor, ...] | None = None
 
 
 def _padded_group(meta: TreeAttentionMetadata, reqs: np.ndarray) -> PaddedGroup:
-    bs = meta.block_size
     qo = meta.qo_indptr.numpy().astype(np.int64)
     q = np.diff(qo)[reqs]
     ctx = meta.context_lens.numpy().astype(np.int64)[reqs]
@@ -125,8 +124,10 @@ def plan_cpu_attention(
     is_chain = meta.is_chain.numpy()
     long_chain = is_chain & (q > short_query_max)
     if use_native and not long_chain.any() and native_op("tree_paged_attention") is not None:
-        native = tuple(t.to(torch.int32).contiguous() for t in (
-            meta.qo_indptr, meta.context_lens, meta.parents, meta.paged_kv_indptr, meta.paged_kv_indices))
+        native = tuple(
+            t.to(torch.int32).contiguous()
+            for t in (meta.qo_indptr, meta.context_lens, meta.parents, meta.paged_kv_indptr, meta.paged_kv_indices)
+        )
         return CpuAttentionPlan(groups=[], chunks=[], num_tokens=meta.num_tokens, native=native)
     short = np.flatnonzero(~long_chain)
     short = short[np.argsort(kv[short], kind="stable")]
@@ -176,7 +177,7 @@ def run_cpu_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
     scale: float,
-    out: "torch.Tensor | None" = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention for one layer.
 

@@ -58,7 +58,7 @@ def install_library(built: Path, target: Path) -> None:
     os.replace(staged, target)
 
 
-def find_nvcc() -> "Path | None":
+def find_nvcc() -> Path | None:
     """nvcc from ``$CUDA_HOME/bin``, else from ``PATH``."""
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
@@ -70,8 +70,9 @@ def find_nvcc() -> "Path | None":
 def cuda_home(nvcc: Path) -> Path:
     """The toolkit root of ``nvcc`` as nvcc itself reports it (``TOP`` of ``--dryrun``):
     ``nvcc`` on PATH may be a wrapper script or a link."""
-    result = subprocess.run([str(nvcc), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(nvcc), "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True
+    )
     for line in (result.stdout + result.stderr).splitlines():
         if line.startswith("#$ TOP="):
             return Path(line.split("=", 1)[1].strip()).resolve()
@@ -99,8 +100,20 @@ def build_cuda_helpers(nvcc: Path, archs: str = DEFAULT_CUDA_ARCHS, verbose: boo
         raise FileNotFoundError(f"no CUDA sources in {CSRC}")
     built = REPO_ROOT / "build" / "csrc_cuda" / CUDA_LIBRARY_PATH.name
     built.parent.mkdir(parents=True, exist_ok=True)
-    command = [str(nvcc), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
-               *gencode_flags(archs), "-o", str(built), *sources]
+    command = [
+        str(nvcc),
+        "-O3",
+        "-std=c++17",
+        "-shared",
+        "-Xcompiler",
+        "-fPIC",
+        "-cudart",
+        "static",
+        *gencode_flags(archs),
+        "-o",
+        str(built),
+        *sources,
+    ]
     if verbose:
         print(" ".join(command))
     subprocess.run(command, check=True)
@@ -108,7 +121,7 @@ def build_cuda_helpers(nvcc: Path, archs: str = DEFAULT_CUDA_ARCHS, verbose: boo
     return CUDA_LIBRARY_PATH
 
 
-def main(argv: "list[str] | None" = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args
     targets = [a for a in args if a != "-v"] or ["cpu", "cuda"]

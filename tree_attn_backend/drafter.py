@@ -6,7 +6,8 @@ The same expansion + pruning code (:mod:`tree_attn_backend.pruning`) serves ever
 from __future__ import annotations
 
 import zlib
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class SyntheticDrafter:
     def __init__(
         self,
         vocab_size: int = 1000,
-        confidence: "float | tuple[float, float]" = 0.6,
+        confidence: float | tuple[float, float] = 0.6,
         seed: int = 0,
         window: int = 4,
     ) -> None:

@@ -12,7 +12,7 @@ is the source of a later move; gathering every source before writing is safe reg
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

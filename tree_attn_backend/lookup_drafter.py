@@ -11,7 +11,7 @@ wider, shallower ones; an unseen context gives no draft at all.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class LookupIndex:

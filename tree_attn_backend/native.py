@@ -8,7 +8,7 @@ speed, and is logged once per op.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ logger = logging.getLogger("tree_attn_backend")
 LIBRARY_PATH = Path(__file__).resolve().parent / "_C" / "tree_pruned_C.so"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_library() -> bool:
     if not LIBRARY_PATH.exists():
         return False
@@ -30,8 +30,8 @@ def _load_library() -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
-def native_op(name: str) -> "torch._ops.OpOverloadPacket | None":
+@cache
+def native_op(name: str) -> torch._ops.OpOverloadPacket | None:
     """``torch.ops.tree_pruned.<name>`` if the native library is built, else ``None``.
 
     The first miss per op logs one warning naming the op and how to build it.

@@ -37,7 +37,9 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
     key_t, value_cache = _views(kv_cache)
     block_size = kv_cache.shape[2]
     if key.shape != value.shape or key.shape[1:] != (kv_cache.shape[1], kv_cache.shape[3] // 2):
-        raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} do not fit cache {tuple(kv_cache.shape)}")
+        raise ValueError(
+            f"key {tuple(key.shape)} / value {tuple(value.shape)} do not fit cache {tuple(kv_cache.shape)}"
+        )
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     # Advanced indices on non-adjacent dims put the token dim first: [n, H, D] on both sides.
     key_t[blocks, :, :, offsets] = key.to(kv_cache.dtype)

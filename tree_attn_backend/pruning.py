@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -35,8 +35,8 @@ class PruningPolicy:
 
     min_node_prob: float = 0.0
     min_path_prob: float = 0.0
-    max_nodes: "int | None" = None
-    max_depth: "int | None" = None
+    max_nodes: int | None = None
+    max_depth: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("min_node_prob", "min_path_prob"):

@@ -5,8 +5,8 @@ Every fast attention path is fuzzed against :func:`reference_tree_attention`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

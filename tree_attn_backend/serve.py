@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import requests
 
@@ -29,17 +29,24 @@ def free_port() -> int:
 
 
 def server_command(
-    model: str, port: int, tree_options: "dict | None" = None, extra_args: "list[str] | None" = None
+    model: str, port: int, tree_options: dict | None = None, extra_args: list[str] | None = None
 ) -> tuple[list[str], dict[str, str]]:
     """``(argv, env)`` of an OpenAI server with the tree path on, listening on 127.0.0.1."""
     argv = [
-        str(Path(sys.executable).parent / "vllm"), "serve", model,  # the vllm command of this environment
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--dtype", "float32",  # faster than bf16 on CPUs without bf16 instructions
-        "--max-model-len", "2048",
+        str(Path(sys.executable).parent / "vllm"),
+        "serve",
+        model,  # the vllm command of this environment
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",  # faster than bf16 on CPUs without bf16 instructions
+        "--max-model-len",
+        "2048",
         "--enforce-eager",
-        "--additional-config", json.dumps({"tree_pruned": tree_options or {}}),
+        "--additional-config",
+        json.dumps({"tree_pruned": tree_options or {}}),
         *(extra_args or []),
     ]
     env = dict(os.environ, VLLM_ATTENTION_BACKEND="TREE_PRUNED", HF_HUB_OFFLINE="1")
@@ -82,7 +89,7 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def main(port: int = 0, extra_args: "list[str] | None" = None) -> int:
+def main(port: int = 0, extra_args: list[str] | None = None) -> int:
     from .default_model import default_model_dir
 
     model = str(default_model_dir())

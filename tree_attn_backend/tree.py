@@ -133,7 +133,7 @@ class DraftTree:
         object.__setattr__(self, "depths", depths)
 
     @classmethod
-    def chain(cls, tokens: "list[int] | np.ndarray", probs: "list[float] | np.ndarray | None" = None) -> "DraftTree":
+    def chain(cls, tokens: list[int] | np.ndarray, probs: list[float] | np.ndarray | None = None) -> DraftTree:
         """A chain ``tokens[0] -> tokens[1] -> ...`` (what vLLM's chain proposers emit)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         n = tokens.shape[0]
@@ -162,13 +162,11 @@ class DraftTree:
             out[at] *= out[self.parents[at]]
         return out
 
-    def truncate(self, num_nodes: int) -> "DraftTree":
+    def truncate(self, num_nodes: int) -> DraftTree:
         """The first ``num_nodes`` nodes: always a valid tree (topological order)."""
         if not 1 <= num_nodes <= self.num_nodes:
             raise ValueError(f"num_nodes = {num_nodes} must be in [1, {self.num_nodes}]")
-        return DraftTree(
-            parents=self.parents[:num_nodes], tokens=self.tokens[:num_nodes], probs=self.probs[:num_nodes]
-        )
+        return DraftTree(parents=self.parents[:num_nodes], tokens=self.tokens[:num_nodes], probs=self.probs[:num_nodes])
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to ``node`` inclusive."""
@@ -195,7 +193,7 @@ class FlatTrees:
     tokens: torch.Tensor
 
     @classmethod
-    def from_trees(cls, trees: "list[DraftTree]") -> "FlatTrees":
+    def from_trees(cls, trees: list[DraftTree]) -> FlatTrees:
         if not trees:
             raise ValueError("trees is empty: a batch has at least one request")
         sizes = np.array([t.num_nodes for t in trees], dtype=np.int64)

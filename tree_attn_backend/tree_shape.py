@@ -45,7 +45,7 @@ class TreeShape:
         return kids[np.argsort(self.ranks[kids], kind="stable")]
 
     @classmethod
-    def from_paths(cls, paths: "list[tuple[int, ...]] | tuple[tuple[int, ...], ...]") -> "TreeShape":
+    def from_paths(cls, paths: list[tuple[int, ...]] | tuple[tuple[int, ...], ...]) -> TreeShape:
         """Build from a list of rank paths (any order, root omitted).
 
         Raises ``ValueError`` naming the offending path when the list is empty, a path is not
@@ -77,7 +77,7 @@ class TreeShape:
         return cls(paths=tuple(ordered), parents=parents, ranks=ranks, depths=depths_from_parents(parents))
 
     @classmethod
-    def parse(cls, text: str) -> "TreeShape":
+    def parse(cls, text: str) -> TreeShape:
         """Parse vLLM's ``speculative_token_tree`` string. Only literals are read (no eval)."""
         if not isinstance(text, str):
             raise ValueError(f"speculative_token_tree must be a string, got {type(text).__name__}")
@@ -90,7 +90,7 @@ class TreeShape:
         return cls.from_paths(list(value))
 
     @classmethod
-    def full(cls, branching: "list[int] | tuple[int, ...]") -> "TreeShape":
+    def full(cls, branching: list[int] | tuple[int, ...]) -> TreeShape:
         """Every path whose rank at depth ``d`` is below ``branching[d-1]``."""
         if not branching or any(b < 1 for b in branching):
             raise ValueError(f"branching {branching!r} must be a non-empty list of integers >= 1")
@@ -102,7 +102,7 @@ class TreeShape:
         return cls.from_paths(paths)
 
     @classmethod
-    def chain(cls, length: int) -> "TreeShape":
+    def chain(cls, length: int) -> TreeShape:
         """A chain of ``length`` draft nodes (rank 0 at every depth)."""
         if length < 1:
             raise ValueError(f"chain length {length} must be >= 1")

@@ -100,7 +100,7 @@ def _check_vocab(trees: FlatTrees, name: str, values: torch.Tensor) -> None:
         raise ValueError(f"token id {int(trees.tokens.max())} is outside the vocabulary of {name} ({values.shape[1]})")
 
 
-def _uniforms(trees: FlatTrees, uniforms: "torch.Tensor | None", generator: "torch.Generator | None") -> torch.Tensor:
+def _uniforms(trees: FlatTrees, uniforms: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
     if uniforms is None:
         return torch.rand(trees.num_nodes, 2, generator=generator, dtype=torch.float64)
     if uniforms.shape != (trees.num_nodes, 2):
@@ -140,9 +140,9 @@ def verify_greedy(trees: FlatTrees, target_logits: torch.Tensor) -> VerifyResult
 def verify_sampling(
     trees: FlatTrees,
     target_probs: torch.Tensor,
-    draft_probs: "torch.Tensor | None" = None,
-    uniforms: "torch.Tensor | None" = None,
-    generator: "torch.Generator | None" = None,
+    draft_probs: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> VerifyResult:
     """Lossless sampling verification.
 

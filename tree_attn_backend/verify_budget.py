@@ -22,8 +22,8 @@ expected throughput is never below the no-draft choice ``k = 0``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -55,13 +55,18 @@ class VerifyCostModel:
         if self.step_ms + self.token_ms <= 0.0:
             raise ValueError(f"cost model step_ms = {self.step_ms} and token_ms = {self.token_ms}: one must be > 0")
 
-    def step_time(self, num_plain: "int | np.ndarray", num_draft: "int | np.ndarray") -> np.ndarray:
+    def step_time(self, num_plain: int | np.ndarray, num_draft: int | np.ndarray) -> np.ndarray:
         """Vectorised step time (ms)."""
         num_draft = np.asarray(num_draft)
-        return self.step_ms + self.token_ms * np.asarray(num_plain) + self.draft_token_ms * num_draft + self.draft_step_ms * (num_draft > 0)
+        return (
+            self.step_ms
+            + self.token_ms * np.asarray(num_plain)
+            + self.draft_token_ms * num_draft
+            + self.draft_step_ms * (num_draft > 0)
+        )
 
     @classmethod
-    def fit(cls, num_tokens: Sequence[int], step_ms: Sequence[float]) -> "VerifyCostModel":
+    def fit(cls, num_tokens: Sequence[int], step_ms: Sequence[float]) -> VerifyCostModel:
         """Least-squares line through measured plain ``(num_tokens, step_ms)`` points (two or
         more distinct token counts), clamped to non-negative coefficients; draft tokens are
         assumed to cost what plain ones do until measured (:class:`OnlineCostFit`)."""
@@ -108,13 +113,17 @@ class OnlineCostFit:
         return VerifyCostModel(step, token, draft_token, draft_step)
 
 
-def _expected_throughput(num_decoding: int, accepted: np.ndarray, num_draft: np.ndarray, cost: VerifyCostModel) -> np.ndarray:
+def _expected_throughput(
+    num_decoding: int, accepted: np.ndarray, num_draft: np.ndarray, cost: VerifyCostModel
+) -> np.ndarray:
     """Expected tokens per ms of a step with ``num_draft`` draft tokens expected to yield
     ``accepted`` accepted ones (vectorised over both)."""
     return (num_decoding + accepted) / cost.step_time(num_decoding, num_draft)
 
 
-def drafts_can_pay(num_decoding: int, max_draft_tokens: int, cost: VerifyCostModel, acceptance_scale: float = 1.0) -> bool:
+def drafts_can_pay(
+    num_decoding: int, max_draft_tokens: int, cost: VerifyCostModel, acceptance_scale: float = 1.0
+) -> bool:
     """Whether any draft of up to ``max_draft_tokens`` tokens could raise expected throughput
     over no draft, even if every node were certain (path value 1). The throughput is monotone
     in the token count beyond the first, so one token and the largest draft decide."""
@@ -154,5 +163,7 @@ def allocate_verify_budget(
     order = np.argsort(-values, kind="stable")
     k = np.arange(values.size + 1)
     accepted = np.concatenate([[0.0], np.cumsum(values[order])]) * acceptance_scale
-    best = int(np.argmax(_expected_throughput(num_decoding, accepted, k, cost)))  # first maximum: ties go to fewer tokens
+    best = int(
+        np.argmax(_expected_throughput(num_decoding, accepted, k, cost))
+    )  # first maximum: ties go to fewer tokens
     return np.bincount(owner[order[:best]], minlength=len(counts)).astype(np.int64)

@@ -24,7 +24,8 @@ engine's (mode, concurrency) runs in a shuffled order, so no mode always runs fi
 warming or cooling machine. Every mode starts from the same state: before its runs each engine
 runs every (mode, concurrency) once, briefly and untimed (kernels for every batch shape), and
 its drafter forgets what earlier requests taught it before every run (the tree engine's batch
-budget, SuffixDecoding's global cache of responses). A row holds the median over repetitions of each metric, ``spread`` the min and max.
+budget, SuffixDecoding's global cache of responses). A row holds the median over repetitions
+of each metric, ``spread`` the min and max.
 
 Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt category):
 
@@ -50,16 +51,21 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from ..vllm_plugin import default_speculative_config
 
 MODES = ("none", "chain", "suffix", "static_tree", "pruned_tree", "pruned_budget")
-CHAIN_SPECULATIVE_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+CHAIN_SPECULATIVE_CONFIG = {
+    "method": "ngram",
+    "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4,
+    "prompt_lookup_min": 1,
+}
 # The stock engine's speculative config per peer mode.
 STOCK_SPECULATIVE_CONFIGS = {"none": None, "chain": CHAIN_SPECULATIVE_CONFIG, "suffix": {"method": "suffix"}}
 # Per-request tree options of the three tree modes (one engine, defaults elsewhere).
@@ -69,8 +75,17 @@ TREE_MODE_OPTIONS = {
     "pruned_budget": {"batch_budget": True},
 }
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "spec_bench_mixed.jsonl"
-METRICS = ("tokens_per_s", "draft_tokens_per_step", "accepted_tokens_per_step", "acceptance_rate",
-           "ttft_ms_p50", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "identical_to_baseline")
+METRICS = (
+    "tokens_per_s",
+    "draft_tokens_per_step",
+    "accepted_tokens_per_step",
+    "acceptance_rate",
+    "ttft_ms_p50",
+    "tpot_ms_p50",
+    "tpot_ms_p90",
+    "tpot_ms_p99",
+    "identical_to_baseline",
+)
 
 
 @dataclass(frozen=True)
@@ -99,14 +114,16 @@ class E2EConfig:
         if self.repeat < 1:
             raise ValueError(f"repeat = {self.repeat}: must be >= 1")
         if "suffix" in self.modes and importlib.util.find_spec("arctic_inference") is None:
-            raise ValueError("mode 'suffix' needs the arctic-inference package (vLLM's SuffixDecoding); "
-                             "`make setup` builds it from source")
+            raise ValueError(
+                "mode 'suffix' needs the arctic-inference package (vLLM's SuffixDecoding); "
+                "`make setup` builds it from source"
+            )
 
     def num_requests(self, concurrency: int) -> int:
         return max(len(self.prompts), concurrency)
 
 
-def load_prompts(path: "str | Path", per_category: "int | None" = None) -> list[dict]:
+def load_prompts(path: str | Path, per_category: int | None = None) -> list[dict]:
     """Spec-Bench-style JSONL (``category``, ``turns``: the first turn is the prompt), in file
     order; ``per_category`` keeps the first that many of each category."""
     prompts, seen = [], {}
@@ -117,7 +134,9 @@ def load_prompts(path: "str | Path", per_category: "int | None" = None) -> list[
             item = json.loads(line)
             category, turn = str(item["category"]), item["turns"][0]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise ValueError(f"{path}:{number}: not a Spec-Bench record with 'category' and 'turns' ({exc!r})") from None
+            raise ValueError(
+                f"{path}:{number}: not a Spec-Bench record with 'category' and 'turns' ({exc!r})"
+            ) from None
         if not isinstance(turn, str) or not turn:
             raise ValueError(f"{path}:{number}: turns[0] must be a non-empty string, got {turn!r}")
         seen[category] = seen.get(category, 0) + 1
@@ -134,12 +153,23 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
     an earlier ngram engine in the same process loaded); an engine is
     ``{"name", "engine": EngineArgs kwargs, "runs": [...]}``."""
     # Prefix caching off: every run of a shared engine must pay the same prefill.
-    base = {"model": config.model, "dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "seed": 0,
-            "disable_log_stats": False, "enable_prefix_caching": False, "distributed_executor_backend": "uni"}
+    base = {
+        "model": config.model,
+        "dtype": "float32",
+        "max_model_len": 2048,
+        "enforce_eager": True,
+        "seed": 0,
+        "disable_log_stats": False,
+        "enable_prefix_caching": False,
+        "distributed_executor_backend": "uni",
+    }
 
     def runs(modes: list[str]) -> list[dict]:
-        return [{"mode": m, "concurrency": c, "extra_args": TREE_MODE_OPTIONS.get(m)}
-                for c in config.concurrency for m in modes]
+        return [
+            {"mode": m, "concurrency": c, "extra_args": TREE_MODE_OPTIONS.get(m)}
+            for c in config.concurrency
+            for m in modes
+        ]
 
     processes = []
     for mode, speculative_config in STOCK_SPECULATIVE_CONFIGS.items():
@@ -148,11 +178,19 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
             processes.append((mode, {}, [{"name": mode, "engine": engine, "runs": runs([mode])}]))
     tree_modes = [m for m in MODES if m in TREE_MODE_OPTIONS and m in config.modes]
     if tree_modes:
-        engine = dict(base, speculative_config=default_speculative_config(),
-                      # the modes turn the batch budget off per request
-                      additional_config={"tree_pruned": {"allow_larger_request_share": True}})
-        processes.append(("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"},
-                          [{"name": "tree", "engine": engine, "runs": runs(tree_modes)}]))
+        engine = dict(
+            base,
+            speculative_config=default_speculative_config(),
+            # the modes turn the batch budget off per request
+            additional_config={"tree_pruned": {"allow_larger_request_share": True}},
+        )
+        processes.append(
+            (
+                "tree",
+                {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"},
+                [{"name": "tree", "engine": engine, "runs": runs(tree_modes)}],
+            )
+        )
     return processes
 
 
@@ -161,13 +199,18 @@ def tokenize_prompts(config: E2EConfig) -> list[dict]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    texts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in config.prompts]
-    return [{"category": p["category"], "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}
-            for p, text in zip(config.prompts, texts)]
+    texts = [
+        tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in config.prompts
+    ]
+    return [
+        {"category": p["category"], "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}
+        for p, text in zip(config.prompts, texts)
+    ]
 
 
-def run_engines(config: E2EConfig, prompts: list[dict],
-                progress: "Callable[[str, int], None] | None" = None) -> list[dict]:
+def run_engines(
+    config: E2EConfig, prompts: list[dict], progress: Callable[[str, int], None] | None = None
+) -> list[dict]:
     """Run every engine on ``prompts`` (``tokenize_prompts(config)``), ``config.repeat`` times
     in shuffled orders (module docstring); returns all runs' records (see ``e2e_engine``), each
     with its ``repetition``. ``progress(description, runs_done)`` is called as runs finish."""
@@ -181,8 +224,12 @@ def run_engines(config: E2EConfig, prompts: list[dict],
             label = f"{name} engines" + (f", repetition {repetition + 1}/{config.repeat}" if config.repeat > 1 else "")
             if progress:
                 progress(f"starting {label}", done)
-            spec = {"engines": engines, "prompts": prompts, "max_tokens": config.max_tokens,
-                    "num_requests": {str(c): config.num_requests(c) for c in config.concurrency}}
+            spec = {
+                "engines": engines,
+                "prompts": prompts,
+                "max_tokens": config.max_tokens,
+                "num_requests": {str(c): config.num_requests(c) for c in config.concurrency},
+            }
 
             def on_progress(line: str, offset: int = done, label: str = label) -> None:
                 if progress:
@@ -202,21 +249,27 @@ def engine_process_env(env: dict[str, str]) -> dict[str, str]:
     return process_env
 
 
-def run_engine_process(module: str, name: str, env: dict[str, str], spec: dict,
-                       on_progress: "Callable[[str], None] | None" = None) -> dict:
+def run_engine_process(
+    module: str, name: str, env: dict[str, str], spec: dict, on_progress: Callable[[str], None] | None = None
+) -> dict:
     """Run ``python -m module SPEC.json OUT.json`` (an engine-side benchmark module) in a fresh
-    process (:func:`engine_process_env`) and return OUT's JSON; ``on_progress`` gets the rest of every ``PROGRESS ...`` line the
-    process prints. A failing process raises with the end of its output."""
+    process (:func:`engine_process_env`) and return OUT's JSON; ``on_progress`` gets the rest of
+    every ``PROGRESS ...`` line the process prints. A failing process raises with the end of its output."""
     with tempfile.TemporaryDirectory(prefix="tree-pruned-bench-") as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.Popen([sys.executable, "-m", module, str(spec_path), str(out_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=engine_process_env(env))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, str(spec_path), str(out_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=engine_process_env(env),
+        )
         log = []
         for line in proc.stdout:  # type: ignore[union-attr]
             log.append(line)
             if line.startswith("PROGRESS ") and on_progress:
-                on_progress(line[len("PROGRESS "):].strip())
+                on_progress(line[len("PROGRESS ") :].strip())
         if proc.wait() != 0:
             raise RuntimeError(f"the {name} engine process failed (exit {proc.returncode}):\n{''.join(log[-60:])}")
         return json.loads(out_path.read_text())
@@ -225,16 +278,25 @@ def run_engine_process(module: str, name: str, env: dict[str, str], spec: dict,
 def tpot_ms(requests: list[dict]) -> list[float]:
     """Time per output token of each request with two tokens or more: (last token - first
     token) / (output tokens - 1), in ms."""
-    return [(r["last_token"] - r["first_token"]) / (len(r["tokens"]) - 1) * 1e3 for r in requests if len(r["tokens"]) > 1]
+    return [
+        (r["last_token"] - r["first_token"]) / (len(r["tokens"]) - 1) * 1e3 for r in requests if len(r["tokens"]) > 1
+    ]
 
 
-def percentile(values: Sequence[float], q: float) -> "float | None":
+def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile of ``values`` rounded to 0.01 (None for no values)."""
     return round(float(np.percentile(values, q)), 2) if len(values) else None
 
 
-def _row(mode: str, concurrency: int, category: str, requests: list[dict], wall_s: float, counters: "dict | None",
-         baseline: "dict[int, list[int]] | None") -> dict:
+def _row(
+    mode: str,
+    concurrency: int,
+    category: str,
+    requests: list[dict],
+    wall_s: float,
+    counters: dict | None,
+    baseline: dict[int, list[int]] | None,
+) -> dict:
     tokens = sum(len(r["tokens"]) for r in requests)
     decode_steps = sum(max(r["steps"] - 1, 0) for r in requests)
     accepted = sum(len(r["tokens"]) - r["steps"] for r in requests)
@@ -254,8 +316,9 @@ def _row(mode: str, concurrency: int, category: str, requests: list[dict], wall_
         "tpot_ms_p50": percentile(tpot, 50),
         "tpot_ms_p90": percentile(tpot, 90),
         "tpot_ms_p99": percentile(tpot, 99),
-        "identical_to_baseline": None if baseline is None else all(
-            r["tokens"] == baseline[r["index"]] for r in requests),
+        "identical_to_baseline": None
+        if baseline is None
+        else all(r["tokens"] == baseline[r["index"]] for r in requests),
     }
 
 
@@ -264,14 +327,17 @@ def summarize(runs: list[dict]) -> list[dict]:
     category; each metric the median over the runs' repetitions (module docstring)."""
     baselines = {
         (run["concurrency"], run.get("repetition", 0)): {r["index"]: r["tokens"] for r in run["requests"]}
-        for run in runs if run["mode"] == "none"
+        for run in runs
+        if run["mode"] == "none"
     }
     per_repetition: dict[tuple[str, int, str], list[dict]] = {}
     for run in runs:
         baseline = baselines.get((run["concurrency"], run.get("repetition", 0)))
         requests = run["requests"]
         groups = [("all", requests, run["counters"])]
-        groups += [(c, [r for r in requests if r["category"] == c], None) for c in sorted({r["category"] for r in requests})]
+        groups += [
+            (c, [r for r in requests if r["category"] == c], None) for c in sorted({r["category"] for r in requests})
+        ]
         for category, members, counters in groups:
             row = _row(run["mode"], run["concurrency"], category, members, run["wall_s"], counters, baseline)
             per_repetition.setdefault((run["mode"], run["concurrency"], category), []).append(row)

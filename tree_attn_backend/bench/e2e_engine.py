@@ -31,18 +31,18 @@ import os
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM reads its environment
 
-from vllm import SamplingParams  # noqa: E402
-from vllm.engine.arg_utils import EngineArgs  # noqa: E402
-from vllm.sampling_params import RequestOutputKind  # noqa: E402
-from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
-from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
-from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer  # noqa: E402
+from vllm import SamplingParams
+from vllm.engine.arg_utils import EngineArgs
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.llm_engine import LLMEngine
+from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer
 
-from tree_attn_backend.vllm_plugin.proposer import TreeProposer  # noqa: E402
-
+from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
 WARM_UP_TOKENS = 8  # per warm-up request: enough decode steps to draft and verify
 
@@ -53,10 +53,12 @@ class SpecCounters(StatLoggerBase):
 
     totals: Counter = Counter()
 
-    def __init__(self, vllm_config, engine_index: int = 0) -> None:  # noqa: ANN001
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
         pass
 
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:  # noqa: ANN001
+    def record(
+        self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+    ) -> None:
         spec = getattr(scheduler_stats, "spec_decoding_stats", None)
         if spec is not None:
             SpecCounters.totals["num_draft_tokens"] += spec.num_draft_tokens
@@ -65,7 +67,7 @@ class SpecCounters(StatLoggerBase):
         pass
 
 
-def reset_drafter(worker) -> None:  # noqa: ANN001 (vLLM's worker)
+def reset_drafter(worker: Any) -> None:
     """On the worker (``collective_rpc``): TREE_PRUNED's proposer forgets what its batch budget
     learned (cost fit, acceptance calibration); a SuffixDecoding proposer is replaced by a fresh
     one (its global tree caches earlier responses, and every run re-sends the same prompts).
@@ -81,8 +83,12 @@ def reset_drafter(worker) -> None:  # noqa: ANN001 (vLLM's worker)
 def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> dict:
     prompts = spec["prompts"]
     num_requests = spec["num_requests"][str(run["concurrency"])]
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], output_kind=RequestOutputKind.DELTA,
-                            extra_args=run.get("extra_args"))
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=spec["max_tokens"],
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=run.get("extra_args"),
+    )
     records: dict[str, dict] = {}
     submitted = 0
 
@@ -91,8 +97,16 @@ def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> di
         i = submitted
         prompt = prompts[i % len(prompts)]
         request_id = f"run{run_index}-req{i}"
-        records[request_id] = {"request_id": request_id, "index": i, "category": prompt["category"], "tokens": [], "steps": 0,
-                               "arrival": time.perf_counter(), "first_token": None, "last_token": None}
+        records[request_id] = {
+            "request_id": request_id,
+            "index": i,
+            "category": prompt["category"],
+            "tokens": [],
+            "steps": 0,
+            "arrival": time.perf_counter(),
+            "first_token": None,
+            "last_token": None,
+        }
         engine.add_request(request_id, {"prompt_token_ids": prompt["prompt_token_ids"]}, params)
         submitted += 1
 
@@ -118,8 +132,13 @@ def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> di
     wall = time.perf_counter() - start
     counters = Counter(SpecCounters.totals)
     counters.subtract(before)
-    return {"mode": run["mode"], "concurrency": run["concurrency"], "wall_s": wall, "counters": dict(counters),
-            "requests": sorted(records.values(), key=lambda r: r["index"])}
+    return {
+        "mode": run["mode"],
+        "concurrency": run["concurrency"],
+        "wall_s": wall,
+        "counters": dict(counters),
+        "requests": sorted(records.values(), key=lambda r: r["index"]),
+    }
 
 
 def main(spec_path: str, out_path: str) -> None:

@@ -19,24 +19,44 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool]]:
     by = _all_rows(rows)
     checks: list[tuple[str, bool]] = []
     for c in sorted({c for _, c in by}):
-        none, static, pruned, budget, chain = (by.get((m, c)) for m in ("none", "static_tree", "pruned_tree", "pruned_budget", "chain"))
+        none, static, pruned, budget, chain = (
+            by.get((m, c)) for m in ("none", "static_tree", "pruned_tree", "pruned_budget", "chain")
+        )
         if static and pruned:
             d_s, d_p = static["draft_tokens_per_step"], pruned["draft_tokens_per_step"]
             a_s, a_p = static["accepted_tokens_per_step"], pruned["accepted_tokens_per_step"]
             fewer = 1 - d_p / d_s if d_s else 0.0
-            checks.append((f"c={c}: pruned_tree drafts {fewer:.0%} fewer tokens per step than static_tree ({d_p} vs {d_s}), "
-                           f"target >= 30%", fewer >= 0.30))
+            checks.append(
+                (
+                    f"c={c}: pruned_tree drafts {fewer:.0%} fewer tokens per step than static_tree ({d_p} vs {d_s}), "
+                    f"target >= 30%",
+                    fewer >= 0.30,
+                )
+            )
             lost = 1 - a_p / a_s if a_s else 0.0
-            checks.append((f"c={c}: pruned_tree accepts {lost:.1%} fewer tokens per step ({a_p} vs {a_s}), target <= 5%",
-                           lost <= 0.05))
-            checks.append((f"c={c}: pruned_tree tokens/s {pruned['tokens_per_s']} vs static_tree {static['tokens_per_s']}, "
-                           "target not lower", pruned["tokens_per_s"] >= static["tokens_per_s"]))
+            checks.append(
+                (
+                    f"c={c}: pruned_tree accepts {lost:.1%} fewer tokens per step ({a_p} vs {a_s}), target <= 5%",
+                    lost <= 0.05,
+                )
+            )
+            checks.append(
+                (
+                    f"c={c}: pruned_tree tokens/s {pruned['tokens_per_s']} vs static_tree {static['tokens_per_s']}, "
+                    "target not lower",
+                    pruned["tokens_per_s"] >= static["tokens_per_s"],
+                )
+            )
         if budget and none:
             if c <= 4:  # few requests: speculation must pay, against vLLM's own chain too
                 best = max((r for r in (none, chain) if r), key=lambda r: r["tokens_per_s"])
-                checks.append((f"c={c}: pruned_budget tokens/s {budget['tokens_per_s']} vs the best of none/chain "
-                               f"({best['mode']} {best['tokens_per_s']}), target not lower",
-                               budget["tokens_per_s"] >= best["tokens_per_s"]))
+                checks.append(
+                    (
+                        f"c={c}: pruned_budget tokens/s {budget['tokens_per_s']} vs the best of none/chain "
+                        f"({best['mode']} {best['tokens_per_s']}), target not lower",
+                        budget["tokens_per_s"] >= best["tokens_per_s"],
+                    )
+                )
             else:  # a full batch: drafts rarely pay, the budget must not cost
                 ratio = budget["tokens_per_s"] / none["tokens_per_s"]
                 checks.append((f"c={c}: pruned_budget tokens/s {ratio:.3f} x none, target >= 0.98", ratio >= 0.98))
@@ -45,8 +65,9 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool]]:
             if not r["identical_to_baseline"]:
                 checks.append((f"c={r['concurrency']}: {r['mode']} greedy tokens differ from none", False))
     if any(r["identical_to_baseline"] is not None for r in rows):
-        checks.append(("every greedy row identical_to_baseline",
-                       all(r["identical_to_baseline"] is not False for r in rows)))
+        checks.append(
+            ("every greedy row identical_to_baseline", all(r["identical_to_baseline"] is not False for r in rows))
+        )
     return checks
 
 
@@ -67,7 +88,7 @@ def format_table(rows: list[dict], categories: bool = False) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], runs: list[dict], out_dir: "str | Path") -> list[Path]:
+def plot(rows: list[dict], runs: list[dict], out_dir: str | Path) -> list[Path]:
     """Write ``tokens_per_s.png``, ``draft_vs_accepted.png`` and ``tpot_cdf.png``; returns their paths."""
     import matplotlib
 
@@ -104,8 +125,10 @@ def plot(rows: list[dict], runs: list[dict], out_dir: "str | Path") -> list[Path
 
     def throughput(ax, mode: str, xs, width: float) -> None:  # noqa: ANN001
         medians = metric(mode, "tokens_per_s")
-        spreads = [by[(mode, c)]["spread"].get("tokens_per_s", [m, m]) if (mode, c) in by else [m, m]
-                   for c, m in zip(levels, medians)]
+        spreads = [
+            by[(mode, c)]["spread"].get("tokens_per_s", [m, m]) if (mode, c) in by else [m, m]
+            for c, m in zip(levels, medians)
+        ]
         low_high = np.abs(np.array(spreads).T - np.array(medians))  # error bars: min and max over repetitions
         ax.bar(xs, medians, width, label=mode, color=colors[mode], yerr=low_high, capsize=2)
 
@@ -113,15 +136,27 @@ def plot(rows: list[dict], runs: list[dict], out_dir: "str | Path") -> list[Path
         ax.bar(xs, metric(mode, "draft_tokens_per_step"), width, color=colors[mode], alpha=0.35)
         ax.bar(xs, metric(mode, "accepted_tokens_per_step"), width, color=colors[mode], label=mode)
 
-    bars_by_concurrency("tokens_per_s.png", modes, throughput, "generated tokens / s",
-                        "Throughput by mode (median, bars: min-max over repetitions)")
-    bars_by_concurrency("draft_vs_accepted.png", [m for m in modes if m != "none"], drafted_and_accepted,
-                        "tokens per request-step", "Draft tokens verified (light) vs accepted (dark) per step")
+    bars_by_concurrency(
+        "tokens_per_s.png",
+        modes,
+        throughput,
+        "generated tokens / s",
+        "Throughput by mode (median, bars: min-max over repetitions)",
+    )
+    bars_by_concurrency(
+        "draft_vs_accepted.png",
+        [m for m in modes if m != "none"],
+        drafted_and_accepted,
+        "tokens per request-step",
+        "Draft tokens verified (light) vs accepted (dark) per step",
+    )
 
     fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.6), squeeze=False)
     for ax, c in zip(axes[0], levels):
         for mode in modes:  # every repetition's requests together
-            tpot = np.sort([t for run in runs if run["concurrency"] == c and run["mode"] == mode for t in tpot_ms(run["requests"])])
+            tpot = np.sort(
+                [t for run in runs if run["concurrency"] == c and run["mode"] == mode for t in tpot_ms(run["requests"])]
+            )
             if tpot.size:
                 ax.step(tpot, np.arange(1, tpot.size + 1) / tpot.size, where="post", label=mode, color=colors[mode])
         ax.set_title(f"concurrency {c}")

@@ -25,9 +25,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -93,6 +93,7 @@ def median_us(fn: Callable[[], object], device: torch.device, warmup: int = 3, i
 
 def _random_step(num_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random ``query [N, Hq, D]``, ``key`` / ``value [N, Hkv, D]`` in :data:`DTYPE` on ``gen``'s device."""
+
     def draw(heads: int) -> torch.Tensor:
         return torch.randn(num_tokens, heads, HEAD_DIM, generator=gen, device=gen.device).to(DTYPE)
 
@@ -110,13 +111,14 @@ def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, at
     cache = torch.randn(num_blocks, 2, batch.block_size, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
     query, key, value = _random_step(meta.num_tokens, gen)
     paged_cache.write_kv(cache, key, value, meta.slot_mapping.to(device))
-    shape = dict(num_qo_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype=DTYPE,
-                 scale=HEAD_DIM**-0.5)
+    shape = dict(
+        num_qo_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype=DTYPE, scale=HEAD_DIM**-0.5
+    )
     times, outputs = {}, {}
     for name, planned in (("full_mask", meta), ("cascade", meta), ("causal", chain_meta)):
         attn = attention["full_mask" if name == "full_mask" else "cascade"]
         attn.plan(planned, **shape)
-        times[name] = median_us(lambda: attn.run(query, key, value, cache), device)
+        times[name] = median_us(lambda: attn.run(query, key, value, cache), device)  # noqa: B023 (timed here)
         outputs[name] = attn.run(query, key, value, cache)
 
     workspace = MaskWorkspace()
@@ -127,8 +129,9 @@ def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, at
 
     plan_us = median_us(build_and_plan, device)
     diff = (outputs["full_mask"].float() - outputs["cascade"].float()).abs().max().item()
-    return KernelRow(str(device), batch_size, nodes, context, times["full_mask"], times["cascade"], times["causal"],
-                     plan_us, diff)
+    return KernelRow(
+        str(device), batch_size, nodes, context, times["full_mask"], times["cascade"], times["causal"], plan_us, diff
+    )
 
 
 def _cpu_row(batch_size: int, nodes: int, context: int) -> KernelRow:
@@ -152,7 +155,10 @@ def _cpu_row(batch_size: int, nodes: int, context: int) -> KernelRow:
     workspace = MaskWorkspace()
     diff = (full_mask().float() - cascade().float()).abs().max().item()
     return KernelRow(
-        "cpu", batch_size, nodes, context,
+        "cpu",
+        batch_size,
+        nodes,
+        context,
         full_mask_us=median_us(full_mask, cpu, warmup=1, iters=3),
         cascade_us=median_us(cascade, cpu, warmup=1, iters=3),
         causal_us=median_us(lambda: run_cpu_attention(chain_plan, query, cache, scale), cpu, warmup=1, iters=3),
@@ -165,7 +171,7 @@ def grid_cells(grid: dict) -> list[tuple[int, int, int]]:
     return list(itertools.product(grid["batches"], grid["tree_nodes"], grid["contexts"]))
 
 
-def run(grid: dict, device: "torch.device | str") -> Iterator[dict]:
+def run(grid: dict, device: torch.device | str) -> Iterator[dict]:
     """Yield one row (see :class:`KernelRow`, plus ratios) per grid cell."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -180,8 +186,19 @@ def run(grid: dict, device: "torch.device | str") -> Iterator[dict]:
             yield _cpu_row(*cell).to_dict()
 
 
-COLUMNS = ("batch", "tree_nodes", "context", "full_mask_us", "cascade_us", "causal_us", "plan_us",
-           "cascade_vs_causal", "full_mask_vs_cascade", "plan_share", "max_mode_diff")
+COLUMNS = (
+    "batch",
+    "tree_nodes",
+    "context",
+    "full_mask_us",
+    "cascade_us",
+    "causal_us",
+    "plan_us",
+    "cascade_vs_causal",
+    "full_mask_vs_cascade",
+    "plan_share",
+    "max_mode_diff",
+)
 
 
 def format_table(rows: Iterable[dict]) -> str:
@@ -197,8 +214,10 @@ def check_targets(rows: list[dict]) -> list[str]:
     """The issue's GPU targets, each ``[met]`` / ``[NOT MET]`` with the worst row's figure; on a
     CPU they are not applicable and say so."""
     if not rows or rows[0]["device"] == "cpu":
-        return ["[n/a] GPU targets (cascade <= 1.10x causal, full mask >= 1.5x cascade at context 8192, "
-                "plan <= 5% of 32 layers) are measured on a CUDA device only"]
+        return [
+            "[n/a] GPU targets (cascade <= 1.10x causal, full mask >= 1.5x cascade at context 8192, "
+            "plan <= 5% of 32 layers) are measured on a CUDA device only"
+        ]
     at_target = [r for r in rows if r["context"] == TARGET_CONTEXT] or rows
     worst_cascade = max(r["cascade_vs_causal"] for r in at_target)
     worst_speedup = min(r["full_mask_vs_cascade"] for r in at_target)
@@ -213,7 +232,7 @@ def check_targets(rows: list[dict]) -> list[str]:
     ]
 
 
-def plot(rows: list[dict], out_dir: "str | Path") -> Path:
+def plot(rows: list[dict], out_dir: str | Path) -> Path:
     """``kernels.png``: microseconds per layer of each path, one panel per context, x = batch
     x tree nodes (log scale: the grid spans two orders of magnitude)."""
     import matplotlib
@@ -226,7 +245,11 @@ def plot(rows: list[dict], out_dir: "str | Path") -> Path:
     for ax, context in zip(axes[0], contexts):
         shown = sorted((r for r in rows if r["context"] == context), key=lambda r: (r["batch"], r["tree_nodes"]))
         x = np.arange(len(shown))
-        for key, label in (("full_mask_us", "full mask"), ("cascade_us", "cascade"), ("causal_us", "causal (baseline)")):
+        for key, label in (
+            ("full_mask_us", "full mask"),
+            ("cascade_us", "cascade"),
+            ("causal_us", "causal (baseline)"),
+        ):
             ax.plot(x, [r[key] for r in shown], marker="o", label=label)
         ax.set_xticks(x, [f"{r['batch']}x{r['tree_nodes']}" for r in shown], rotation=45, fontsize=8)
         ax.set_yscale("log")
@@ -247,7 +270,7 @@ def report(rows: list[dict]) -> str:
     return "\n".join([format_table(rows), *check_targets(rows)])
 
 
-def main(argv: "list[str] | None" = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m tree_attn_backend.bench.kernels RESULTS.json [--plot DIR]``: the report (and
     plot) of a saved run."""
     args = sys.argv[1:] if argv is None else argv

@@ -92,7 +92,7 @@ class LoadConfig:
     disconnect_fraction: float = 0.1
     max_tokens: tuple[int, int] = (16, 64)
     prompts_file: str = str(DEFAULT_PROMPTS)
-    onednn_primitive_cache: "int | None" = 0  # the tree server's ONEDNN_PRIMITIVE_CACHE_CAPACITY; None: oneDNN's
+    onednn_primitive_cache: int | None = 0  # the tree server's ONEDNN_PRIMITIVE_CACHE_CAPACITY; None: oneDNN's
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -118,7 +118,7 @@ class LoadRequest:
     category: str
     endpoint: str  # "chat" | "completions"
     body: dict
-    disconnect_after: "int | None"
+    disconnect_after: int | None
 
     @property
     def greedy(self) -> bool:
@@ -129,8 +129,13 @@ class LoadRequest:
         the seed give the whole request back: ``plan_requests(config)[index]``)."""
         params = {k: v for k, v in self.body.items() if k not in ("messages", "prompt")}
         text = self.body["messages"][0]["content"] if self.endpoint == "chat" else self.body["prompt"]
-        return {"index": self.index, "endpoint": self.endpoint, "category": self.category, **params,
-                "prompt_start": text[:60]}
+        return {
+            "index": self.index,
+            "endpoint": self.endpoint,
+            "category": self.category,
+            **params,
+            "prompt_start": text[:60],
+        }
 
 
 @dataclass
@@ -140,7 +145,7 @@ class Outcome:
     status: str
     tokens: list[int]
     latency_s: float
-    error: "str | None" = None
+    error: str | None = None
 
 
 def plan_requests(config: LoadConfig) -> list[LoadRequest]:
@@ -150,8 +155,9 @@ def plan_requests(config: LoadConfig) -> list[LoadRequest]:
     for index in range(config.requests):
         prompt = rng.choice(config.prompts)
         endpoint = rng.choice(("chat", "completions"))
-        body: dict = ({"messages": prompt["messages"]} if endpoint == "chat"
-                      else {"prompt": prompt["messages"][0]["content"]})
+        body: dict = (
+            {"messages": prompt["messages"]} if endpoint == "chat" else {"prompt": prompt["messages"][0]["content"]}
+        )
         body["max_tokens"] = rng.randint(*config.max_tokens)
         if rng.random() < 0.5:
             body.update(GREEDY)
@@ -174,13 +180,14 @@ def stream_request(url: str, model: str, request: LoadRequest, disconnect: bool 
     try:
         with requests.post(url + path, json=body, stream=True, timeout=REQUEST_TIMEOUT_S) as response:
             if response.status_code != 200:
-                return Outcome("error", tokens, time.perf_counter() - start,
-                               f"HTTP {response.status_code}: {response.text[:300]}")
+                return Outcome(
+                    "error", tokens, time.perf_counter() - start, f"HTTP {response.status_code}: {response.text[:300]}"
+                )
             chunks = 0
             for line in response.iter_lines():
                 if not line.startswith(b"data: "):
                     continue
-                data = line[len(b"data: "):]
+                data = line[len(b"data: ") :]
                 if data == b"[DONE]":
                     return Outcome("completed", tokens, time.perf_counter() - start)
                 event = json.loads(data)
@@ -191,20 +198,30 @@ def stream_request(url: str, model: str, request: LoadRequest, disconnect: bool 
                 chunks += 1
                 if disconnect and request.disconnect_after is not None and chunks >= request.disconnect_after:
                     return Outcome("disconnected", tokens, time.perf_counter() - start)  # leaving `with` closes it
-            return Outcome("error", tokens, time.perf_counter() - start, f"stream ended without [DONE] after {chunks} chunks")
+            return Outcome(
+                "error", tokens, time.perf_counter() - start, f"stream ended without [DONE] after {chunks} chunks"
+            )
     except (requests.RequestException, ValueError) as exc:
         return Outcome("error", tokens, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
 
 
-def drive(url: str, model: str, planned: list[LoadRequest], clients: int, disconnect: bool = True,
-          description: "str | None" = None) -> dict[int, Outcome]:
+def drive(
+    url: str,
+    model: str,
+    planned: list[LoadRequest],
+    clients: int,
+    disconnect: bool = True,
+    description: str | None = None,
+) -> dict[int, Outcome]:
     """Run ``planned`` with ``clients`` requests in flight; outcomes by request index. A tqdm
     bar on stderr with ``description``."""
     from tqdm import tqdm
 
     outcomes: dict[int, Outcome] = {}
-    with ThreadPoolExecutor(max_workers=clients) as pool, \
-            tqdm(total=len(planned), desc=description, unit="req", file=sys.stderr, disable=description is None) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=clients) as pool,
+        tqdm(total=len(planned), desc=description, unit="req", file=sys.stderr, disable=description is None) as bar,
+    ):
         futures = {pool.submit(stream_request, url, model, r, disconnect): r.index for r in planned}
         for future in as_completed(futures):
             outcomes[futures[future]] = outcome = future.result()
@@ -214,11 +231,11 @@ def drive(url: str, model: str, planned: list[LoadRequest], clients: int, discon
     return outcomes
 
 
-def _first_error(path: Path, lines: int = 60) -> "str | None":
+def _first_error(path: Path, lines: int = 60) -> str | None:
     """The server log from its first ERROR line or traceback on (the root cause comes first)."""
     log = path.read_text(errors="replace").splitlines()
     at = next((i for i, line in enumerate(log) if " ERROR " in line or line.startswith("Traceback")), None)
-    return None if at is None else "\n".join(log[at:at + lines])
+    return None if at is None else "\n".join(log[at : at + lines])
 
 
 def rss_mb_by_process(pid: int) -> dict[str, float]:
@@ -243,7 +260,9 @@ def metric(url: str, name: str) -> float:
 
 def kv_sizing(config: LoadConfig) -> tuple[int, int]:
     """``(max_model_len, kv_blocks)`` for ``config``'s prompts (see the module docstring)."""
-    longest = max(len(p["prompt_token_ids"]) for p in tokenize_prompts(E2EConfig(model=config.model, prompts=config.prompts)))
+    longest = max(
+        len(p["prompt_token_ids"]) for p in tokenize_prompts(E2EConfig(model=config.model, prompts=config.prompts))
+    )
     max_model_len = math.ceil((longest + config.max_tokens[1]) / 128) * 128
     return max_model_len, math.ceil(KV_OVER_MAX_MODEL_LEN * max_model_len / BLOCK_SIZE)
 
@@ -255,7 +274,7 @@ def reference_command(model: str, port: int, extra_args: list[str]) -> tuple[lis
     for option in ("--speculative-config", "--additional-config"):
         if option in argv:
             at = argv.index(option)
-            del argv[at:at + 2]
+            del argv[at : at + 2]
     env.pop("VLLM_ATTENTION_BACKEND")
     return argv, env
 
@@ -287,19 +306,31 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
     planned = plan_requests(config)
     max_model_len, kv_blocks = kv_sizing(config)
     # Both servers schedule alike; only the tree server has the small KV cache.
-    shared = ["--block-size", str(BLOCK_SIZE), "--max-model-len", str(max_model_len),
-              "--long-prefill-token-threshold", str(LONG_PREFILL_TOKENS)]
+    shared = [
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--max-model-len",
+        str(max_model_len),
+        "--long-prefill-token-threshold",
+        str(LONG_PREFILL_TOKENS),
+    ]
     warmup = _warmup(config)
     with tempfile.TemporaryDirectory(prefix="tree-pruned-load-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        argv, env = server_command(config.model, port, {"log_every_steps": 0}, shared + [
-            "--num-gpu-blocks-override", str(kv_blocks), "--max-num-seqs", str(config.clients)])
+        argv, env = server_command(
+            config.model,
+            port,
+            {"log_every_steps": 0},
+            shared + ["--num-gpu-blocks-override", str(kv_blocks), "--max-num-seqs", str(config.clients)],
+        )
         if config.onednn_primitive_cache is not None:
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(config.onednn_primitive_cache)
         tree_log = Path(tmp, "tree_server.log")
         with running_server(argv, env, port, tree_log) as proc:
-            warmups = list(drive(url, config.model, warmup, len(warmup), description="warm-up" if progress else None).items())
+            warmups = list(
+                drive(url, config.model, warmup, len(warmup), description="warm-up" if progress else None).items()
+            )
             rss_start, preemptions_start = rss_mb_by_process(proc.pid), metric(url, "vllm:num_preemptions_total")
             start = time.perf_counter()
             outcomes = drive(url, config.model, planned, config.clients, description="bench load" if progress else None)
@@ -310,7 +341,9 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
             if healthy_after:
                 preemptions = metric(url, "vllm:num_preemptions_total") - preemptions_start
                 running, waiting = metric(url, "vllm:num_requests_running"), metric(url, "vllm:num_requests_waiting")
-                warmups += drive(url, config.model, warmup, len(warmup), description="warm-up again" if progress else None).items()
+                warmups += drive(
+                    url, config.model, warmup, len(warmup), description="warm-up again" if progress else None
+                ).items()
                 rss_end = rss_mb_by_process(proc.pid)
             tree_log_error = _first_error(tree_log)
 
@@ -320,14 +353,23 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
             port = free_port()
             argv, env = reference_command(config.model, port, shared + ["--max-num-seqs", str(config.clients)])
             with running_server(argv, env, port, Path(tmp, "reference_server.log")):
-                reference = drive(f"http://127.0.0.1:{port}", config.model, greedy, config.clients, disconnect=False,
-                                  description="no-spec reference" if progress else None)
+                reference = drive(
+                    f"http://127.0.0.1:{port}",
+                    config.model,
+                    greedy,
+                    config.clients,
+                    disconnect=False,
+                    description="no-spec reference" if progress else None,
+                )
 
     by_index = {r.index: r for r in (*planned, *warmup)}  # warm-up indices are negative
     errors = [(by_index[i], o) for i, o in (*sorted(outcomes.items()), *warmups) if o.status == "error"]
     reference_errors = [(r, reference[r.index]) for r in greedy if reference[r.index].status != "completed"]
-    mismatched = [r for r in greedy if reference[r.index].status == "completed"
-                  and outcomes[r.index].tokens != reference[r.index].tokens]
+    mismatched = [
+        r
+        for r in greedy
+        if reference[r.index].status == "completed" and outcomes[r.index].tokens != reference[r.index].tokens
+    ]
     latencies = [o.latency_s * 1e3 for o in outcomes.values() if o.status == "completed"]
     return {
         "clients": config.clients,
@@ -358,10 +400,15 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
         "running_after": None if running is None else int(running),
         "waiting_after": None if waiting is None else int(waiting),
         "error_samples": [{**r.describe(), "error": o.error} for r, o in (errors + reference_errors)[:ERROR_SAMPLES]],
-        "mismatch_samples": [{**r.describe(), "tokens": len(outcomes[r.index].tokens),
-                              "reference_tokens": len(reference[r.index].tokens),
-                              "first_difference": _first_difference(outcomes[r.index].tokens, reference[r.index].tokens)}
-                             for r in mismatched[:ERROR_SAMPLES]],
+        "mismatch_samples": [
+            {
+                **r.describe(),
+                "tokens": len(outcomes[r.index].tokens),
+                "reference_tokens": len(reference[r.index].tokens),
+                "first_difference": _first_difference(outcomes[r.index].tokens, reference[r.index].tokens),
+            }
+            for r in mismatched[:ERROR_SAMPLES]
+        ],
         "server_log_error": tree_log_error,
     }
 
@@ -369,15 +416,29 @@ def run_load(config: LoadConfig, progress: bool = True) -> dict:
 def check_targets(result: dict) -> list[tuple[str, bool]]:
     """The load targets, as ``(statement with the measured figures, met)``."""
     return [
-        (f"errors besides the injected disconnects: {result['errors']} (+{result['reference_errors']} in the "
-         "reference run), target 0", result["errors"] == 0 and result["reference_errors"] == 0),
-        (f"greedy requests differing from the no-spec server: {result['mismatches']} of "
-         f"{result['greedy_compared']}, target 0", result["mismatches"] == 0),
-        (f"/health after the load: {'200' if result['healthy_after'] else 'not 200'}, target 200", result["healthy_after"]),
-        (f"requests left in the server after the load: {result['running_after']} running, {result['waiting_after']} "
-         "waiting, target 0", result["running_after"] == 0 and result["waiting_after"] == 0),
-        (f"server RSS {result['rss_mb_start']} -> {result['rss_mb_end']} MiB, target <= 1.05x",
-         result["rss_mb_end"] is not None and result["rss_mb_end"] <= 1.05 * result["rss_mb_start"]),
+        (
+            f"errors besides the injected disconnects: {result['errors']} (+{result['reference_errors']} in the "
+            "reference run), target 0",
+            result["errors"] == 0 and result["reference_errors"] == 0,
+        ),
+        (
+            f"greedy requests differing from the no-spec server: {result['mismatches']} of "
+            f"{result['greedy_compared']}, target 0",
+            result["mismatches"] == 0,
+        ),
+        (
+            f"/health after the load: {'200' if result['healthy_after'] else 'not 200'}, target 200",
+            result["healthy_after"],
+        ),
+        (
+            f"requests left in the server after the load: {result['running_after']} running, {result['waiting_after']} "
+            "waiting, target 0",
+            result["running_after"] == 0 and result["waiting_after"] == 0,
+        ),
+        (
+            f"server RSS {result['rss_mb_start']} -> {result['rss_mb_end']} MiB, target <= 1.05x",
+            result["rss_mb_end"] is not None and result["rss_mb_end"] <= 1.05 * result["rss_mb_start"],
+        ),
     ]
 
 

@@ -10,8 +10,8 @@ them, for any number of pruning settings, in seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -31,8 +31,9 @@ class ReplaySetting:
     max_ngram: int = 4
 
 
-def replay(shape: TreeShape, setting: ReplaySetting, prompts: Sequence[Sequence[int]],
-           outputs: Sequence[Sequence[int]]) -> tuple[float, float]:
+def replay(
+    shape: TreeShape, setting: ReplaySetting, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+) -> tuple[float, float]:
     """``(draft tokens per step, accepted tokens per step)`` over every request's decode steps
     (steps after its first output token, which the prefill produces)."""
     drafted = accepted = steps = 0
@@ -61,20 +62,27 @@ def replay(shape: TreeShape, setting: ReplaySetting, prompts: Sequence[Sequence[
 
 def replay_settings(path_probs: Sequence[float]) -> list[ReplaySetting]:
     """The static tree, the engine's defaults, and the defaults with each path threshold."""
-    from ..vllm_plugin.config import TreePrunedConfig
     from ..vllm_plugin import DEFAULT_NUM_SPECULATIVE_TOKENS
+    from ..vllm_plugin.config import TreePrunedConfig
 
     defaults = TreePrunedConfig()
     max_nodes = min(defaults.max_draft_tokens, DEFAULT_NUM_SPECULATIVE_TOKENS)
-    settings = [ReplaySetting("static_tree", PruningPolicy(0.0, 0.0, max_nodes), defaults.drafter_smoothing),
-                ReplaySetting("defaults", defaults.policy(DEFAULT_NUM_SPECULATIVE_TOKENS), defaults.drafter_smoothing)]
-    settings += [ReplaySetting(f"path_prob={p}", PruningPolicy(defaults.prune_min_prob, p, max_nodes), defaults.drafter_smoothing)
-                 for p in path_probs]
+    settings = [
+        ReplaySetting("static_tree", PruningPolicy(0.0, 0.0, max_nodes), defaults.drafter_smoothing),
+        ReplaySetting("defaults", defaults.policy(DEFAULT_NUM_SPECULATIVE_TOKENS), defaults.drafter_smoothing),
+    ]
+    settings += [
+        ReplaySetting(
+            f"path_prob={p}", PruningPolicy(defaults.prune_min_prob, p, max_nodes), defaults.drafter_smoothing
+        )
+        for p in path_probs
+    ]
     return settings
 
 
-def replay_rows(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
-                settings: Sequence[ReplaySetting]) -> list[dict]:
+def replay_rows(
+    prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], settings: Sequence[ReplaySetting]
+) -> list[dict]:
     """One row per setting; the first setting is the reference of the ``fewer_*`` columns."""
     from ..vllm_plugin.config import TreePrunedConfig
 
@@ -82,11 +90,26 @@ def replay_rows(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int
     rows = []
     for setting in settings:
         drafted, accepted = replay(shape, setting, prompts, outputs)
-        rows.append({"setting": setting.name, "min_prob": setting.policy.min_node_prob,
-                     "path_prob": setting.policy.min_path_prob, "smoothing": setting.smoothing,
-                     "draft_tokens_per_step": round(drafted, 3), "accepted_tokens_per_step": round(accepted, 3)})
+        rows.append(
+            {
+                "setting": setting.name,
+                "min_prob": setting.policy.min_node_prob,
+                "path_prob": setting.policy.min_path_prob,
+                "smoothing": setting.smoothing,
+                "draft_tokens_per_step": round(drafted, 3),
+                "accepted_tokens_per_step": round(accepted, 3),
+            }
+        )
     base = rows[0]
     for row in rows:
-        row["fewer_drafts"] = round(1 - row["draft_tokens_per_step"] / base["draft_tokens_per_step"], 3) if base["draft_tokens_per_step"] else None
-        row["fewer_accepted"] = round(1 - row["accepted_tokens_per_step"] / base["accepted_tokens_per_step"], 3) if base["accepted_tokens_per_step"] else None
+        row["fewer_drafts"] = (
+            round(1 - row["draft_tokens_per_step"] / base["draft_tokens_per_step"], 3)
+            if base["draft_tokens_per_step"]
+            else None
+        )
+        row["fewer_accepted"] = (
+            round(1 - row["accepted_tokens_per_step"] / base["accepted_tokens_per_step"], 3)
+            if base["accepted_tokens_per_step"]
+            else None
+        )
     return rows

@@ -12,11 +12,11 @@ In one run, three engines execute fixed decode batches (``batch_sizes`` requests
 Each engine lives in its own process and all three are alive at once: for every cell (drafts,
 shape) the engines take turns step by step, in a shuffled order per step, so machine drift (on
 a shared host, up to tens of percent over minutes) weighs on every engine alike; an engine
-without the cell steps without drafts, untimed, so every engine's contexts grow alike. The cells run forwards and then backwards, so the contexts' growth weighs on every cell
-alike too. ``repeat`` times, with fresh processes started in a shuffled order; per cell the
-median step time over every timed step (both passes, all repetitions) is taken; a
-least-squares fit ``step_ms = fixed_ms + plain_ms * B + draft_ms * B * D`` per engine and
-shape gives:
+without the cell steps without drafts, untimed, so every engine's contexts grow alike. The
+cells run forwards and then backwards, so the contexts' growth weighs on every cell alike too.
+``repeat`` times, with fresh processes started in a shuffled order; per cell the median step
+time over every timed step (both passes, all repetitions) is taken; a least-squares fit
+``step_ms = fixed_ms + plain_ms * B + draft_ms * B * D`` per engine and shape gives:
 
 * ``plain_token_ms``: ``plain_ms`` of ``stock`` (its fit has no draft term);
 * ``chain_draft_token_ms``: ``draft_ms`` of ``stock_chain`` (its chains);
@@ -40,10 +40,10 @@ import subprocess
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -73,8 +73,10 @@ class StepCostConfig:
         if len(self.batch_sizes) < 2:
             raise ValueError(f"batch_sizes = {self.batch_sizes}: the fit needs two batch sizes or more")
         if self.context_tokens < 1 or self.warmup_steps < 0 or self.timed_steps < 1 or self.repeat < 1:
-            raise ValueError(f"context_tokens = {self.context_tokens}, warmup_steps = {self.warmup_steps}, "
-                             f"timed_steps = {self.timed_steps}, repeat = {self.repeat}: need >= 1, >= 0, >= 1, >= 1")
+            raise ValueError(
+                f"context_tokens = {self.context_tokens}, warmup_steps = {self.warmup_steps}, "
+                f"timed_steps = {self.timed_steps}, repeat = {self.repeat}: need >= 1, >= 0, >= 1, >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -89,16 +91,30 @@ def _engines(config: StepCostConfig) -> list[_Engine]:
     from ..vllm_plugin import default_speculative_config
 
     k = max(config.draft_tokens)
-    base = {"model": config.model, "dtype": "float32", "max_model_len": MAX_MODEL_LEN, "enforce_eager": True, "seed": 0,
-            "enable_prefix_caching": False, "distributed_executor_backend": "uni", "disable_log_stats": True}
+    base = {
+        "model": config.model,
+        "dtype": "float32",
+        "max_model_len": MAX_MODEL_LEN,
+        "enforce_eager": True,
+        "seed": 0,
+        "enable_prefix_caching": False,
+        "distributed_executor_backend": "uni",
+        "disable_log_stats": True,
+    }
     chains = ((0, "chain"), *((d, "chain") for d in config.draft_tokens))
     trees = tuple((d, "tree") for d in config.draft_tokens)
-    chain_spec = {"method": "custom_class", "model": f"{_ENGINE_MODULE}.SyntheticChainProposer", "num_speculative_tokens": k}
+    chain_spec = {
+        "method": "custom_class",
+        "model": f"{_ENGINE_MODULE}.SyntheticChainProposer",
+        "num_speculative_tokens": k,
+    }
     tree_spec = dict(default_speculative_config(k), model=f"{_ENGINE_MODULE}.SyntheticTreeProposer")
     return [
         _Engine("stock", {}, base, ((0, "chain"),)),
         _Engine("stock_chain", {}, dict(base, speculative_config=chain_spec), chains),
-        _Engine("tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, dict(base, speculative_config=tree_spec), chains + trees),
+        _Engine(
+            "tree", {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}, dict(base, speculative_config=tree_spec), chains + trees
+        ),
     ]
 
 
@@ -110,9 +126,14 @@ class _EngineProcess:
         args_path = Path(workdir, f"{engine.name}.json")
         args_path.write_text(json.dumps(engine.engine_args))
         self.log: deque[str] = deque(maxlen=60)
-        self.proc = subprocess.Popen([sys.executable, "-m", _ENGINE_MODULE, str(args_path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=engine_process_env(engine.env))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", _ENGINE_MODULE, str(args_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=engine_process_env(engine.env),
+        )
         self._read("READY")
 
     def request(self, **command: object) -> dict:
@@ -126,7 +147,7 @@ class _EngineProcess:
     def _read(self, prefix: str) -> str:
         for line in self.proc.stdout:  # type: ignore[union-attr]
             if line.startswith(prefix):
-                return line[len(prefix):]
+                return line[len(prefix) :]
             self.log.append(line)
         raise RuntimeError(f"the {self.name} engine process failed (exit {self.proc.wait()}):\n{''.join(self.log)}")
 
@@ -147,7 +168,7 @@ def _prompt(config: StepCostConfig) -> list[int]:
     return list(itertools.islice(itertools.cycle(ids), config.context_tokens))
 
 
-def run_step_cost(config: StepCostConfig, progress: "Callable[[str], None] | None" = None) -> dict:
+def run_step_cost(config: StepCostConfig, progress: Callable[[str], None] | None = None) -> dict:
     """Run every engine ``config.repeat`` times, interleaved step by step, and return the result
     object (``--json``; module docstring). ``progress`` gets a line per repetition and batch size."""
     prompt = _prompt(config)
@@ -163,8 +184,12 @@ def run_step_cost(config: StepCostConfig, progress: "Callable[[str], None] | Non
                 stack.callback(process.close)
             for batch_size in config.batch_sizes:
                 for process in processes.values():
-                    process.request(op="start", batch_size=batch_size, prompt_token_ids=prompt,
-                                    max_tokens=MAX_MODEL_LEN - len(prompt) - max(config.draft_tokens) - 1)
+                    process.request(
+                        op="start",
+                        batch_size=batch_size,
+                        prompt_token_ids=prompt,
+                        max_tokens=MAX_MODEL_LEN - len(prompt) - max(config.draft_tokens) - 1,
+                    )
                 for cell in [*all_cells, *reversed(all_cells)]:
                     for step in range(config.warmup_steps + config.timed_steps):
                         for i in rng.permutation(len(engines)):
@@ -172,15 +197,19 @@ def run_step_cost(config: StepCostConfig, progress: "Callable[[str], None] | Non
                             # engine's contexts grow alike (attention cost follows them).
                             timed = step >= config.warmup_steps and cell in engines[i].cells
                             draft_tokens, shape = cell if cell in engines[i].cells else (0, "chain")
-                            reply = processes[engines[i].name].request(op="step", draft_tokens=draft_tokens, shape=shape,
-                                                                       check=timed)
+                            reply = processes[engines[i].name].request(
+                                op="step", draft_tokens=draft_tokens, shape=shape, check=timed
+                            )
                             if timed:
                                 steps.setdefault((engines[i].name, batch_size, *cell), []).append(reply["step_ms"])
                 for process in processes.values():
                     process.request(op="finish")
                 if progress:
                     progress(f"repetition {repetition + 1}, batch {batch_size}")
-    cells = [{"engine": e, "batch_size": b, "draft_tokens": d, "shape": s, "step_ms": ms} for (e, b, d, s), ms in steps.items()]
+    cells = [
+        {"engine": e, "batch_size": b, "draft_tokens": d, "shape": s, "step_ms": ms}
+        for (e, b, d, s), ms in steps.items()
+    ]
     return summarize(cells, config)
 
 
@@ -200,19 +229,38 @@ def fit_step_ms(points: list[tuple[int, int, float]]) -> dict[str, float]:
 
 
 def summarize(raw_cells: list[dict], config: StepCostConfig) -> dict:
-    cells = [{"engine": c["engine"], "batch_size": c["batch_size"], "draft_tokens": c["draft_tokens"], "shape": c["shape"],
-              "median_ms": float(np.median(c["step_ms"])), "min_ms": float(np.min(c["step_ms"])),
-              "max_ms": float(np.max(c["step_ms"])), "steps": len(c["step_ms"])} for c in raw_cells]
+    cells = [
+        {
+            "engine": c["engine"],
+            "batch_size": c["batch_size"],
+            "draft_tokens": c["draft_tokens"],
+            "shape": c["shape"],
+            "median_ms": float(np.median(c["step_ms"])),
+            "min_ms": float(np.min(c["step_ms"])),
+            "max_ms": float(np.max(c["step_ms"])),
+            "steps": len(c["step_ms"]),
+        }
+        for c in raw_cells
+    ]
 
     def points(engine: str, shapes: tuple[str, ...]) -> list[tuple[int, int, float]]:
-        return [(c["batch_size"], c["draft_tokens"], c["median_ms"]) for c in cells
-                if c["engine"] == engine and (c["draft_tokens"] == 0 or c["shape"] in shapes)]
+        return [
+            (c["batch_size"], c["draft_tokens"], c["median_ms"])
+            for c in cells
+            if c["engine"] == engine and (c["draft_tokens"] == 0 or c["shape"] in shapes)
+        ]
 
     def paired_ratios(batch_size: int) -> np.ndarray:
         """tree / stock step times of the draft-free rounds of ``batch_size`` (both engines'
         lists hold one time per round, in round order)."""
-        tree_ms, stock_ms = (next(np.array(c["step_ms"]) for c in raw_cells if c["engine"] == engine
-                                  and c["batch_size"] == batch_size and c["draft_tokens"] == 0) for engine in ("tree", "stock"))
+        tree_ms, stock_ms = (
+            next(
+                np.array(c["step_ms"])
+                for c in raw_cells
+                if c["engine"] == engine and c["batch_size"] == batch_size and c["draft_tokens"] == 0
+            )
+            for engine in ("tree", "stock")
+        )
         return tree_ms / stock_ms
 
     def draft_free(engine: str) -> dict[int, float]:
@@ -233,9 +281,15 @@ def summarize(raw_cells: list[dict], config: StepCostConfig) -> dict:
         "no_draft_step_ratio_by_batch": {str(b): float(np.median(paired_ratios(b))) for b in sorted(stock_0)},
         "no_draft_median_ratio_by_batch": {str(b): tree_0[b] / stock_0[b] for b in sorted(stock_0)},
         "fits": {"stock": stock, "stock_chain": chain, "tree": tree, "tree_chain": tree_chain},
-        "config": {"batch_sizes": list(config.batch_sizes), "draft_tokens": [0, *config.draft_tokens],
-                   "context_tokens": config.context_tokens, "warmup_steps": config.warmup_steps,
-                   "timed_steps_per_pass": config.timed_steps, "passes": 2, "repeat": config.repeat},
+        "config": {
+            "batch_sizes": list(config.batch_sizes),
+            "draft_tokens": [0, *config.draft_tokens],
+            "context_tokens": config.context_tokens,
+            "warmup_steps": config.warmup_steps,
+            "timed_steps_per_pass": config.timed_steps,
+            "passes": 2,
+            "repeat": config.repeat,
+        },
         "cells": cells,
     }
 
@@ -254,11 +308,15 @@ def format_summary(result: dict) -> str:
         f"tree_vs_chain        {result['tree_vs_chain']:.3f}",
         f"no_draft_step_ratio  {result['no_draft_step_ratio']:.3f}  by batch size "
         + ", ".join(f"{b}: {r:.3f}" for b, r in result["no_draft_step_ratio_by_batch"].items())
-        + " (per-round ratios; ratio of medians " + ", ".join(f"{r:.3f}" for r in result["no_draft_median_ratio_by_batch"].values()) + ")",
+        + " (per-round ratios; ratio of medians "
+        + ", ".join(f"{r:.3f}" for r in result["no_draft_median_ratio_by_batch"].values())
+        + ")",
         "",
         f"{'engine':<12} {'B':>3} {'D':>3} {'shape':<6} {'median ms':>10} {'min-max ms':>16}",
     ]
     for c in result["cells"]:
-        lines.append(f"{c['engine']:<12} {c['batch_size']:>3} {c['draft_tokens']:>3} {c['shape']:<6} "
-                     f"{c['median_ms']:>10.2f} {c['min_ms']:>7.2f}-{c['max_ms']:<8.2f}")
+        lines.append(
+            f"{c['engine']:<12} {c['batch_size']:>3} {c['draft_tokens']:>3} {c['shape']:<6} "
+            f"{c['median_ms']:>10.2f} {c['min_ms']:>7.2f}-{c['max_ms']:<8.2f}"
+        )
     return "\n".join(lines)

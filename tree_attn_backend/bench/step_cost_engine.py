@@ -33,16 +33,17 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM reads its environment
 
-import numpy as np  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
-from vllm.engine.arg_utils import EngineArgs  # noqa: E402
-from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
+import numpy as np
+from vllm import SamplingParams
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.engine.llm_engine import LLMEngine
 
-from ..tree import DraftTree  # noqa: E402
-from ..vllm_plugin.proposer import TreeProposer  # noqa: E402
+from ..tree import DraftTree
+from ..vllm_plugin.proposer import TreeProposer
 
 FIRST_DRAFT_TOKEN = 1000  # node i drafts token FIRST_DRAFT_TOKEN + i: distinct, and rarely the greedy choice
 
@@ -74,7 +75,7 @@ class SyntheticChainProposer:
     """A ``custom_class`` proposer for the stock engine: every decoding request gets the cell's
     draft tokens as a chain (what vLLM's ngram proposer hands its rejection sampler)."""
 
-    def __init__(self, vllm_config) -> None:  # noqa: ANN001
+    def __init__(self, vllm_config: Any) -> None:
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
 
     def load_model(self, *args: object, **kwargs: object) -> None:
@@ -165,7 +166,9 @@ def main(engine_args_path: str) -> None:
         if op == "start":
             ids = start_batch(engine, command["batch_size"], command["prompt_token_ids"], command["max_tokens"])
         elif op == "step":
-            reply["step_ms"] = timed_step(engine, len(ids), (command["draft_tokens"], command["shape"]), command["check"])
+            reply["step_ms"] = timed_step(
+                engine, len(ids), (command["draft_tokens"], command["shape"]), command["check"]
+            )
         elif op == "finish":
             finish_batch(engine, ids)
             ids = []

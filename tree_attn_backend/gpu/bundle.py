@@ -87,7 +87,9 @@ def _libcuda_stub(directory: Path) -> Path:
     machine without a driver; the real driver library resolves the symbols on the GPU."""
     directory.mkdir(parents=True, exist_ok=True)
     stub = directory / "libcuda.so"
-    subprocess.run(["gcc", "-shared", "-x", "c", "-", "-o", str(stub), "-Wl,-soname,libcuda.so.1"], input=b"", check=True)
+    subprocess.run(
+        ["gcc", "-shared", "-x", "c", "-", "-o", str(stub), "-Wl,-soname,libcuda.so.1"], input=b"", check=True
+    )
     return directory
 
 
@@ -136,8 +138,15 @@ def build(bundle: Path) -> dict:
     _pip("download", "--no-deps", "-d", str(downloads / "target"), *target_args, TVM_FFI_SPEC)
     if not (host_site / "flashinfer").exists():
         _pip("download", "--no-deps", "-d", str(downloads), f"flashinfer-python=={FLASHINFER_VERSION}")
-        _pip("install", "--no-deps", "--target", str(host_site), *map(str, downloads.glob("flashinfer_python-*.whl")),
-             TVM_FFI_SPEC, *HOST_IMPORT_DEPS)
+        _pip(
+            "install",
+            "--no-deps",
+            "--target",
+            str(host_site),
+            *map(str, downloads.glob("flashinfer_python-*.whl")),
+            TVM_FFI_SPEC,
+            *HOST_IMPORT_DEPS,
+        )
 
     print("compiling FlashInfer modules for sm_90a (a few minutes)", file=sys.stderr)
     modules = _compile_modules(host_site, work, nvcc)
@@ -151,7 +160,7 @@ def build(bundle: Path) -> dict:
     (bundle / "wheels").mkdir(parents=True)
     print("packing flashinfer.tar.xz", file=sys.stderr)
 
-    def keep(info: tarfile.TarInfo) -> "tarfile.TarInfo | None":
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         # Of data/ only aot/ (the modules) and csrc/'s top-level files: building a module's spec
         # reads its templates and entry sources even when the compiled module is already there.
         parts = Path(info.name).parts
@@ -201,7 +210,7 @@ def verify(bundle: Path) -> dict:
     return manifest
 
 
-def check_loads(bundle: Path) -> "list[str] | None":
+def check_loads(bundle: Path) -> list[str] | None:
     """Load every bundled FlashInfer module here, with no GPU: unpack the bundle's FlashInfer
     into a temporary folder and, with FlashInfer's JIT disabled (as on the GPU machine), build
     and load each spec of :func:`required_jit_specs` against a libcuda stub. Proves the modules
@@ -256,17 +265,21 @@ def install(bundle: Path, site: Path) -> None:
     install_library(bundle / "tree_pruned_cuda.so", CUDA_LIBRARY_PATH)
 
 
-def main(argv: "list[str] | None" = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tree_attn_backend.gpu.bundle", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tree_attn_backend.gpu.bundle",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build_p = sub.add_parser("build", help="build the bundle (nvcc + package index, no GPU)")
     build_p.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE)
     install_p = sub.add_parser("install", help="install a built bundle")
     install_p.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE)
     install_p.add_argument("--site", type=Path, required=True, help="folder to put on PYTHONPATH")
-    install_p.add_argument("--check-only", action="store_true",
-                           help="verify the checksums and load the modules here, install nothing")
+    install_p.add_argument(
+        "--check-only", action="store_true", help="verify the checksums and load the modules here, install nothing"
+    )
     args = parser.parse_args(argv)
     if args.command == "build":
         manifest = build(args.bundle)
@@ -278,7 +291,9 @@ def main(argv: "list[str] | None" = None) -> int:
         if loaded is None:
             print("module load check skipped: no build/gpu_bundle host packages or nvcc here")
         elif loaded != manifest["modules"]:
-            raise SystemExit(f"the bundle's modules {manifest['modules']} differ from those the GPU path loads {loaded}")
+            raise SystemExit(
+                f"the bundle's modules {manifest['modules']} differ from those the GPU path loads {loaded}"
+            )
         else:
             print(f"loaded {len(loaded)} bundled FlashInfer modules with JIT disabled: {', '.join(loaded)}")
     else:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -36,8 +37,8 @@ _SIGNATURES = {
 }
 
 
-@lru_cache(maxsize=None)
-def cuda_library() -> "ctypes.CDLL | None":
+@cache
+def cuda_library() -> ctypes.CDLL | None:
     """The loaded helper library, or ``None`` (logged once) when it is not built."""
     if not CUDA_LIBRARY_PATH.exists():
         logger.warning(
@@ -63,7 +64,7 @@ def _launch(library: ctypes.CDLL, name: str, device: torch.device, *args: object
         raise RuntimeError(f"{name} failed: CUDA error {error} ({library.tree_pruned_error_string(error).decode()})")
 
 
-def _cuda_library_for(device: torch.device) -> "ctypes.CDLL | None":
+def _cuda_library_for(device: torch.device) -> ctypes.CDLL | None:
     return cuda_library() if device.type == "cuda" else None
 
 
@@ -115,8 +116,8 @@ def check_mask_inputs(
     parents: torch.Tensor,
     qo_indptr: torch.Tensor,
     mask_indptr: torch.Tensor,
-    context_lens: "torch.Tensor | None" = None,
-    byte_indptr: "torch.Tensor | None" = None,
+    context_lens: torch.Tensor | None = None,
+    byte_indptr: torch.Tensor | None = None,
 ) -> None:
     """Check, on the host, the arrays a mask entry point ``op`` is about to copy to the device.
 
@@ -165,7 +166,7 @@ def check_mask_inputs(
         _check_offsets(op, "byte_indptr", bytes_, (q * (ctx + q) + 7) // 8, "ceil(q * (c + q) / 8)")
 
 
-def tree_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> torch.Tensor:
+def tree_mask(meta: TreeAttentionMetadata, device: torch.device | str) -> torch.Tensor:
     """:attr:`TreeAttentionMetadata.tree_mask` (bool ``[sum q_b^2]``), built on ``device``."""
     device = torch.device(device)
     library = _cuda_library_for(device)
@@ -175,12 +176,21 @@ def tree_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> torc
     check_mask_inputs("tree_pruned_tree_mask", *host)
     out = torch.empty(int(meta.tree_mask_indptr[-1]), dtype=torch.bool, device=device)
     parents, qo, mask_indptr = _on(device, *host)
-    _launch(library, "tree_pruned_tree_mask", device, parents.data_ptr(), qo.data_ptr(), mask_indptr.data_ptr(),
-            qo.numel() - 1, out.numel(), out.data_ptr())
+    _launch(
+        library,
+        "tree_pruned_tree_mask",
+        device,
+        parents.data_ptr(),
+        qo.data_ptr(),
+        mask_indptr.data_ptr(),
+        qo.numel() - 1,
+        out.numel(),
+        out.data_ptr(),
+    )
     return out
 
 
-def custom_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> torch.Tensor:
+def custom_mask(meta: TreeAttentionMetadata, device: torch.device | str) -> torch.Tensor:
     """:attr:`TreeAttentionMetadata.custom_mask` (bool ``[sum q_b * kv_b]``), built on ``device``."""
     device = torch.device(device)
     library = _cuda_library_for(device)
@@ -189,12 +199,22 @@ def custom_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> to
     check_mask_inputs("tree_pruned_custom_mask", meta.parents, meta.qo_indptr, meta.mask_bit_indptr, meta.context_lens)
     out = torch.empty(int(meta.mask_bit_indptr[-1]), dtype=torch.bool, device=device)
     parents, qo, ctx, mask_indptr = _on(device, meta.parents, meta.qo_indptr, meta.context_lens, meta.mask_bit_indptr)
-    _launch(library, "tree_pruned_custom_mask", device, parents.data_ptr(), qo.data_ptr(), ctx.data_ptr(),
-            mask_indptr.data_ptr(), qo.numel() - 1, out.numel(), out.data_ptr())
+    _launch(
+        library,
+        "tree_pruned_custom_mask",
+        device,
+        parents.data_ptr(),
+        qo.data_ptr(),
+        ctx.data_ptr(),
+        mask_indptr.data_ptr(),
+        qo.numel() - 1,
+        out.numel(),
+        out.data_ptr(),
+    )
     return out
 
 
-def packed_custom_mask(meta: TreeAttentionMetadata, device: "torch.device | str") -> tuple[torch.Tensor, torch.Tensor]:
+def packed_custom_mask(meta: TreeAttentionMetadata, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """:attr:`TreeAttentionMetadata.packed_custom_mask` (uint8, on ``device``) and its *byte*
     offsets :attr:`~TreeAttentionMetadata.mask_indptr` (int32 ``[B+1]``, on the CPU)."""
     device = torch.device(device)
@@ -203,13 +223,26 @@ def packed_custom_mask(meta: TreeAttentionMetadata, device: "torch.device | str"
         return meta.packed_custom_mask.to(device), meta.mask_indptr
     bit_indptr = meta.mask_bit_indptr
     byte_indptr = packed_byte_indptr(bit_indptr)
-    check_mask_inputs("tree_pruned_packed_custom_mask", meta.parents, meta.qo_indptr, bit_indptr, meta.context_lens,
-                      byte_indptr)
+    check_mask_inputs(
+        "tree_pruned_packed_custom_mask", meta.parents, meta.qo_indptr, bit_indptr, meta.context_lens, byte_indptr
+    )
     out = torch.empty(int(byte_indptr[-1]), dtype=torch.uint8, device=device)
-    parents, qo, ctx, bits, bytes_ = _on(device, meta.parents, meta.qo_indptr, meta.context_lens, bit_indptr,
-                                         byte_indptr)
-    _launch(library, "tree_pruned_packed_custom_mask", device, parents.data_ptr(), qo.data_ptr(), ctx.data_ptr(),
-            bits.data_ptr(), bytes_.data_ptr(), qo.numel() - 1, out.numel(), out.data_ptr())
+    parents, qo, ctx, bits, bytes_ = _on(
+        device, meta.parents, meta.qo_indptr, meta.context_lens, bit_indptr, byte_indptr
+    )
+    _launch(
+        library,
+        "tree_pruned_packed_custom_mask",
+        device,
+        parents.data_ptr(),
+        qo.data_ptr(),
+        ctx.data_ptr(),
+        bits.data_ptr(),
+        bytes_.data_ptr(),
+        qo.numel() - 1,
+        out.numel(),
+        out.data_ptr(),
+    )
     return out, byte_indptr.to(torch.int32)
 
 
@@ -222,14 +255,14 @@ def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.
     if not kv_caches:
         return
     first = kv_caches[0]
-    for layer, cache in enumerate(kv_caches):
-        paged_cache.check_nhd(cache)
-        if cache.shape != first.shape or cache.dtype != first.dtype or cache.device != first.device:
+    for layer, layer_cache in enumerate(kv_caches):
+        paged_cache.check_nhd(layer_cache)
+        if layer_cache.shape != first.shape or layer_cache.dtype != first.dtype or layer_cache.device != first.device:
             raise ValueError(
-                f"kv_caches[{layer}] is {tuple(cache.shape)} {cache.dtype} on {cache.device}; "
+                f"kv_caches[{layer}] is {tuple(layer_cache.shape)} {layer_cache.dtype} on {layer_cache.device}; "
                 f"kv_caches[0] is {tuple(first.shape)} {first.dtype} on {first.device}"
             )
-        if not cache.is_contiguous():
+        if not layer_cache.is_contiguous():
             raise ValueError(f"kv_caches[{layer}] is not contiguous")
     num_slots = first.shape[0] * first.shape[2]
     for name, slots in (("src", src), ("dst", dst)):
@@ -238,8 +271,8 @@ def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.
     library = _cuda_library_for(first.device)
     if library is None:
         src, dst = src.to(first.device), dst.to(first.device)
-        for cache in kv_caches:
-            paged_cache.copy_slots(cache, src, dst)
+        for layer_cache in kv_caches:
+            paged_cache.copy_slots(layer_cache, src, dst)
         return
     if src.numel() == 0:
         return
@@ -251,6 +284,20 @@ def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.
     src_d, dst_d = (s.to(device=device, dtype=torch.int64).contiguous() for s in (src, dst))
     scratch = torch.empty(len(kv_caches) * src.numel() * 2 * row_bytes, dtype=torch.uint8, device=device)
     aligned = all(c.data_ptr() % 16 == 0 for c in kv_caches)
-    _launch(library, "tree_pruned_compact_kv", device, layer_ptrs.data_ptr(), len(kv_caches), src_d.data_ptr(),
-            dst_d.data_ptr(), src.numel(), first.stride(0) * element, first.stride(1) * element,
-            first.stride(2) * element, row_bytes, block_size, int(aligned), scratch.data_ptr())
+    _launch(
+        library,
+        "tree_pruned_compact_kv",
+        device,
+        layer_ptrs.data_ptr(),
+        len(kv_caches),
+        src_d.data_ptr(),
+        dst_d.data_ptr(),
+        src.numel(),
+        first.stride(0) * element,
+        first.stride(1) * element,
+        first.stride(2) * element,
+        row_bytes,
+        block_size,
+        int(aligned),
+        scratch.data_ptr(),
+    )

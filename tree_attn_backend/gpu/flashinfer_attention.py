@@ -24,8 +24,9 @@ vLLM writes them before attention.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ DEFAULT_GPU_MODE = "cascade"
 DEFAULT_WORKSPACE_BYTES = 512 * 1024 * 1024
 
 
-def _import_flashinfer():  # noqa: ANN202 - the module
+def _import_flashinfer() -> ModuleType:
     try:
         import flashinfer
     except ImportError as exc:
@@ -104,7 +105,7 @@ class FlashInferTreeAttention:
 
     def __init__(
         self,
-        device: "torch.device | str",
+        device: torch.device | str,
         mode: str = DEFAULT_GPU_MODE,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     ) -> None:
@@ -157,26 +158,67 @@ class FlashInferTreeAttention:
 
         if groups.decode.numel():
             sub = meta.select(groups.decode)
-            self._decode.plan(sub.paged_kv_indptr, sub.paged_kv_indices, sub.paged_kv_last_page_len,
-                              num_qo_heads, num_kv_heads, head_dim, page, pos_encoding_mode="NONE", **types)
+            self._decode.plan(
+                sub.paged_kv_indptr,
+                sub.paged_kv_indices,
+                sub.paged_kv_last_page_len,
+                num_qo_heads,
+                num_kv_heads,
+                head_dim,
+                page,
+                pos_encoding_mode="NONE",
+                **types,
+            )
             planned.append(_PlannedGroup(device_rows[0], lambda q, rows, k, v, cache: self._decode.run(q, cache)))
         if groups.causal.numel():
             sub = meta.select(groups.causal)
-            self._causal.plan(sub.qo_indptr, sub.paged_kv_indptr, sub.paged_kv_indices, sub.paged_kv_last_page_len,
-                              head_dim_qk=head_dim, page_size=page, causal=True, **shape, **types)
+            self._causal.plan(
+                sub.qo_indptr,
+                sub.paged_kv_indptr,
+                sub.paged_kv_indices,
+                sub.paged_kv_last_page_len,
+                head_dim_qk=head_dim,
+                page_size=page,
+                causal=True,
+                **shape,
+                **types,
+            )
             planned.append(_PlannedGroup(device_rows[1], lambda q, rows, k, v, cache: self._causal.run(q, cache)))
         if groups.full_mask.numel():
             sub = meta.select(groups.full_mask)
-            self._full_mask.plan(sub.qo_indptr, sub.paged_kv_indptr, sub.paged_kv_indices, sub.paged_kv_last_page_len,
-                                 head_dim_qk=head_dim, page_size=page, custom_mask=cuda_ops.custom_mask(sub, self.device),
-                                 **shape, **types)
+            self._full_mask.plan(
+                sub.qo_indptr,
+                sub.paged_kv_indptr,
+                sub.paged_kv_indices,
+                sub.paged_kv_last_page_len,
+                head_dim_qk=head_dim,
+                page_size=page,
+                custom_mask=cuda_ops.custom_mask(sub, self.device),
+                **shape,
+                **types,
+            )
             planned.append(_PlannedGroup(device_rows[2], lambda q, rows, k, v, cache: self._full_mask.run(q, cache)))
         if groups.cascade.numel():
             sub = meta.select(groups.cascade)
-            self._prefix.plan(sub.qo_indptr, sub.prefix_kv_indptr, sub.prefix_kv_indices, sub.prefix_kv_last_page_len,
-                              head_dim_qk=head_dim, page_size=page, causal=False, **shape, **types)
-            self._tree.plan(sub.qo_indptr, sub.qo_indptr, head_dim_qk=head_dim,
-                            custom_mask=cuda_ops.tree_mask(sub, self.device), **shape, **types)
+            self._prefix.plan(
+                sub.qo_indptr,
+                sub.prefix_kv_indptr,
+                sub.prefix_kv_indices,
+                sub.prefix_kv_last_page_len,
+                head_dim_qk=head_dim,
+                page_size=page,
+                causal=False,
+                **shape,
+                **types,
+            )
+            self._tree.plan(
+                sub.qo_indptr,
+                sub.qo_indptr,
+                head_dim_qk=head_dim,
+                custom_mask=cuda_ops.tree_mask(sub, self.device),
+                **shape,
+                **types,
+            )
             planned.append(_PlannedGroup(device_rows[3], self._run_cascade))
         self._groups = planned
         self._num_tokens = meta.num_tokens
@@ -187,12 +229,13 @@ class FlashInferTreeAttention:
     def _upload_rows(self, rows: torch.Tensor) -> None:
         """Copy every group's token indices into the owned device buffer (grown by >= 1.5x)."""
         if self._rows_buffer.numel() < rows.numel():
-            self._rows_buffer = torch.empty(max(rows.numel(), self._rows_buffer.numel() * 3 // 2),
-                                            dtype=torch.int64, device=self.device)
+            self._rows_buffer = torch.empty(
+                max(rows.numel(), self._rows_buffer.numel() * 3 // 2), dtype=torch.int64, device=self.device
+            )
         self._rows_buffer[: rows.numel()].copy_(rows)
 
     def _run_cascade(
-        self, q: torch.Tensor, rows: "torch.Tensor | None", key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor
+        self, q: torch.Tensor, rows: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor
     ) -> torch.Tensor:
         out, lse = self._prefix.run(q, cache, return_lse=True)
         if rows is not None:
@@ -207,7 +250,7 @@ class FlashInferTreeAttention:
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        out: "torch.Tensor | None" = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of one layer for the planned step.
 

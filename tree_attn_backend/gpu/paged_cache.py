@@ -12,7 +12,7 @@ import torch
 
 
 def allocate_nhd_cache(
-    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: "torch.device | str"
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:
     """A zeroed cache ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``."""
     return torch.zeros(num_blocks, 2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
@@ -43,7 +43,9 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
     ``reshape_and_cache_flash`` does before attention)."""
     blocks, offsets = _block_and_offset(kv_cache, slot_mapping)
     if key.shape != value.shape or key.shape[1:] != kv_cache.shape[3:]:
-        raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} do not fit cache {tuple(kv_cache.shape)}")
+        raise ValueError(
+            f"key {tuple(key.shape)} / value {tuple(value.shape)} do not fit cache {tuple(kv_cache.shape)}"
+        )
     kv_cache[blocks, 0, offsets] = key.to(kv_cache.dtype)
     kv_cache[blocks, 1, offsets] = value.to(kv_cache.dtype)
 

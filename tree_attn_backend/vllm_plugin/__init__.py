@@ -51,7 +51,7 @@ def _check_version() -> None:
         )
 
 
-def platform_plugin() -> "str | None":
+def platform_plugin() -> str | None:
     """``vllm.platform_plugins`` hook: the tree CPU platform when TREE_PRUNED is asked for."""
     if not enabled():
         return None

@@ -15,6 +15,7 @@ name up as an enum member in every process. The KV cache keeps vLLM's CPU layout
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,12 +64,12 @@ class TreePrunedMetadata(CPUAttentionMetadata):
     """vLLM's CPU metadata for the whole batch, plus the tree rows (``None``: no trees) and, when
     there are tree rows, the other rows (``None``: every row has a tree)."""
 
-    tree_rows: "TreeRowsAttention | None" = None
-    plain_rows: "PlainRowsAttention | None" = None
+    tree_rows: TreeRowsAttention | None = None
+    plain_rows: PlainRowsAttention | None = None
 
 
 class TreePrunedMetadataBuilder(CPUAttentionMetadataBuilder):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # noqa: ANN001 (vLLM's types)
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.workspace = MaskWorkspace()
 
@@ -138,13 +139,13 @@ class TreePrunedImpl(CPUAttentionBackendImpl):
         head_size: int,
         scale: float,
         num_kv_heads: int,
-        alibi_slopes: "list[float] | None",
-        sliding_window: "int | None",
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
         kv_cache_dtype: str,
-        logits_soft_cap: "float | None" = None,
+        logits_soft_cap: float | None = None,
         attn_type: str = AttentionType.DECODER,
-        kv_sharing_target_layer_name: "str | None" = None,
-        sinks: "torch.Tensor | None" = None,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> None:
         # The tree rows' attention is plain scaled softmax attention over the paged cache.
         unsupported = {
@@ -160,9 +161,22 @@ class TreePrunedImpl(CPUAttentionBackendImpl):
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"TREE_PRUNED attention supports decoder attention only, got {attn_type!r}")
         if kv_cache_dtype != "auto":
-            raise NotImplementedError(f"TREE_PRUNED attention supports kv_cache_dtype 'auto' only, got {kv_cache_dtype!r}")
-        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
-                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+            raise NotImplementedError(
+                f"TREE_PRUNED attention supports kv_cache_dtype 'auto' only, got {kv_cache_dtype!r}"
+            )
+        super().__init__(
+            num_heads,
+            head_size,
+            scale,
+            num_kv_heads,
+            alibi_slopes,
+            sliding_window,
+            kv_cache_dtype,
+            logits_soft_cap,
+            attn_type,
+            kv_sharing_target_layer_name,
+            sinks,
+        )
 
     def forward(
         self,
@@ -171,21 +185,31 @@ class TreePrunedImpl(CPUAttentionBackendImpl):
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        attn_metadata: "TreePrunedMetadata | None",
+        attn_metadata: TreePrunedMetadata | None,
         output: torch.Tensor,
-        output_scale: "torch.Tensor | None" = None,
-        output_block_scale: "torch.Tensor | None" = None,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if attn_metadata is None or attn_metadata.tree_rows is None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
         plain_rows = attn_metadata.plain_rows
         if plain_rows is not None:
             index = plain_rows.token_index
             plain_out = output.new_empty((index.shape[0], *output.shape[1:]))
             # key and value are not read: vLLM's decoder attention reads the cache only.
-            super().forward(layer, query.index_select(0, index), key, value, kv_cache, plain_rows.metadata, plain_out,
-                            output_scale, output_block_scale)
+            super().forward(
+                layer,
+                query.index_select(0, index),
+                key,
+                value,
+                kv_cache,
+                plain_rows.metadata,
+                plain_out,
+                output_scale,
+                output_block_scale,
+            )
             output.index_copy_(0, index, plain_out)
         tree_rows = attn_metadata.tree_rows
         index = tree_rows.token_index

@@ -7,8 +7,9 @@ general plugin runs once per vLLM process, and tests may call it again).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +25,11 @@ _installed = False
 
 def uses_tree_proposer(speculative_config: Any) -> bool:
     """Whether vLLM's ``SpeculativeConfig`` runs this project's proposer."""
-    return (speculative_config is not None and speculative_config.method == "custom_class"
-            and speculative_config.model == TREE_PROPOSER)
+    return (
+        speculative_config is not None
+        and speculative_config.method == "custom_class"
+        and speculative_config.model == TREE_PROPOSER
+    )
 
 
 def install_engine_hooks() -> None:
@@ -50,8 +54,12 @@ def install_engine_hooks() -> None:
     create_speculative_config = EngineArgs.create_speculative_config
 
     def create_tree_speculative_config(self: EngineArgs, *args: Any, **kwargs: Any) -> Any:
-        if self.speculative_config is None and self.spec_method is None and self.spec_model is None \
-                and self.spec_tokens is None:
+        if (
+            self.speculative_config is None
+            and self.spec_method is None
+            and self.spec_model is None
+            and self.spec_tokens is None
+        ):
             options = TreePrunedConfig.from_additional_config(self.additional_config)
             self.speculative_config = default_speculative_config(options.max_draft_tokens)
             logger.info("tree_pruned: no speculative config given; speculating with %s", self.speculative_config)
@@ -76,7 +84,8 @@ def load_builtin_logits_processors(runner: Any) -> None:
     from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS, LogitsProcessors
 
     runner.input_batch.logitsprocs = LogitsProcessors(
-        ctor(runner.vllm_config, runner.device, False) for ctor in BUILTIN_LOGITS_PROCESSORS  # no pinned memory on CPU
+        ctor(runner.vllm_config, runner.device, False)
+        for ctor in BUILTIN_LOGITS_PROCESSORS  # no pinned memory on CPU
     )
 
 
@@ -118,8 +127,14 @@ def rewind_discarded_samples(runner: Any, states: dict[int, torch.Tensor]) -> It
             generators[row] = generator
 
 
-def expand_per_request(output: torch.Tensor, values: torch.Tensor, cu_num_tokens: torch.Tensor,
-                       replace_from: float, replace_to: float, MAX_NUM_TOKENS: "int | None" = None) -> None:  # noqa: N803
+def expand_per_request(
+    output: torch.Tensor,
+    values: torch.Tensor,
+    cu_num_tokens: torch.Tensor,
+    replace_from: float,
+    replace_to: float,
+    MAX_NUM_TOKENS: int | None = None,
+) -> None:
     """CPU version of vLLM's ``rejection_sampler.expand_kernel``: request ``i``'s value
     (``replace_to`` where it equals ``replace_from``) written to its tokens
     ``cu_num_tokens[i-1]:cu_num_tokens[i]`` of ``output``, in place.

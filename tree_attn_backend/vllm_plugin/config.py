@@ -10,8 +10,9 @@ allowed range. This module does not import vLLM: it validates plain values.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from ..pruning import PruningPolicy
 from ..tree_shape import TreeShape
@@ -94,7 +95,7 @@ class TreePrunedConfig:
     drafter_smoothing: float = 0.5
     log_every_steps: int = 50
     batch_budget: bool = True
-    cost_model: "dict | None" = None
+    cost_model: dict | None = None
     allow_larger_request_share: bool = False
 
     def __post_init__(self) -> None:
@@ -104,16 +105,26 @@ class TreePrunedConfig:
         for name in ("prune_min_prob", "prune_path_prob"):
             value = getattr(self, name)
             require(_is_number(value) and 0.0 <= value <= 1.0, name, "a number in [0, 1]")
-        require(_is_int(self.max_draft_tokens) and 1 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS,
-                "max_draft_tokens", f"an integer in [1, {MAX_DRAFT_TOKENS}]")
-        require(_is_int(self.drafter_min_ngram) and 1 <= self.drafter_min_ngram <= 16, "drafter_min_ngram", "an integer in [1, 16]")
+        require(
+            _is_int(self.max_draft_tokens) and 1 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS,
+            "max_draft_tokens",
+            f"an integer in [1, {MAX_DRAFT_TOKENS}]",
+        )
+        require(
+            _is_int(self.drafter_min_ngram) and 1 <= self.drafter_min_ngram <= 16,
+            "drafter_min_ngram",
+            "an integer in [1, 16]",
+        )
         require(
             _is_int(self.drafter_max_ngram) and self.drafter_min_ngram <= self.drafter_max_ngram <= 16,
             "drafter_max_ngram",
             "an integer in [drafter_min_ngram, 16]",
         )
-        require(_is_number(self.drafter_smoothing) and 0.0 <= self.drafter_smoothing < math.inf,
-                "drafter_smoothing", "a finite number >= 0")
+        require(
+            _is_number(self.drafter_smoothing) and 0.0 <= self.drafter_smoothing < math.inf,
+            "drafter_smoothing",
+            "a finite number >= 0",
+        )
         require(_is_int(self.log_every_steps) and self.log_every_steps >= 0, "log_every_steps", "an integer >= 0")
         require(isinstance(self.batch_budget, bool), "batch_budget", "true or false")
         require(isinstance(self.allow_larger_request_share, bool), "allow_larger_request_share", "true or false")
@@ -127,12 +138,15 @@ class TreePrunedConfig:
             shape = TreeShape.parse(self.speculative_token_tree)
         except ValueError as exc:
             raise ValueError(f"tree_pruned option speculative_token_tree: {exc}") from None
-        require(shape.num_nodes - 1 <= MAX_TREE_NODES and shape.max_depth <= MAX_TREE_DEPTH, "speculative_token_tree",
-                f"a tree of at most {MAX_TREE_NODES} nodes and depth {MAX_TREE_DEPTH} "
-                f"(this one: {shape.num_nodes - 1} nodes, depth {shape.max_depth})")
+        require(
+            shape.num_nodes - 1 <= MAX_TREE_NODES and shape.max_depth <= MAX_TREE_DEPTH,
+            "speculative_token_tree",
+            f"a tree of at most {MAX_TREE_NODES} nodes and depth {MAX_TREE_DEPTH} "
+            f"(this one: {shape.num_nodes - 1} nodes, depth {shape.max_depth})",
+        )
 
     @classmethod
-    def from_additional_config(cls, additional_config: Any) -> "TreePrunedConfig":
+    def from_additional_config(cls, additional_config: Any) -> TreePrunedConfig:
         """Read ``additional_config["tree_pruned"]`` (absent = defaults); unknown keys are errors."""
         if additional_config is None or "tree_pruned" not in additional_config:
             return cls()
@@ -143,11 +157,12 @@ class TreePrunedConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown tree_pruned option(s) {unknown}; known: {sorted(known)} "
-                             f"(aliases: {sorted(ALIASES)})")
+            raise ValueError(
+                f"unknown tree_pruned option(s) {unknown}; known: {sorted(known)} (aliases: {sorted(ALIASES)})"
+            )
         return cls(**options)
 
-    def for_request(self, extra_args: "Mapping[str, Any] | None") -> "TreePrunedConfig":
+    def for_request(self, extra_args: Mapping[str, Any] | None) -> TreePrunedConfig:
         """This config with a request's own options applied.
 
         A request sets :data:`PER_REQUEST_OPTIONS` (or their :data:`ALIASES`) as flat keys of
@@ -163,12 +178,16 @@ class TreePrunedConfig:
         nested = extra_args.get("tree_pruned")
         if nested is not None:
             if not isinstance(nested, dict):
-                raise ValueError(f"request option tree_pruned = {nested!r}: must be an object of per-request options "
-                                 f"{list(PER_REQUEST_OPTIONS)}; over HTTP give them as flat vllm_xargs keys")
+                raise ValueError(
+                    f"request option tree_pruned = {nested!r}: must be an object of per-request options "
+                    f"{list(PER_REQUEST_OPTIONS)}; over HTTP give them as flat vllm_xargs keys"
+                )
             not_per_request = sorted(set(nested) - set(PER_REQUEST_OPTIONS) - set(ALIASES))
             if not_per_request:
-                raise ValueError(f"tree_pruned option(s) {not_per_request} cannot be set per request; "
-                                 f"these can: {list(PER_REQUEST_OPTIONS)}")
+                raise ValueError(
+                    f"tree_pruned option(s) {not_per_request} cannot be set per request; "
+                    f"these can: {list(PER_REQUEST_OPTIONS)}"
+                )
             twice = sorted(nested.keys() & requested.keys())
             if twice:
                 raise ValueError(f"request option(s) {twice} given twice (flat and inside tree_pruned)")
@@ -179,22 +198,34 @@ class TreePrunedConfig:
         if "batch_budget" in options:
             value = options["batch_budget"]
             # vllm_xargs carries JSON true/false as 1/0.
-            _require(isinstance(value, bool) or (_is_int(value) and value in (0, 1)),
-                     "request option batch_budget", value, "true or false (or 1 or 0)")
+            _require(
+                isinstance(value, bool) or (_is_int(value) and value in (0, 1)),
+                "request option batch_budget",
+                value,
+                "true or false (or 1 or 0)",
+            )
             options["batch_budget"] = bool(value)
         if not self.allow_larger_request_share:
             limit = self.max_draft_tokens
             value = options.get("max_draft_tokens", limit)
-            _require(not _is_int(value) or value <= limit, "request option max_draft_tokens", value,
-                     f"an integer in [1, {limit}] (the server's max_draft_tokens; allow_larger_request_share lifts it)")
-            _require(options.get("batch_budget", self.batch_budget) or not self.batch_budget,
-                     "request option batch_budget", False, "true on this server (allow_larger_request_share lifts it)")
+            _require(
+                not _is_int(value) or value <= limit,
+                "request option max_draft_tokens",
+                value,
+                f"an integer in [1, {limit}] (the server's max_draft_tokens; allow_larger_request_share lifts it)",
+            )
+            _require(
+                options.get("batch_budget", self.batch_budget) or not self.batch_budget,
+                "request option batch_budget",
+                False,
+                "true on this server (allow_larger_request_share lifts it)",
+            )
         try:
             return replace(self, **options)
         except ValueError as exc:  # the range checks of __post_init__, reworded for a request
             raise ValueError(str(exc).replace("tree_pruned option", "request option", 1)) from None
 
-    def configured_cost_model(self) -> "VerifyCostModel | None":
+    def configured_cost_model(self) -> VerifyCostModel | None:
         """The configured cost model, or ``None`` when it is to be measured."""
         return None if self.cost_model is None else VerifyCostModel(**self.cost_model)
 

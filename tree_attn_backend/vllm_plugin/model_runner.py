@@ -18,8 +18,9 @@ Per step, on top of vLLM's runner:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,24 +60,24 @@ class TreeStep:
 
 
 class TreeCPUModelRunner(CPUModelRunner):
-    def __init__(self, vllm_config, device: torch.device) -> None:  # noqa: ANN001
+    def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         self.tree_config = TreePrunedConfig.from_additional_config(vllm_config.additional_config)
-        self._tree_step: "TreeStep | None" = None
+        self._tree_step: TreeStep | None = None
         self._stats = _TreeStats(self.tree_config.log_every_steps)
         self._drafting: dict[str, RequestDrafting] = {}
-        self._step_started: "tuple[float, int, int] | None" = None  # time, plain and draft tokens
+        self._step_started: tuple[float, int, int] | None = None  # time, plain and draft tokens
         self._discarded_states: dict[int, torch.Tensor] = {}
         if self._tree_proposer is not None:
             load_builtin_logits_processors(self)  # min_p / logit_bias requests are served without drafts
 
     @property
-    def _tree_proposer(self) -> "TreeProposer | None":
+    def _tree_proposer(self) -> TreeProposer | None:
         drafter = getattr(self, "drafter", None)
         return drafter if isinstance(drafter, TreeProposer) else None
 
     # -- request lifecycle -------------------------------------------------------------
-    def _on_request_state_removed(self, req_id, req_state) -> None:  # noqa: ANN001
+    def _on_request_state_removed(self, req_id: str, req_state: Any) -> None:
         super()._on_request_state_removed(req_id, req_state)
         self._drafting.pop(req_id, None)
         if self._tree_proposer is not None:
@@ -91,7 +92,7 @@ class TreeCPUModelRunner(CPUModelRunner):
             drafting = self._drafting[req_id] = self._tree_proposer.drafting_for(config, verification_for(params))
         return drafting
 
-    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):  # noqa: ANN001
+    def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, *args: Any, **kwargs: Any) -> Any:
         proposer = self._tree_proposer
         if proposer is None:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
@@ -122,11 +123,17 @@ class TreeCPUModelRunner(CPUModelRunner):
             times.append(min(runs))
         prior = VerifyCostModel.fit(counts, times)
         proposer.cost_model = OnlineCostFit(prior)
-        logger.info("tree_pruned: measured step cost %.2f ms + %.3f ms per query token (forward passes of %s tokens: %s ms); "
-                    "refitted from served steps from now on", prior.step_ms, prior.token_ms, counts, [round(t, 2) for t in times])
+        logger.info(
+            "tree_pruned: measured step cost %.2f ms + %.3f ms per query token (forward passes of %s tokens: %s ms); "
+            "refitted from served steps from now on",
+            prior.step_ms,
+            prior.token_ms,
+            counts,
+            [round(t, 2) for t in times],
+        )
 
     # -- the verify forward pass -------------------------------------------------------
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):  # noqa: ANN001
+    def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         self._tree_step = self._collect_trees(scheduler_output, num_scheduled_tokens)
         if self._tree_step is not None:
@@ -146,7 +153,7 @@ class TreeCPUModelRunner(CPUModelRunner):
             TREE_STEP.publish(rows, step.parents[tokens])
         return result
 
-    def _collect_trees(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> "TreeStep | None":  # noqa: ANN001
+    def _collect_trees(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> TreeStep | None:
         proposer = self._tree_proposer
         spec = scheduler_output.scheduled_spec_decode_tokens
         if proposer is None or not spec:
@@ -175,7 +182,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         context = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64).copy()
         return TreeStep(np.array(rows), parents, query_start, context, slots)
 
-    def execute_model(self, scheduler_output, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         spec = scheduler_output.scheduled_spec_decode_tokens or {}
         num_draft = sum(len(d) for d in spec.values())
         self._step_started = (time.perf_counter(), scheduler_output.total_num_scheduled_tokens - num_draft, num_draft)
@@ -184,7 +191,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         finally:
             TREE_STEP.clear()  # the builder has run; warm-up runs must not see this step
 
-    def sample_tokens(self, *args, **kwargs):  # noqa: ANN002, ANN003
+    def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
         output = super().sample_tokens(*args, **kwargs)
         # A served step (forward, verification, compaction, drafting) updates the cost model.
         cost = self._tree_proposer.cost_model if self._tree_proposer is not None else None
@@ -196,7 +203,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         return output
 
     # -- verification and compaction ---------------------------------------------------
-    def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:  # noqa: ANN001
+    def _sample(self, logits: torch.Tensor, spec_decode_metadata: Any) -> SamplerOutput:
         self._discarded_states = discarded_sample_states(self)
         step, self._tree_step = self._tree_step, None
         if step is None or spec_decode_metadata is None:
@@ -207,8 +214,9 @@ class TreeCPUModelRunner(CPUModelRunner):
             # Every row is a tree request (no logprobs, see verification_kind): vLLM's sampler
             # output would be overwritten row for row, so it does not run. -1 pads, as vLLM's does.
             columns = spec_decode_metadata.max_spec_len + 1
-            output = SamplerOutput(sampled_token_ids=torch.full((num_reqs, columns), -1, dtype=torch.int32),
-                                   logprobs_tensors=None)
+            output = SamplerOutput(
+                sampled_token_ids=torch.full((num_reqs, columns), -1, dtype=torch.int32), logprobs_tensors=None
+            )
         else:
             output = super()._sample(logits, spec_decode_metadata)
         rows = step.rows.tolist()
@@ -227,12 +235,14 @@ class TreeCPUModelRunner(CPUModelRunner):
         self._stats.record(num_verified, num_accepted, self._tree_proposer)
         return output
 
-    def _bookkeeping_sync(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 (vLLM's tuple)
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
         states, self._discarded_states = self._discarded_states, {}
         with rewind_discarded_samples(self, states):
             return super()._bookkeeping_sync(*args, **kwargs)
 
-    def _verify_trees(self, step: TreeStep, logits: torch.Tensor, spec_md) -> "tuple[VerifyResult, SeededGenerators]":  # noqa: ANN001
+    def _verify_trees(
+        self, step: TreeStep, logits: torch.Tensor, spec_md: Any
+    ) -> tuple[VerifyResult, SeededGenerators]:
         """Verify the tree requests (``step.rows``, in that order) over their logits rows."""
         sampled_start = np.concatenate([[0], spec_md.cu_num_sampled_tokens.cpu().numpy()]).astype(np.int64)
         counts = np.diff(sampled_start)[step.rows]  # nodes per tree: its query tokens
@@ -244,8 +254,9 @@ class TreeCPUModelRunner(CPUModelRunner):
         )
         node_logits = logits[torch.from_numpy(segment_arange(sampled_start[step.rows], counts))].to(torch.float32)
         depths = torch.from_numpy(depths_from_parents(trees.global_parents().numpy()).astype(np.int64))
-        tokens, seeded = sample_tree_nodes(node_logits, step.rows.tolist(), torch.from_numpy(counts), depths,
-                                           self.input_batch.sampling_metadata)
+        tokens, seeded = sample_tree_nodes(
+            node_logits, step.rows.tolist(), torch.from_numpy(counts), depths, self.input_batch.sampling_metadata
+        )
         return verify_target_tokens(trees, tokens), seeded
 
     def _compact(self, step: TreeStep, result: VerifyResult) -> None:
@@ -282,10 +293,18 @@ class _TreeStats:
             logger.info(
                 "tree_pruned: %d verify steps, %d trees: draft nodes per tree min %d / mean %.2f / max %d, "
                 "accepted per tree mean %.2f",
-                self.every, len(sizes), sizes.min(), sizes.mean(), sizes.max(), float(np.mean(self.accepted)),
+                self.every,
+                len(sizes),
+                sizes.min(),
+                sizes.mean(),
+                sizes.max(),
+                float(np.mean(self.accepted)),
             )
             if proposer.cost_model is not None:
-                logger.info("tree_pruned: budget cost model %s, acceptance scale %.3f",
-                            proposer.cost_model_now, proposer.acceptance_scale.value)
+                logger.info(
+                    "tree_pruned: budget cost model %s, acceptance scale %.3f",
+                    proposer.cost_model_now,
+                    proposer.acceptance_scale.value,
+                )
             self.sizes.clear()
             self.accepted.clear()

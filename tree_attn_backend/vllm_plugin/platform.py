@@ -28,8 +28,10 @@ class TreePrunedCpuPlatform(CpuPlatform):
         cls.server_options = TreePrunedConfig.from_additional_config(vllm_config.additional_config)
         spec = vllm_config.speculative_config
         if uses_tree_proposer(spec) and not 1 <= spec.num_speculative_tokens <= MAX_DRAFT_TOKENS:
-            raise ValueError(f"speculative_config num_speculative_tokens = {spec.num_speculative_tokens}: "
-                             f"must be an integer in [1, {MAX_DRAFT_TOKENS}] with the tree proposer")
+            raise ValueError(
+                f"speculative_config num_speculative_tokens = {spec.num_speculative_tokens}: "
+                f"must be an integer in [1, {MAX_DRAFT_TOKENS}] with the tree proposer"
+            )
         parallel = vllm_config.parallel_config
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER_CLS

@@ -8,8 +8,9 @@ drafts, like the batch budget, keeps the most valuable subtree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class TreeProposer:
     """``--speculative-config '{"method": "custom_class", "model":
     "tree_attn_backend.vllm_plugin.proposer.TreeProposer", "num_speculative_tokens": K}'``"""
 
-    def __init__(self, vllm_config) -> None:  # noqa: ANN001 (vllm.config.VllmConfig)
+    def __init__(self, vllm_config: Any) -> None:
         self.config = TreePrunedConfig.from_additional_config(vllm_config.additional_config)
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.shape = self.config.shape
@@ -61,9 +62,9 @@ class TreeProposer:
         self.indexes: dict[str, LookupIndex] = {}
         self.trees: dict[str, DraftTree] = {}
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
-        self.cost_model: "VerifyCostModel | OnlineCostFit | None" = None
+        self.cost_model: VerifyCostModel | OnlineCostFit | None = None
         self.acceptance_scale = _DecayedRatio()
-        self._batch: "tuple[list[str], list[RequestDrafting]] | None" = None
+        self._batch: tuple[list[str], list[RequestDrafting]] | None = None
 
     def load_model(self, *args: object, **kwargs: object) -> None:
         """Nothing to load: the drafter reads the requests' own tokens."""
@@ -102,17 +103,21 @@ class TreeProposer:
         budgeted = [row for row in drafted if drafting[row].batch_budget]
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
-        budget_can_pay = bool(budgeted) and drafts_can_pay(len(decoding), max_budgeted, self.cost_model_now,
-                                                           self.acceptance_scale.value)
+        budget_can_pay = bool(budgeted) and drafts_can_pay(
+            len(decoding), max_budgeted, self.cost_model_now, self.acceptance_scale.value
+        )
         for req_id in req_ids:
             self.trees.pop(req_id, None)
         for row in drafted:
             if budget_can_pay or not drafting[row].batch_budget:
-                self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], token_ids_cpu[row, : int(num_tokens_no_spec[row])])
+                self.trees[req_ids[row]] = self._grow(
+                    req_ids[row], drafting[row], token_ids_cpu[row, : int(num_tokens_no_spec[row])]
+                )
         if budget_can_pay:
             trees = [self.trees[req_ids[row]] for row in budgeted]
-            keep = allocate_verify_budget([t.path_probs[1:] for t in trees], len(decoding), self.cost_model_now,
-                                          self.acceptance_scale.value)
+            keep = allocate_verify_budget(
+                [t.path_probs[1:] for t in trees], len(decoding), self.cost_model_now, self.acceptance_scale.value
+            )
             for row, tree, k in zip(budgeted, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
         return [self.trees[r].tokens[1:].tolist() if r in self.trees else [] for r in req_ids]
@@ -134,7 +139,9 @@ class TreeProposer:
             raise RuntimeError("the batch budget needs a cost model; the TREE_PRUNED runner sets it at start-up")
         return self.cost_model.model() if isinstance(self.cost_model, OnlineCostFit) else self.cost_model
 
-    def record_acceptance(self, req_ids: Sequence[str], num_verified: Sequence[int], num_accepted: Sequence[int]) -> None:
+    def record_acceptance(
+        self, req_ids: Sequence[str], num_verified: Sequence[int], num_accepted: Sequence[int]
+    ) -> None:
         """After verification: calibrates path values (expected accepted tokens) against
         what the target accepted."""
         expected = 0.0
@@ -145,7 +152,7 @@ class TreeProposer:
         if expected > 0.0:
             self.acceptance_scale.update(float(np.sum(num_accepted)), expected)
 
-    def tree_for(self, req_id: str, scheduled: Sequence[int]) -> "DraftTree | None":
+    def tree_for(self, req_id: str, scheduled: Sequence[int]) -> DraftTree | None:
         """The tree behind a request's scheduled drafts (a prefix of its node list), or
         ``None`` when they are not ours (e.g. cleared and re-proposed elsewhere)."""
         tree = self.trees.get(req_id)

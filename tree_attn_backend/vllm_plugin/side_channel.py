@@ -23,7 +23,7 @@ class TreeRows:
 
 class TreeStepChannel:
     def __init__(self) -> None:
-        self._published: "TreeRows | None" = None
+        self._published: TreeRows | None = None
 
     def publish(self, rows: np.ndarray, parents: np.ndarray) -> None:
         self._published = TreeRows(np.asarray(rows, dtype=np.int64), np.asarray(parents, dtype=np.int32))
@@ -31,7 +31,7 @@ class TreeStepChannel:
     def clear(self) -> None:
         self._published = None
 
-    def tree_rows_for(self, query_lens: np.ndarray) -> "TreeRows | None":
+    def tree_rows_for(self, query_lens: np.ndarray) -> TreeRows | None:
         """The published tree rows of a batch with these query lengths; ``None`` when the
         runner published nothing (no trees this step, warm-up and profiling runs).
 
@@ -46,7 +46,8 @@ class TreeStepChannel:
         expected = int(query_lens[rows].sum())
         if expected != published.parents.shape[0]:
             raise RuntimeError(
-                f"tree rows {rows.tolist()} have {expected} query tokens but {published.parents.shape[0]} parents were published"
+                f"tree rows {rows.tolist()} have {expected} query tokens "
+                f"but {published.parents.shape[0]} parents were published"
             )
         return published
 

@@ -35,7 +35,7 @@ class SeededGenerators:
     generators: dict[int, torch.Generator]
     states: dict[int, list[torch.Tensor]]
 
-    def settle(self, rows: "list[int]", num_emitted: torch.Tensor) -> None:
+    def settle(self, rows: list[int], num_emitted: torch.Tensor) -> None:
         """Leave each seeded generator advanced by one draw per emitted token (``rows``: batch
         rows of the verified trees, ``num_emitted`` int ``[len(rows)]``), as plain decoding
         would; this also undoes draws vLLM's chain sampler made for these rows."""
@@ -44,8 +44,9 @@ class SeededGenerators:
                 self.generators[row].set_state(self.states[row][int(num_emitted[i])])
 
 
-def _depth_seeds(row: int, num_depths: int, generators: dict[int, torch.Generator],
-                 states: dict[int, list[torch.Tensor]]) -> torch.Tensor:
+def _depth_seeds(
+    row: int, num_depths: int, generators: dict[int, torch.Generator], states: dict[int, list[torch.Tensor]]
+) -> torch.Tensor:
     """int64 ``[num_depths]``: the seeds of one request for depths ``0..num_depths-1``."""
     generator = generators.get(row)
     if generator is None:
@@ -60,7 +61,7 @@ def _depth_seeds(row: int, num_depths: int, generators: dict[int, torch.Generato
 
 def sample_tree_nodes(
     logits: torch.Tensor,
-    rows: "list[int]",
+    rows: list[int],
     counts: torch.Tensor,
     depths: torch.Tensor,
     metadata: SamplingMetadata,
@@ -94,7 +95,9 @@ def sample_tree_nodes(
         for i, row in enumerate(rows):
             nodes = slice(int(starts[i]), int(starts[i] + counts[i]))
             if metadata.temperature[row] >= _GREEDY_EPS:
-                seeds[nodes] = _depth_seeds(row, int(depths[nodes].max()) + 1, metadata.generators, seeded.states)[depths[nodes]]
+                seeds[nodes] = _depth_seeds(row, int(depths[nodes].max()) + 1, metadata.generators, seeded.states)[
+                    depths[nodes]
+                ]
         random_rows = node_row[random]
         scaled = logits[random] / temperature[random].unsqueeze(1)  # vLLM's apply_temperature
         scaled = apply_top_k_top_p(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from vllm.v1.worker import cpu_worker
 
 from .compat import build_worker_model_runner
@@ -17,7 +19,7 @@ class TreeCPUWorker(cpu_worker.CPUWorker):
                 "(unset VLLM_USE_V2_MODEL_RUNNER)"
             )
 
-    def compile_or_warm_up_model(self):  # noqa: ANN201 (vLLM's CompilationTimes)
+    def compile_or_warm_up_model(self) -> Any:
         times = super().compile_or_warm_up_model()
         self.model_runner.measure_cost_model()  # after warm-up, so compilation is not timed
         return times

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .bench.e2e import E2EConfig
@@ -99,7 +99,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_config(args: argparse.Namespace, per_category: int | None, **options: object) -> E2EConfig:
+def _bench_config(args: argparse.Namespace, per_category: int | None, **options: Any) -> E2EConfig:
     """The prompts (``--prompts``, ``--per-category`` else ``per_category``) and the default
     model in an ``E2EConfig`` with ``options``; ``concurrency=None`` = one request per prompt,
     at most 16 at a time. A bad argument exits naming its value."""
@@ -212,7 +212,7 @@ def _bench_step_cost(args: argparse.Namespace) -> int:
     from .bench import step_cost
     from .default_model import default_model_dir
 
-    quick = (
+    quick: dict[str, Any] = (
         {"batch_sizes": (1, 4), "draft_tokens": (4,), "warmup_steps": 2, "timed_steps": 4, "repeat": 1}
         if args.quick
         else {}
@@ -226,7 +226,12 @@ def _bench_step_cost(args: argparse.Namespace) -> int:
     with tqdm(
         total=len(config.batch_sizes) * config.repeat, desc="bench step-cost", unit="batch", file=sys.stderr
     ) as bar:
-        result = step_cost.run_step_cost(config, progress=lambda line: (bar.set_postfix_str(line), bar.update()))
+
+        def progress(line: str) -> None:
+            bar.set_postfix_str(line)
+            bar.update()
+
+        result = step_cost.run_step_cost(config, progress=progress)
     targets = step_cost.check_targets(result)
     if args.json:
         print(json.dumps(result))

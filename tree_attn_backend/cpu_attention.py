@@ -198,7 +198,10 @@ def run_cpu_attention(
         # The op computes in the cache's dtype into a contiguous buffer: ``out`` itself if it is one.
         q = query.to(kv_cache.dtype).contiguous()
         result = out if out.is_contiguous() and out.dtype == kv_cache.dtype else torch.empty_like(q)
-        native_op("tree_paged_attention")(q, kv_cache, *plan.native, scale, result)
+        op = native_op("tree_paged_attention")
+        if op is None:  # the plan only chooses the native path when the op is built
+            raise RuntimeError("the plan uses tree_paged_attention, which is not built")
+        op(q, kv_cache, *plan.native, scale, result)
         if result is not out:
             out.copy_(result)
         return out

@@ -65,7 +65,7 @@ class TreeShape:
             if path in seen:
                 raise ValueError(f"tree path {path!r} appears twice")
             seen.add(path)
-        ordered = [()] + sorted(seen, key=lambda p: (len(p), p))
+        ordered: list[tuple[int, ...]] = [(), *sorted(seen, key=lambda p: (len(p), p))]
         for path in ordered[1:]:  # sorted, so the first bad path is reported
             if len(path) > 1 and path[:-1] not in seen:
                 raise ValueError(f"tree path {path!r} has no parent: {path[:-1]!r} is missing")

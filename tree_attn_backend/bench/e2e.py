@@ -126,7 +126,8 @@ class E2EConfig:
 def load_prompts(path: str | Path, per_category: int | None = None) -> list[dict]:
     """Spec-Bench-style JSONL (``category``, ``turns``: the first turn is the prompt), in file
     order; ``per_category`` keeps the first that many of each category."""
-    prompts, seen = [], {}
+    prompts: list[dict] = []
+    seen: dict[str, int] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -171,7 +172,7 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
             for m in modes
         ]
 
-    processes = []
+    processes: list[tuple[str, dict, list[dict]]] = []
     for mode, speculative_config in STOCK_SPECULATIVE_CONFIGS.items():
         if mode in config.modes:
             engine = dict(base, speculative_config=speculative_config) if speculative_config else base

@@ -88,7 +88,7 @@ def build_naive(batch: StepBatch) -> tuple:
 
 
 def median_us(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) -> float:
-    times = []
+    times: list[float] = []
     deadline = time.perf_counter() + min_seconds
     while len(times) < repeats or time.perf_counter() < deadline:
         start = time.perf_counter()

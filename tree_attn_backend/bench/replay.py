@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def replay_rows(
     from ..vllm_plugin.config import TreePrunedConfig
 
     shape = TreePrunedConfig().shape
-    rows = []
+    rows: list[dict[str, Any]] = []
     for setting in settings:
         drafted, accepted = replay(shape, setting, prompts, outputs)
         rows.append(

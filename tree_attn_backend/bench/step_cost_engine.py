@@ -96,10 +96,12 @@ class SyntheticTreeProposer(TreeProposer):
         token_ids_cpu: np.ndarray,
         slot_mappings: object = None,
     ) -> list[list[int]]:
+        if self._batch is None:
+            raise RuntimeError("SyntheticTreeProposer runs only with the TREE_PRUNED model runner")
         (req_ids, _), self._batch = self._batch, None
         parents = synthetic_parents(_Cell.draft_tokens, _Cell.shape)
         self.trees.clear()
-        out = []
+        out: list[list[int]] = []
         for row, req_id in enumerate(req_ids):
             if not sampled_token_ids[row] or _Cell.draft_tokens == 0:
                 out.append([])

@@ -72,6 +72,14 @@ class TreeCPUModelRunner(CPUModelRunner):
             load_builtin_logits_processors(self)  # min_p / logit_bias requests are served without drafts
 
     @property
+    def _proposer(self) -> TreeProposer:
+        """The tree proposer, on paths that only run with it."""
+        proposer = self._tree_proposer
+        if proposer is None:
+            raise RuntimeError("this TREE_PRUNED runner path needs the tree proposer")
+        return proposer
+
+    @property
     def _tree_proposer(self) -> TreeProposer | None:
         drafter = getattr(self, "drafter", None)
         return drafter if isinstance(drafter, TreeProposer) else None
@@ -89,7 +97,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         if drafting is None:
             params = self.requests[req_id].sampling_params
             config = self.tree_config.for_request(params.extra_args if params is not None else None)
-            drafting = self._drafting[req_id] = self._tree_proposer.drafting_for(config, verification_for(params))
+            drafting = self._drafting[req_id] = self._proposer.drafting_for(config, verification_for(params))
         return drafting
 
     def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, *args: Any, **kwargs: Any) -> Any:
@@ -231,8 +239,8 @@ class TreeCPUModelRunner(CPUModelRunner):
         self._compact(step, result)
         num_verified = np.diff(spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy(), prepend=0)[step.rows] - 1
         num_accepted = result.num_accepted.numpy()
-        self._tree_proposer.record_acceptance([self.input_batch.req_ids[r] for r in rows], num_verified, num_accepted)
-        self._stats.record(num_verified, num_accepted, self._tree_proposer)
+        self._proposer.record_acceptance([self.input_batch.req_ids[r] for r in rows], num_verified, num_accepted)
+        self._stats.record(num_verified, num_accepted, self._proposer)
         return output
 
     def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:

@@ -139,11 +139,10 @@ class TreeProposer:
             raise RuntimeError("the batch budget needs a cost model; the TREE_PRUNED runner sets it at start-up")
         return self.cost_model.model() if isinstance(self.cost_model, OnlineCostFit) else self.cost_model
 
-    def record_acceptance(
-        self, req_ids: Sequence[str], num_verified: Sequence[int], num_accepted: Sequence[int]
-    ) -> None:
+    def record_acceptance(self, req_ids: Sequence[str], num_verified: np.ndarray, num_accepted: np.ndarray) -> None:
         """After verification: calibrates path values (expected accepted tokens) against
-        what the target accepted."""
+        what the target accepted. ``num_verified`` / ``num_accepted``: int ``[len(req_ids)]``,
+        draft nodes verified and accepted per request."""
         expected = 0.0
         for req_id, verified in zip(req_ids, num_verified):
             tree = self.trees.get(req_id)

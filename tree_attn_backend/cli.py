@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -268,6 +267,20 @@ def metadata_bench_defaults(name: str) -> tuple[int, ...]:
     return getattr(metadata_bench, name)
 
 
+def _add_prompt_arguments(parser: argparse.ArgumentParser, per_category: bool) -> None:
+    """The prompt set of a benchmark that sends prompts: ``--prompts`` and, if asked for,
+    ``--per-category``."""
+    from .bench.e2e import DEFAULT_PROMPTS
+
+    parser.add_argument(
+        "--prompts", default=str(DEFAULT_PROMPTS), help="Spec-Bench-style JSONL (default: the shipped mixed set)"
+    )
+    if per_category:
+        parser.add_argument(
+            "--per-category", type=int, default=None, help="the first N prompts of each category (default: all)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tree-pruned", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -300,14 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e_p.add_argument("--quick", action="store_true", help="one prompt per category, 16 tokens (under 4 minutes)")
     e2e_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
     e2e_p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
-    e2e_p.add_argument(
-        "--prompts",
-        default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
-        help="Spec-Bench-style JSONL (default: the shipped mixed set)",
-    )
-    e2e_p.add_argument(
-        "--per-category", type=int, default=None, help="the first N prompts of each category (default: all)"
-    )
+    _add_prompt_arguments(e2e_p, per_category=True)
     e2e_p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
     e2e_p.add_argument(
         "--modes",
@@ -331,14 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     replay_p = bench_sub.add_parser(
         "replay", help="score pruning settings offline on greedy outputs (exact for greedy)"
     )
-    replay_p.add_argument(
-        "--prompts",
-        default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
-        help="Spec-Bench-style JSONL (default: the shipped mixed set)",
-    )
-    replay_p.add_argument(
-        "--per-category", type=int, default=None, help="the first N prompts of each category (default: all)"
-    )
+    _add_prompt_arguments(replay_p, per_category=True)
     replay_p.add_argument("--max-tokens", type=int, default=128, help="greedy output tokens per prompt (default 128)")
     replay_p.add_argument(
         "--path-probs", default="0.02,0.05,0.08,0.12", help="path thresholds to score besides the defaults"
@@ -362,11 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.1,
         help="fraction of requests the client closes after a few chunks (default 0.1)",
     )
-    load_p.add_argument(
-        "--prompts",
-        default=str(Path(__file__).parent / "data" / "spec_bench_mixed.jsonl"),
-        help="Spec-Bench-style JSONL (default: the shipped mixed set)",
-    )
+    _add_prompt_arguments(load_p, per_category=False)
     load_p.add_argument(
         "--onednn-primitive-cache",
         type=int,

@@ -192,16 +192,17 @@ def run_step_cost(config: StepCostConfig, progress: Callable[[str], None] | None
                     )
                 for cell in [*all_cells, *reversed(all_cells)]:
                     for step in range(config.warmup_steps + config.timed_steps):
-                        for i in rng.permutation(len(engines)):
+                        for engine in (engines[i] for i in rng.permutation(len(engines))):
                             # An engine without this cell steps without drafts, untimed, so every
                             # engine's contexts grow alike (attention cost follows them).
-                            timed = step >= config.warmup_steps and cell in engines[i].cells
-                            draft_tokens, shape = cell if cell in engines[i].cells else (0, "chain")
-                            reply = processes[engines[i].name].request(
+                            runs_cell = cell in engine.cells
+                            timed = runs_cell and step >= config.warmup_steps
+                            draft_tokens, shape = cell if runs_cell else (0, "chain")
+                            reply = processes[engine.name].request(
                                 op="step", draft_tokens=draft_tokens, shape=shape, check=timed
                             )
                             if timed:
-                                steps.setdefault((engines[i].name, batch_size, *cell), []).append(reply["step_ms"])
+                                steps.setdefault((engine.name, batch_size, *cell), []).append(reply["step_ms"])
                 for process in processes.values():
                     process.request(op="finish")
                 if progress:

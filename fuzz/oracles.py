@@ -1,6 +1,6 @@
 """Sequential, obviously-correct oracles for verification: one request, one node at a time.
 
-They share no code with :mod:`tree_attn_backend.verify` (not even the inverse-CDF sampler).
+They share no code with :mod:`tree_attn_backend.verification.verify` (not even the inverse-CDF sampler).
 """
 
 from __future__ import annotations

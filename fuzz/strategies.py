@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from tree_attn_backend.drafter import SyntheticDrafter
-from tree_attn_backend.pruning import PruningPolicy, expand_and_prune
-from tree_attn_backend.tree import DraftTree
-from tree_attn_backend.tree_shape import TreeShape
+from tree_attn_backend.drafting.drafter import SyntheticDrafter
+from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
+from tree_attn_backend.drafting.tree import DraftTree
+from tree_attn_backend.drafting.tree_shape import TreeShape
 
 from .harness import BatchSpec
 

@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tree_attn_backend.cascade import cascade_attention
-from tree_attn_backend.cpu_attention import plan_cpu_attention, run_cpu_attention
-from tree_attn_backend.reference import reference_tree_attention
+from tree_attn_backend.attention.cascade import cascade_attention
+from tree_attn_backend.attention.cpu_attention import plan_cpu_attention, run_cpu_attention
+from tree_attn_backend.attention.reference import reference_tree_attention
 
 from .harness import make_attention_case
 from .strategies import DTYPES, TOLERANCE, batch_specs
@@ -42,7 +42,7 @@ def test_cpu_path_and_cascade_match_reference(spec, dtype, seed, short_query_max
 @given(spec=batch_specs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
 def test_native_tree_paged_attention_matches_reference(spec, dtype, seed):
     """The C++ op over every request (long chains included), against the float64 reference."""
-    from tree_attn_backend.native import native_op
+    from tree_attn_backend.ops.native import native_op
 
     op = native_op("tree_paged_attention")
     assert op is not None, "csrc/ is not built: run `make setup`"

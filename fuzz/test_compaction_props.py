@@ -4,8 +4,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tree_attn_backend.kv_compaction import apply_compaction, compaction_moves
-from tree_attn_backend.paged_kv import read_kv
+from tree_attn_backend.attention.paged_kv import read_kv
+from tree_attn_backend.verification.kv_compaction import apply_compaction, compaction_moves
 
 from .harness import make_attention_case
 from .strategies import batch_specs
@@ -27,8 +27,7 @@ def test_compaction_puts_path_in_order_and_preserves_everything_else(spec, seed,
     for b, path in enumerate(paths):
         accepted[b, : len(path)] = torch.tensor(path)
     table = torch.from_numpy(case.batch.block_table)
-    ctx = torch.tensor(spec.context_lens)
-    src, dst = compaction_moves(accepted, ctx, table, spec.block_size)
+    src, dst = compaction_moves(accepted, case.meta.slot_mapping, case.meta.qo_indptr[:-1])
 
     caches = [case.kv_cache.clone(), case.kv_cache.clone()]
     before = case.kv_cache.clone()

@@ -16,8 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tree_attn_backend.gpu import cuda_ops, paged_cache
-from tree_attn_backend.reference import ReferenceRequest, reference_tree_attention
+from tree_attn_backend.attention.gpu import cuda_ops, paged_cache
+from tree_attn_backend.attention.reference import ReferenceRequest, reference_tree_attention
 
 from .harness import make_attention_case, nhd_cache
 from .strategies import FUZZ_BLOCK_SIZES, TOLERANCE, batch_specs
@@ -34,7 +34,7 @@ def _require_cuda_library() -> None:
 
 @cache
 def _attention(mode: str):  # one per mode: each owns a workspace
-    from tree_attn_backend.gpu.flashinfer_attention import FlashInferTreeAttention
+    from tree_attn_backend.attention.gpu.flashinfer_attention import FlashInferTreeAttention
 
     return FlashInferTreeAttention(DEVICE, mode)
 

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from metadata import StepBatch
-from tree_attn_backend.tree import DraftTree
+from tree_attn_backend.drafting.tree import DraftTree
 
 from .strategies import tree_parents
 

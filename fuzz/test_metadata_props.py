@@ -6,8 +6,8 @@ from hypothesis import given
 
 from metadata import MaskWorkspace, build_tree_attention_metadata
 from metadata.masks import pack_segments
-from tree_attn_backend.native import native_op
-from tree_attn_backend.reference import reference_depths, reference_tree_mask
+from tree_attn_backend.attention.reference import reference_depths, reference_tree_mask
+from tree_attn_backend.ops.native import native_op
 
 from .harness import make_attention_case
 from .strategies import batch_specs

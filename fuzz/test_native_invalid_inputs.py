@@ -4,7 +4,7 @@ Valid inputs come from the fuzzed batches the other properties use; each test co
 value (a parent, an indptr entry, a length, a page id, a dtype or layout) and requires a
 ``RuntimeError`` naming the op, the array, the bad index and its value. Covered: the CPU torch
 ops (``torch.ops.tree_pruned.*``) and the host validator that guards the CUDA entry points
-(:func:`tree_attn_backend.gpu.cuda_ops.check_mask_inputs`), called here on CPU tensors.
+(:func:`tree_attn_backend.attention.gpu.cuda_ops.check_mask_inputs`), called here on CPU tensors.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metadata import StepBatch, TreeAttentionMetadata, build_tree_attention_metadata
-from tree_attn_backend.gpu import cuda_ops
-from tree_attn_backend.native import LIBRARY_PATH, native_op
+from tree_attn_backend.attention.gpu import cuda_ops
+from tree_attn_backend.ops.native import LIBRARY_PATH, native_op
 
 from .harness import BatchSpec, make_block_table
 from .strategies import batch_specs
@@ -216,7 +216,7 @@ def _rejects(entry: Entry, x: Inputs, arrays: dict[str, torch.Tensor], message: 
 def test_every_op_is_built():
     """Without the library the properties below would test nothing."""
     for name in ("tree_paged_attention", "build_tree_masks", "tree_token_layout"):
-        assert native_op(name) is not None, f"{name}: run `python -m tree_attn_backend.csrc_build cpu`"
+        assert native_op(name) is not None, f"{name}: run `python -m tree_attn_backend.ops.csrc_build cpu`"
 
 
 def test_ops_run_on_torchs_openmp_threads():

@@ -3,7 +3,7 @@
 import numpy as np
 from hypothesis import given
 
-from tree_attn_backend.pruning import expand_and_prune
+from tree_attn_backend.drafting.pruning import expand_and_prune
 
 from .strategies import pruning_cases
 

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tree_attn_backend.tree import DraftTree, FlatTrees
-from tree_attn_backend.verify import verify_greedy, verify_sampling
+from tree_attn_backend.drafting.tree import DraftTree, FlatTrees
+from tree_attn_backend.verification.verify import verify_greedy, verify_sampling
 
 from . import oracles
 from .strategies import draft_trees

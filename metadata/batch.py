@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tree_attn_backend.tree import bad_parent_reason
+from tree_attn_backend.ragged import bad_parent_reason, segment_local
 
 SUPPORTED_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -116,7 +116,7 @@ class StepBatch:
         if parents.shape != (num_tokens,):
             raise ValueError(f"parents has shape {tuple(parents.shape)}, expected ({num_tokens},) = sum(query_lens)")
         parents = np.ascontiguousarray(parents, dtype=np.int32)
-        local = np.arange(num_tokens) - np.repeat(np.cumsum(query_lens) - query_lens, query_lens)
+        local = segment_local(query_lens)
         first = local == 0
         bad = np.flatnonzero(np.where(first, parents != -1, (parents < 0) | (parents >= local)))
         if bad.size:

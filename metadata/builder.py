@@ -10,17 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tree_attn_backend.native import native_op
-from tree_attn_backend.tree import depths_from_parents
+from tree_attn_backend.ops.native import native_op
+from tree_attn_backend.ragged import depths_from_parents, indptr, segment_ids
 
 from .batch import StepBatch
 from .tree_metadata import MaskWorkspace, TreeAttentionMetadata
-
-
-def _indptr(sizes: np.ndarray) -> np.ndarray:
-    out = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
-    np.cumsum(sizes, out=out[1:])
-    return out
 
 
 def _pages(block_table: np.ndarray, num_tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, ...]:
@@ -30,7 +24,7 @@ def _pages(block_table: np.ndarray, num_tokens: np.ndarray, block_size: int) -> 
     used = np.arange(block_table.shape[1])[None, :] < num_pages[:, None]
     indices = block_table[used]  # row-major: request by request, pages in order
     last = np.where(num_pages > 0, num_tokens - (num_pages - 1) * block_size, 0)
-    return _indptr(num_pages), indices, last
+    return indptr(num_pages), indices, last
 
 
 _INT32_MAX = 2**31 - 1
@@ -46,7 +40,7 @@ def token_layout_numpy(batch: StepBatch, qo_indptr: np.ndarray) -> tuple[np.ndar
     by the paged layout (indptr, indices, last page length; int32) of the whole KV and of the
     context alone: the fallback and oracle of the native ``tree_token_layout`` op."""
     q, ctx = batch.query_lens, batch.context_lens
-    req_of_token = np.repeat(np.arange(batch.num_reqs), q)
+    req_of_token = segment_ids(q)
     local = np.arange(int(qo_indptr[-1])) - qo_indptr[:-1][req_of_token]
     parents = batch.parents
     depths = depths_from_parents(np.where(parents < 0, -1, parents + qo_indptr[:-1][req_of_token]))
@@ -79,7 +73,7 @@ def build_tree_attention_metadata(batch: StepBatch, workspace: MaskWorkspace | N
         or int(batch.block_table.max(initial=0)) * batch.block_size > _INT32_MAX
     ):
         raise ValueError("batch too large for FlashInfer's int32 indices (context x tree size or block ids)")
-    qo_indptr = _indptr(q)
+    qo_indptr = indptr(q)
     n = int(qo_indptr[-1])
     op = native_op("tree_token_layout")
     if op is not None:

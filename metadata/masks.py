@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tree_attn_backend.ragged import global_parents, indptr, segment_local
+
 
 def ancestor_bits(parents: np.ndarray, qo_indptr: np.ndarray) -> np.ndarray:
     """Ancestor-or-self bitsets of every new token.
@@ -26,12 +28,12 @@ def ancestor_bits(parents: np.ndarray, qo_indptr: np.ndarray) -> np.ndarray:
     query_lens = np.diff(qo_indptr)
     num_tokens = parents.shape[0]
     words = max(1, -(-int(query_lens.max(initial=1)) // 64))
-    starts = np.repeat(qo_indptr[:-1], query_lens)
-    local = np.arange(num_tokens) - starts
+    local = segment_local(query_lens)
     bits = np.zeros((num_tokens, words), dtype=np.uint64)
     bits[np.arange(num_tokens), local // 64] = np.left_shift(np.uint64(1), (local % 64).astype(np.uint64))
     index = np.arange(num_tokens)
-    jump = np.where(parents < 0, index, parents + starts)  # roots point at themselves
+    jump = global_parents(parents, query_lens)
+    jump = np.where(jump < 0, index, jump)  # roots point at themselves
     while True:
         bits |= bits[jump]
         next_jump = jump[jump]
@@ -63,6 +65,6 @@ def pack_segments(flat: np.ndarray, bit_indptr: np.ndarray) -> tuple[np.ndarray,
     """
     pieces = [np.packbits(flat[a:b], bitorder="little") for a, b in zip(bit_indptr[:-1], bit_indptr[1:])]
     sizes = np.array([p.shape[0] for p in pieces], dtype=np.int64)
-    byte_indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    byte_indptr = indptr(sizes)
     packed = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
     return packed, byte_indptr

@@ -14,21 +14,10 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from tree_attn_backend.native import native_op
+from tree_attn_backend.ops.native import native_op
+from tree_attn_backend.ragged import gather_segments, segment_local
 
 from .masks import ancestor_bits, pack_segments, row_columns, unpack_rows
-
-
-def _gather_segments(indptr: np.ndarray, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rebased int32 indptr ``[K+1]`` of the chosen segments and the int64 indices of their
-    elements in the original flat array, segment after segment (numpy: a few microseconds
-    where the same in torch costs tens per op)."""
-    starts = indptr[:-1][segments].astype(np.int64)
-    sizes = np.diff(indptr)[segments].astype(np.int64)
-    new_indptr = np.zeros(segments.shape[0] + 1, dtype=np.int64)
-    np.cumsum(sizes, out=new_indptr[1:])
-    index = np.arange(new_indptr[-1]) + np.repeat(starts - new_indptr[:-1], sizes)
-    return new_indptr.astype(np.int32), index
 
 
 class MaskWorkspace:
@@ -159,7 +148,7 @@ class TreeAttentionMetadata:
         out = np.ones(int(self.mask_bit_indptr[-1]), dtype=bool)
         keep = row_columns(self.qo_indptr.numpy().astype(np.int64))
         columns = np.broadcast_to(np.arange(keep.shape[1]), keep.shape)[keep]
-        local = np.arange(self.num_tokens) - np.repeat(self.qo_indptr.numpy()[:-1].astype(np.int64), q)
+        local = segment_local(q)
         row_start = np.repeat(self.mask_bit_indptr.numpy()[:-1], q) + local * np.repeat(kv, q) + np.repeat(ctx, q)
         out[np.repeat(row_start, np.repeat(q, q)) + columns] = self.tree_mask.numpy()
         return torch.from_numpy(out)
@@ -184,7 +173,7 @@ class TreeAttentionMetadata:
 
     def token_indices(self, requests: torch.Tensor) -> torch.Tensor:
         """int64 indices of the listed requests' tokens in this batch, request after request."""
-        return torch.from_numpy(_gather_segments(self.qo_indptr.numpy(), self._request_indices(requests))[1])
+        return torch.from_numpy(gather_segments(self.qo_indptr.numpy(), self._request_indices(requests))[1])
 
     def _request_indices(self, requests: torch.Tensor | np.ndarray) -> np.ndarray:
         chosen = np.asarray(requests, dtype=np.int64)
@@ -200,9 +189,10 @@ class TreeAttentionMetadata:
         chosen = self._request_indices(requests)
         if chosen.shape[0] == self.num_reqs and np.array_equal(chosen, np.arange(self.num_reqs)):
             return self
-        qo_indptr, tokens = _gather_segments(self.qo_indptr.numpy(), chosen)
-        kv_indptr, kv_pages = _gather_segments(self.paged_kv_indptr.numpy(), chosen)
-        pre_indptr, pre_pages = _gather_segments(self.prefix_kv_indptr.numpy(), chosen)
+        # numpy: a few microseconds where the same in torch costs tens per op
+        qo_indptr, tokens = gather_segments(self.qo_indptr.numpy(), chosen)
+        kv_indptr, kv_pages = gather_segments(self.paged_kv_indptr.numpy(), chosen)
+        pre_indptr, pre_pages = gather_segments(self.prefix_kv_indptr.numpy(), chosen)
 
         def take(field: torch.Tensor, index: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(field.numpy()[index])
@@ -211,7 +201,7 @@ class TreeAttentionMetadata:
             num_reqs=int(chosen.shape[0]),
             num_tokens=int(tokens.shape[0]),
             block_size=self.block_size,
-            qo_indptr=torch.from_numpy(qo_indptr),
+            qo_indptr=torch.from_numpy(qo_indptr.astype(np.int32)),
             context_lens=take(self.context_lens, chosen),
             kv_lens=take(self.kv_lens, chosen),
             parents=take(self.parents, tokens),
@@ -219,10 +209,10 @@ class TreeAttentionMetadata:
             positions=take(self.positions, tokens),
             slot_mapping=take(self.slot_mapping, tokens),
             is_chain=take(self.is_chain, chosen),
-            paged_kv_indptr=torch.from_numpy(kv_indptr),
+            paged_kv_indptr=torch.from_numpy(kv_indptr.astype(np.int32)),
             paged_kv_indices=take(self.paged_kv_indices, kv_pages),
             paged_kv_last_page_len=take(self.paged_kv_last_page_len, chosen),
-            prefix_kv_indptr=torch.from_numpy(pre_indptr),
+            prefix_kv_indptr=torch.from_numpy(pre_indptr.astype(np.int32)),
             prefix_kv_indices=take(self.prefix_kv_indices, pre_pages),
             prefix_kv_last_page_len=take(self.prefix_kv_last_page_len, chosen),
         )

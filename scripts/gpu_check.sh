@@ -64,21 +64,21 @@ cat "$OUT/env.txt"
 if [ "$dry_run" = 1 ]; then
   if [ -f "$BUNDLE/MANIFEST.json" ]; then
     step "verify the bundle in $BUNDLE and load its modules here"
-    timeout 120 "$PYTHON" -m tree_attn_backend.gpu.bundle install "$BUNDLE" --site "$SITE" --check-only 2>&1 | tee "$OUT/install.log"
+    timeout 120 "$PYTHON" -m tree_attn_backend.ops.gpu_bundle install "$BUNDLE" --site "$SITE" --check-only 2>&1 | tee "$OUT/install.log"
     record "verify bundle" "${PIPESTATUS[0]}"
   else
     step "no bundle at $BUNDLE (make gpu-bundle builds one): nothing to verify"
   fi
 else
   step "install the bundle from $BUNDLE"
-  timeout 60 "$PYTHON" -m tree_attn_backend.gpu.bundle install "$BUNDLE" --site "$SITE" 2>&1 | tee "$OUT/install.log"
+  timeout 60 "$PYTHON" -m tree_attn_backend.ops.gpu_bundle install "$BUNDLE" --site "$SITE" 2>&1 | tee "$OUT/install.log"
   record "install" "${PIPESTATUS[0]}"
   "$PYTHON" -c 'import flashinfer; print("flashinfer", flashinfer.__version__)' 2>&1 | tee -a "$OUT/install.log"
   record "import flashinfer" "${PIPESTATUS[0]}"
 fi
 
 step "build the native CPU ops for this torch (the metadata builder's fast path; plan_us depends on it)"
-timeout 90 "$PYTHON" -m tree_attn_backend.csrc_build cpu 2>&1 | tail -3 | tee "$OUT/csrc_build.log"
+timeout 90 "$PYTHON" -m tree_attn_backend.ops.csrc_build cpu 2>&1 | tail -3 | tee "$OUT/csrc_build.log"
 record "csrc build" "${PIPESTATUS[0]}"
 
 step "fuzz: GPU properties ($TREE_PRUNED_FUZZ_EXAMPLES examples each) and the GPU path's tests"

@@ -13,8 +13,8 @@ from tree_attn_backend.bench.e2e import METRICS, MODES, E2EConfig, load_prompts,
 from tree_attn_backend.bench.e2e_report import check_targets, format_table
 from tree_attn_backend.bench.replay import ReplaySetting, replay
 from tree_attn_backend.cli import main
-from tree_attn_backend.pruning import PruningPolicy
-from tree_attn_backend.tree_shape import TreeShape
+from tree_attn_backend.drafting.pruning import PruningPolicy
+from tree_attn_backend.drafting.tree_shape import TreeShape
 
 
 def _cli_json(*args: str) -> list[dict]:

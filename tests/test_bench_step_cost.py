@@ -13,7 +13,7 @@ import pytest
 
 from tree_attn_backend.bench.step_cost import StepCostConfig, check_targets, fit_step_ms, summarize
 from tree_attn_backend.bench.step_cost_engine import synthetic_parents
-from tree_attn_backend.tree import DraftTree
+from tree_attn_backend.drafting.tree import DraftTree
 
 KEYS = {
     "plain_token_ms",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tree_attn_backend.gpu import bundle
+from tree_attn_backend.ops import gpu_bundle as bundle
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from fuzz.strategies import request_parents
 from metadata import StepBatch, build_tree_attention_metadata
-from tree_attn_backend import cli, csrc_build
-from tree_attn_backend.gpu import cuda_ops, paged_cache
-from tree_attn_backend.gpu.flashinfer_attention import FlashInferTreeAttention, split_step
+from tree_attn_backend import cli
+from tree_attn_backend.attention.gpu import cuda_ops, paged_cache
+from tree_attn_backend.attention.gpu.flashinfer_attention import FlashInferTreeAttention, split_step
+from tree_attn_backend.ops import csrc_build
 
 
 def _batch(contexts, trees, block_size=4):

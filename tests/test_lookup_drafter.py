@@ -1,8 +1,8 @@
 import pytest
 
-from tree_attn_backend.lookup_drafter import LookupIndex
-from tree_attn_backend.pruning import PruningPolicy, expand_and_prune
-from tree_attn_backend.tree_shape import TreeShape
+from tree_attn_backend.drafting.lookup_drafter import LookupIndex
+from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
+from tree_attn_backend.drafting.tree_shape import TreeShape
 
 
 def test_counts_and_longest_suffix_wins():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from metadata import StepBatch, build_tree_attention_metadata
-from tree_attn_backend.native import native_op
+from tree_attn_backend.ops.native import native_op
 
 
 def batch(**overrides):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tree_attn_backend.paged_kv import allocate_kv_cache, copy_slots, read_blocks, read_kv, write_kv
+from tree_attn_backend.attention.paged_kv import allocate_kv_cache, copy_slots, read_blocks, read_kv, write_kv
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -201,7 +201,7 @@ def _propose(proposer, budgets: list[bool], verification: "list | None" = None) 
 
 
 def test_batch_budget_keeps_trees_when_tokens_are_cheap_and_drops_them_when_costly():
-    from tree_attn_backend.verify_budget import VerifyCostModel
+    from tree_attn_backend.drafting.verify_budget import VerifyCostModel
 
     proposer = _proposer()
     unbudgeted = _propose(proposer, [False, False])

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from tree_attn_backend.drafter import SyntheticDrafter
-from tree_attn_backend.pruning import PruningPolicy, expand_and_prune
-from tree_attn_backend.tree_shape import TreeShape
+from tree_attn_backend.drafting.drafter import SyntheticDrafter
+from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
+from tree_attn_backend.drafting.tree_shape import TreeShape
 
 SHAPE = TreeShape.full([4, 3, 2, 2, 1])
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tree_attn_backend.tree import DraftTree, FlatTrees, depths_from_parents
-from tree_attn_backend.tree_shape import TreeShape
+from tree_attn_backend.drafting.tree import DraftTree, FlatTrees, depths_from_parents
+from tree_attn_backend.drafting.tree_shape import TreeShape
 
 
 def tree(parents, tokens=None, probs=None):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tree_attn_backend.verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget
+from tree_attn_backend.drafting.verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget
 
 
 def _throughput(

@@ -77,8 +77,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tree_attn_backend.tree import FlatTrees
-from tree_attn_backend.verify import VerifyResult, verify_sampling
+from tree_attn_backend.drafting.tree import FlatTrees
+from tree_attn_backend.verification.verify import VerifyResult, verify_sampling
 
 Context = tuple[int, ...]
 Dist = Callable[[Context], np.ndarray]

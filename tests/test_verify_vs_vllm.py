@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tree_attn_backend.tree import DraftTree, FlatTrees
-from tree_attn_backend.verify import verify_greedy
+from tree_attn_backend.drafting.tree import DraftTree, FlatTrees
+from tree_attn_backend.verification.verify import verify_greedy
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .bench.e2e import E2EConfig
+    from tree_attn_backend.bench.e2e import E2EConfig
 
 
 def _fuzz(args: argparse.Namespace) -> int:
-    from .csrc_build import REPO_ROOT
+    from tree_attn_backend.ops.csrc_build import REPO_ROOT
 
     if args.examples < 1:
         raise SystemExit(f"--examples {args.examples}: must be >= 1")
@@ -45,7 +45,7 @@ def _fuzz(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from . import serve
+    from tree_attn_backend import serve
 
     extra = [a for a in args.extra if a != "--"]
     return serve.main(args.port, extra)
@@ -60,7 +60,7 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _bench_metadata(args: argparse.Namespace) -> int:
-    from .bench import metadata_bench
+    from tree_attn_backend.bench import metadata_bench
 
     rows = metadata_bench.run(args.batches, args.tree_nodes, args.contexts, progress=not args.json)
     if args.json:
@@ -74,7 +74,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .bench import kernels
+    from tree_attn_backend.bench import kernels
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -102,8 +102,8 @@ def _bench_config(args: argparse.Namespace, per_category: int | None, **options:
     """The prompts (``--prompts``, ``--per-category`` else ``per_category``) and the default
     model in an ``E2EConfig`` with ``options``; ``concurrency=None`` = one request per prompt,
     at most 16 at a time. A bad argument exits naming its value."""
-    from .bench import e2e
-    from .default_model import default_model_dir
+    from tree_attn_backend.bench import e2e
+    from tree_attn_backend.default_model import default_model_dir
 
     try:
         if args.per_category is not None and args.per_category < 1:
@@ -121,7 +121,7 @@ def _bench_config(args: argparse.Namespace, per_category: int | None, **options:
 def _bench_e2e(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .bench import e2e, e2e_report
+    from tree_attn_backend.bench import e2e, e2e_report
 
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     config = _bench_config(
@@ -156,7 +156,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
 
 
 def _bench_replay(args: argparse.Namespace) -> int:
-    from .bench import e2e, replay
+    from tree_attn_backend.bench import e2e, replay
 
     # Every prompt runs exactly once (concurrency None).
     config = _bench_config(args, None, modes=("none",), concurrency=None, max_tokens=args.max_tokens)
@@ -177,8 +177,8 @@ def _bench_replay(args: argparse.Namespace) -> int:
 
 
 def _bench_load(args: argparse.Namespace) -> int:
-    from .bench import e2e, load
-    from .default_model import default_model_dir
+    from tree_attn_backend.bench import e2e, load
+    from tree_attn_backend.default_model import default_model_dir
 
     quick = {"clients": 8, "requests": 24, "max_tokens": (8, 16)} if args.quick else {}
     given = {name: getattr(args, name) for name in ("clients", "requests") if getattr(args, name) is not None}
@@ -208,8 +208,8 @@ def _bench_load(args: argparse.Namespace) -> int:
 def _bench_step_cost(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .bench import step_cost
-    from .default_model import default_model_dir
+    from tree_attn_backend.bench import step_cost
+    from tree_attn_backend.default_model import default_model_dir
 
     quick: dict[str, Any] = (
         {"batch_sizes": (1, 4), "draft_tokens": (4,), "warmup_steps": 2, "timed_steps": 4, "repeat": 1}
@@ -242,7 +242,7 @@ def _bench_step_cost(args: argparse.Namespace) -> int:
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from .bench.e2e import MODES
+    from tree_attn_backend.bench.e2e import MODES
 
     modes = tuple(m.strip() for m in text.split(","))
     unknown = [m for m in modes if m not in MODES]
@@ -262,7 +262,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def metadata_bench_defaults(name: str) -> tuple[int, ...]:
-    from .bench import metadata_bench
+    from tree_attn_backend.bench import metadata_bench
 
     return getattr(metadata_bench, name)
 
@@ -270,7 +270,7 @@ def metadata_bench_defaults(name: str) -> tuple[int, ...]:
 def _add_prompt_arguments(parser: argparse.ArgumentParser, per_category: bool) -> None:
     """The prompt set of a benchmark that sends prompts: ``--prompts`` and, if asked for,
     ``--per-category``."""
-    from .bench.e2e import DEFAULT_PROMPTS
+    from tree_attn_backend.bench.e2e import DEFAULT_PROMPTS
 
     parser.add_argument(
         "--prompts", default=str(DEFAULT_PROMPTS), help="Spec-Bench-style JSONL (default: the shipped mixed set)"

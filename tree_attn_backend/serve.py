@@ -90,7 +90,7 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def main(port: int = 0, extra_args: list[str] | None = None) -> int:
-    from .default_model import default_model_dir
+    from tree_attn_backend.default_model import default_model_dir
 
     model = str(default_model_dir())
     port = port or free_port()

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..vllm_plugin import default_speculative_config
+from tree_attn_backend.vllm_plugin import default_speculative_config
 
 MODES = ("none", "chain", "suffix", "static_tree", "pruned_tree", "pruned_budget")
 CHAIN_SPECULATIVE_CONFIG = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .e2e import MODES, tpot_ms
+from tree_attn_backend.bench.e2e import MODES, tpot_ms
 
 
 def _all_rows(rows: list[dict]) -> dict[tuple[str, int], dict]:

@@ -11,7 +11,7 @@ heads, pages of 16). Times are medians in microseconds of one layer's ``run()``:
 - ``plan_us``: host time of one step's metadata build + ``plan()`` (cascade mode), shared by
   every layer; ``plan_share`` = ``plan_us / (32 * cascade_us)``, its share of a 32-layer model.
 
-On CUDA the paths are :class:`~tree_attn_backend.gpu.flashinfer_attention.FlashInferTreeAttention`
+On CUDA the paths are :class:`~tree_attn_backend.attention.gpu.flashinfer_attention.FlashInferTreeAttention`
 (FlashInfer ``fa2``); on a CPU the same rows run the CPU path on a reduced grid: the native tree
 kernel (``full_mask``: it applies the whole tree mask), the torch cascade, and the native kernel
 on chains (``causal``). ``max_mode_diff`` is the largest absolute difference between the
@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from metadata import MaskWorkspace, StepBatch, build_tree_attention_metadata
-
-from .metadata_bench import make_batch, make_trees
+from tree_attn_backend.bench.metadata_bench import make_batch, make_trees
 
 GPU_GRID = {"batches": (1, 8, 32, 128), "tree_nodes": (8, 32, 64), "contexts": (1024, 8192)}
 CPU_GRID = {"batches": (1, 4), "tree_nodes": (8, 32), "contexts": (256, 1024)}
@@ -101,7 +100,7 @@ def _random_step(num_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, t
 
 
 def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, attention: dict) -> KernelRow:
-    from tree_attn_backend.gpu import paged_cache
+    from tree_attn_backend.attention.gpu import paged_cache
 
     batch = make_batch(make_trees(batch_size, nodes), context)
     meta = build_tree_attention_metadata(batch)
@@ -135,9 +134,9 @@ def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, at
 
 
 def _cpu_row(batch_size: int, nodes: int, context: int) -> KernelRow:
-    from tree_attn_backend.cascade import cascade_attention
-    from tree_attn_backend.cpu_attention import plan_cpu_attention, run_cpu_attention
-    from tree_attn_backend.paged_kv import allocate_kv_cache, write_kv
+    from tree_attn_backend.attention.cascade import cascade_attention
+    from tree_attn_backend.attention.cpu_attention import plan_cpu_attention, run_cpu_attention
+    from tree_attn_backend.attention.paged_kv import allocate_kv_cache, write_kv
 
     batch = make_batch(make_trees(batch_size, nodes), context)
     meta = build_tree_attention_metadata(batch)
@@ -175,7 +174,7 @@ def run(grid: dict, device: torch.device | str) -> Iterator[dict]:
     """Yield one row (see :class:`KernelRow`, plus ratios) per grid cell."""
     device = torch.device(device)
     if device.type == "cuda":
-        from tree_attn_backend.gpu.flashinfer_attention import FlashInferTreeAttention
+        from tree_attn_backend.attention.gpu.flashinfer_attention import FlashInferTreeAttention
 
         attention = {mode: FlashInferTreeAttention(device, mode) for mode in ("full_mask", "cascade")}
         for cell in grid_cells(grid):

@@ -66,8 +66,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from ..serve import free_port, healthy, running_server, server_command
-from .e2e import DEFAULT_PROMPTS, E2EConfig, percentile, tokenize_prompts
+from tree_attn_backend.bench.e2e import DEFAULT_PROMPTS, E2EConfig, percentile, tokenize_prompts
+from tree_attn_backend.serve import free_port, healthy, running_server, server_command
 
 BLOCK_SIZE = 32
 LONG_PREFILL_TOKENS = 128  # concurrent chunked prefills: what makes preemption happen (module docstring)

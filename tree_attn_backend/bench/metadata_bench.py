@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from metadata import MaskWorkspace, StepBatch, build_tree_attention_metadata
-from tree_attn_backend.drafter import SyntheticDrafter
-from tree_attn_backend.pruning import PruningPolicy, expand_and_prune
-from tree_attn_backend.tree_shape import TreeShape
+from tree_attn_backend.drafting.drafter import SyntheticDrafter
+from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
+from tree_attn_backend.drafting.tree_shape import TreeShape
 
 BATCHES = (1, 8, 64, 256)
 TREE_NODES = (8, 32, 64)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..lookup_drafter import LookupIndex
-from ..pruning import PruningPolicy, expand_and_prune
-from ..tree_shape import TreeShape
+from tree_attn_backend.drafting.lookup_drafter import LookupIndex
+from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
+from tree_attn_backend.drafting.tree_shape import TreeShape
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ def replay(
 
 def replay_settings(path_probs: Sequence[float]) -> list[ReplaySetting]:
     """The static tree, the engine's defaults, and the defaults with each path threshold."""
-    from ..vllm_plugin import DEFAULT_NUM_SPECULATIVE_TOKENS
-    from ..vllm_plugin.config import TreePrunedConfig
+    from tree_attn_backend.vllm_plugin import DEFAULT_NUM_SPECULATIVE_TOKENS
+    from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
 
     defaults = TreePrunedConfig()
     max_nodes = min(defaults.max_draft_tokens, DEFAULT_NUM_SPECULATIVE_TOKENS)
@@ -85,7 +85,7 @@ def replay_rows(
     prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], settings: Sequence[ReplaySetting]
 ) -> list[dict]:
     """One row per setting; the first setting is the reference of the ``fewer_*`` columns."""
-    from ..vllm_plugin.config import TreePrunedConfig
+    from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
 
     shape = TreePrunedConfig().shape
     rows: list[dict[str, Any]] = []

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .e2e import DEFAULT_PROMPTS, E2EConfig, engine_process_env, load_prompts, tokenize_prompts
+from tree_attn_backend.bench.e2e import DEFAULT_PROMPTS, E2EConfig, engine_process_env, load_prompts, tokenize_prompts
 
 TARGETS = {"tree_vs_chain": 1.15, "no_draft_step_ratio": 1.03}  # upper bounds
 _ENGINE_MODULE = "tree_attn_backend.bench.step_cost_engine"
@@ -88,7 +88,7 @@ class _Engine:
 
 
 def _engines(config: StepCostConfig) -> list[_Engine]:
-    from ..vllm_plugin import default_speculative_config
+    from tree_attn_backend.vllm_plugin import default_speculative_config
 
     k = max(config.draft_tokens)
     base = {

@@ -42,8 +42,8 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.engine.llm_engine import LLMEngine
 
-from ..tree import DraftTree
-from ..vllm_plugin.proposer import TreeProposer
+from tree_attn_backend.drafting.tree import DraftTree
+from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
 FIRST_DRAFT_TOKEN = 1000  # node i drafts token FIRST_DRAFT_TOKEN + i: distinct, and rarely the greedy choice
 

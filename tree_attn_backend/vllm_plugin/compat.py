@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 
-from . import TREE_PROPOSER, default_speculative_config
-from .config import TreePrunedConfig
+from tree_attn_backend.vllm_plugin import TREE_PROPOSER, default_speculative_config
+from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
 
 logger = init_logger("vllm.tree_pruned")
 

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..pruning import PruningPolicy
-from ..tree_shape import TreeShape
-from ..verify_budget import VerifyCostModel
+from tree_attn_backend.drafting.pruning import PruningPolicy
+from tree_attn_backend.drafting.tree_shape import TreeShape
+from tree_attn_backend.drafting.verify_budget import VerifyCostModel
 
 # Up to 3 candidates at the root, 2 below, then chains: 81 nodes, depth 8. Pruning keeps a
 # small part of it; the shape only bounds what the drafter may propose.
@@ -76,7 +76,7 @@ class TreePrunedConfig:
         drafter_smoothing: added to a context's continuation count total.
         log_every_steps: a tree-size log line every this many verify steps (0 = never).
         batch_budget: allocate verified draft tokens batch-wide by marginal value against the
-            step cost model (:mod:`tree_attn_backend.verify_budget`); off = every request
+            step cost model (:mod:`tree_attn_backend.drafting.verify_budget`); off = every request
             keeps its pruned tree.
         cost_model: the budget's step cost model as ``{"step_ms", "token_ms",
             "draft_token_ms", "draft_step_ms"}`` (see ``VerifyCostModel``), fixed; ``None`` =

@@ -28,17 +28,21 @@ from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-from ..cpu_attention import segment_arange
-from ..kv_compaction import apply_compaction
-from ..tree import FlatTrees, depths_from_parents
-from ..verify import VerifyResult, verify_target_tokens
-from ..verify_budget import OnlineCostFit, VerifyCostModel
-from .compat import discarded_sample_states, load_builtin_logits_processors, rewind_discarded_samples
-from .config import TreePrunedConfig
-from .proposer import RequestDrafting, TreeProposer
-from .side_channel import TREE_STEP
-from .tree_sampling import SeededGenerators, sample_tree_nodes
-from .verification_kind import Verification, verification_for
+from tree_attn_backend.drafting.tree import FlatTrees
+from tree_attn_backend.drafting.verify_budget import OnlineCostFit, VerifyCostModel
+from tree_attn_backend.ragged import depths_from_parents, global_parents, indptr, segment_arange, segment_local
+from tree_attn_backend.verification.kv_compaction import apply_compaction, compaction_moves
+from tree_attn_backend.verification.verify import VerifyResult, verify_target_tokens
+from tree_attn_backend.vllm_plugin.compat import (
+    discarded_sample_states,
+    load_builtin_logits_processors,
+    rewind_discarded_samples,
+)
+from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
+from tree_attn_backend.vllm_plugin.proposer import RequestDrafting, TreeProposer
+from tree_attn_backend.vllm_plugin.side_channel import TREE_STEP
+from tree_attn_backend.vllm_plugin.tree_sampling import SeededGenerators, sample_tree_nodes
+from tree_attn_backend.vllm_plugin.verification_kind import Verification, verification_for
 
 logger = init_logger("vllm.tree_pruned")  # under "vllm" so vLLM's log handlers show it
 
@@ -148,10 +152,8 @@ class TreeCPUModelRunner(CPUModelRunner):
             step = self._tree_step
             n = int(step.query_start[-1])
             counts = np.diff(step.query_start)
-            starts = np.repeat(step.query_start[:-1], counts)
-            global_parents = np.where(step.parents < 0, -1, step.parents + starts)
-            depth = depths_from_parents(global_parents)
-            linear = np.arange(n) - starts
+            depth = depths_from_parents(global_parents(step.parents, counts))
+            linear = segment_local(counts)
             # Positions were context + linear index; trees need context + depth.
             self.positions[:n] += torch.from_numpy((depth - linear).astype(np.int64))
             # Only branching trees need masked attention; chains are what vLLM's causal kernel does.
@@ -167,10 +169,9 @@ class TreeCPUModelRunner(CPUModelRunner):
         if proposer is None or not spec:
             return None
         num_reqs = len(num_scheduled_tokens)
-        query_start = np.zeros(num_reqs + 1, dtype=np.int64)
-        np.cumsum(num_scheduled_tokens, out=query_start[1:])
+        query_start = indptr(num_scheduled_tokens)
         n = int(query_start[-1])
-        parents = (np.arange(n) - np.repeat(query_start[:-1], num_scheduled_tokens) - 1).astype(np.int32)
+        parents = (segment_local(num_scheduled_tokens) - 1).astype(np.int32)  # chains until trees are filled in
         rows = []
         for row, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
             drafts = spec.get(req_id)
@@ -256,7 +257,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         counts = np.diff(sampled_start)[step.rows]  # nodes per tree: its query tokens
         queries = segment_arange(step.query_start[step.rows], counts)
         trees = FlatTrees(
-            qo_indptr=torch.from_numpy(np.concatenate([[0], np.cumsum(counts)])),
+            qo_indptr=torch.from_numpy(indptr(counts)),
             parents=torch.from_numpy(step.parents[queries].astype(np.int64)),
             tokens=self.input_ids.cpu[torch.from_numpy(queries)].to(torch.int64),  # root, then the drafts
         )
@@ -269,15 +270,9 @@ class TreeCPUModelRunner(CPUModelRunner):
 
     def _compact(self, step: TreeStep, result: VerifyResult) -> None:
         """Move each tree request's accepted path to the slots right after its context."""
-        path = result.accepted_nodes  # local nodes, root first, -1 padded; one row per tree request
-        k = torch.arange(path.shape[1])[None, :].expand_as(path)
-        moving = (path >= 0) & (path != k)
-        if not bool(moving.any()):
-            return
-        base = torch.from_numpy(step.query_start[step.rows])[:, None].expand_as(path)
-        src = step.slots[(base + path.clamp(min=0))[moving]]
-        dst = step.slots[(base + k)[moving]]
-        apply_compaction([c for c in self.kv_caches if c is not None], src, dst)
+        src, dst = compaction_moves(result.accepted_nodes, step.slots, step.query_start[step.rows])
+        if src.numel():
+            apply_compaction([c for c in self.kv_caches if c is not None], src, dst)
 
 
 class _TreeStats:

@@ -11,8 +11,8 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 from vllm.platforms.cpu import CpuPlatform
 
-from .compat import fix_cpu_kernel_overrides, uses_tree_proposer
-from .config import MAX_DRAFT_TOKENS, TreePrunedConfig
+from tree_attn_backend.vllm_plugin.compat import fix_cpu_kernel_overrides, uses_tree_proposer
+from tree_attn_backend.vllm_plugin.config import MAX_DRAFT_TOKENS, TreePrunedConfig
 
 WORKER_CLS = "tree_attn_backend.vllm_plugin.worker.TreeCPUWorker"
 

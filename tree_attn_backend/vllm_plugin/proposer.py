@@ -14,13 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from ..lookup_drafter import LookupIndex
-from ..pruning import PruningPolicy, expand_and_prune
-from ..tree import DraftTree
-from ..tree_shape import TreeShape
-from ..verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget, drafts_can_pay
-from .config import TreePrunedConfig
-from .verification_kind import Verification
+from tree_attn_backend.drafting.lookup_drafter import LookupIndex
+from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
+from tree_attn_backend.drafting.tree import DraftTree
+from tree_attn_backend.drafting.tree_shape import TreeShape
+from tree_attn_backend.drafting.verify_budget import (
+    OnlineCostFit,
+    VerifyCostModel,
+    allocate_verify_budget,
+    drafts_can_pay,
+)
+from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
+from tree_attn_backend.vllm_plugin.verification_kind import Verification
 
 
 @dataclass(frozen=True)

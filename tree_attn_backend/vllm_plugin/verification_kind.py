@@ -15,7 +15,7 @@ from typing import Any
 class Verification(enum.Enum):
     """How a request's drafts are verified.
 
-    * ``TREE``: branching trees, verified by :mod:`tree_attn_backend.verify` with vLLM's sampling
+    * ``TREE``: branching trees, verified by :mod:`tree_attn_backend.verification.verify` with vLLM's sampling
       primitives at every node.
     * ``CHAIN``: chain drafts verified by vLLM's rejection sampler (penalties, ``min_tokens``,
       bad words, allowed token ids, structured output, logprobs, thinking budgets: it applies

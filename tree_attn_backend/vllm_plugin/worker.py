@@ -6,8 +6,8 @@ from typing import Any
 
 from vllm.v1.worker import cpu_worker
 
-from .compat import build_worker_model_runner
-from .model_runner import TreeCPUModelRunner
+from tree_attn_backend.vllm_plugin.compat import build_worker_model_runner
+from tree_attn_backend.vllm_plugin.model_runner import TreeCPUModelRunner
 
 
 class TreeCPUWorker(cpu_worker.CPUWorker):

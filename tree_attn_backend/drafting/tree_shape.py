@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tree import depths_from_parents
+from tree_attn_backend.ragged import depths_from_parents
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,6 +1,6 @@
 """Drafters: anything that, given a request's tokens so far, proposes likely next tokens.
 
-The same expansion + pruning code (:mod:`tree_attn_backend.pruning`) serves every drafter.
+The same expansion + pruning code (:mod:`tree_attn_backend.drafting.pruning`) serves every drafter.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   the architectures in ``TREE_PRUNED_CUDA_ARCHS`` (default ``90a``, the H200 this project
   targets first, plus PTX for newer GPUs). Built wherever nvcc exists, GPU or not.
 
-Run by ``make setup`` (and so by ``make test``); ``python -m tree_attn_backend.csrc_build
+Run by ``make setup`` (and so by ``make test``); ``python -m tree_attn_backend.ops.csrc_build
 [cpu|cuda] [-v]`` rebuilds by hand. The package works without either result.
 """
 
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CSRC = REPO_ROOT / "csrc"
 BUILD_DIR = REPO_ROOT / "build" / "csrc_cpu"
 DEFAULT_CUDA_ARCHS = "90a"
@@ -27,7 +27,7 @@ def build_cpu_ops(verbose: bool = False) -> Path:
     """Compile every ``csrc/*.cpp`` into one torch op library and install it in the package."""
     from torch.utils.cpp_extension import load
 
-    from .native import LIBRARY_PATH
+    from tree_attn_backend.ops.native import LIBRARY_PATH
 
     sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
     if not sources:
@@ -93,7 +93,7 @@ def gencode_flags(archs: str) -> list[str]:
 
 def build_cuda_helpers(nvcc: Path, archs: str = DEFAULT_CUDA_ARCHS, verbose: bool = False) -> Path:
     """Compile ``csrc/*.cu`` with nvcc into one shared library (static CUDA runtime, no torch)."""
-    from .gpu.cuda_ops import CUDA_LIBRARY_PATH
+    from tree_attn_backend.ops.native import CUDA_LIBRARY_PATH
 
     sources = sorted(str(p) for p in CSRC.glob("*.cu"))
     if not sources:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .drafter import Drafter
-from .tree import DraftTree
-from .tree_shape import TreeShape
+from tree_attn_backend.drafting.drafter import Drafter
+from tree_attn_backend.drafting.tree import DraftTree
+from tree_attn_backend.drafting.tree_shape import TreeShape
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import FlatTrees
+from tree_attn_backend.drafting.tree import FlatTrees
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The optional native ops built from ``csrc/`` (see ``tree_attn_backend.csrc_build``).
+"""The optional native ops built from ``csrc/`` (see ``tree_attn_backend.ops.csrc_build``).
 
 Importing the package never requires them: every op has a torch/numpy version that is both
 the fallback and the oracle the tests hold the native op against. Falling back only costs
@@ -15,7 +15,10 @@ import torch
 
 logger = logging.getLogger("tree_attn_backend")
 
-LIBRARY_PATH = Path(__file__).resolve().parent / "_C" / "tree_pruned_C.so"
+# Both libraries live in the package's _C/ (built by tree_attn_backend.ops.csrc_build).
+_LIBRARY_DIR = Path(__file__).resolve().parents[1] / "_C"
+LIBRARY_PATH = _LIBRARY_DIR / "tree_pruned_C.so"
+CUDA_LIBRARY_PATH = _LIBRARY_DIR / "tree_pruned_cuda.so"
 
 
 @cache
@@ -39,7 +42,7 @@ def native_op(name: str) -> torch._ops.OpOverloadPacket | None:
     if _load_library() and hasattr(torch.ops.tree_pruned, name):
         return getattr(torch.ops.tree_pruned, name)
     logger.warning(
-        "tree_attn_backend: native op %s is not built (run `python -m tree_attn_backend.csrc_build`); "
+        "tree_attn_backend: native op %s is not built (run `python -m tree_attn_backend.ops.csrc_build`); "
         "using the slower torch/numpy version, results are identical",
         name,
     )

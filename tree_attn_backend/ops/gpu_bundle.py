@@ -12,7 +12,7 @@ FlashInfer) takes at most 64 MiB along with the working tree, and FlashInfer's w
 - ``tree_pruned_cuda.so``: the CUDA helpers of ``csrc/`` (plain C ABI, static CUDA runtime);
 - ``MANIFEST.json``: versions, module names and a SHA-256 of every file.
 
-``python -m tree_attn_backend.gpu.bundle build [DIR]`` builds it (about 5 minutes on 2 cores,
+``python -m tree_attn_backend.ops.gpu_bundle build [DIR]`` builds it (about 5 minutes on 2 cores,
 needs the package index and nvcc); ``install DIR --site SITE`` unpacks it; ``install DIR
 --check-only`` installs nothing: it verifies the checksums and, on the machine that built the
 bundle, loads every module with JIT disabled (what ``gpu_check.sh --dry-run`` does).
@@ -96,7 +96,7 @@ def _libcuda_stub(directory: Path) -> Path:
 def _compile_modules(site: Path, work: Path, nvcc: Path) -> list[Path]:
     """Compile :func:`required_jit_specs` in a child process (FlashInfer reads its environment
     at import); returns the built ``.so`` paths."""
-    from tree_attn_backend.csrc_build import cuda_home
+    from tree_attn_backend.ops.csrc_build import cuda_home
 
     env = dict(
         os.environ,
@@ -109,7 +109,7 @@ def _compile_modules(site: Path, work: Path, nvcc: Path) -> list[Path]:
     )
     script = (
         "import json, sys\n"
-        "from tree_attn_backend.gpu.bundle import required_jit_specs\n"
+        "from tree_attn_backend.ops.gpu_bundle import required_jit_specs\n"
         "paths = []\n"
         "for spec in required_jit_specs():\n"
         "    print('compiling', spec.name, file=sys.stderr, flush=True)\n"
@@ -123,7 +123,7 @@ def _compile_modules(site: Path, work: Path, nvcc: Path) -> list[Path]:
 
 def build(bundle: Path) -> dict:
     """Build the bundle into ``bundle`` (replacing it); returns the manifest."""
-    from tree_attn_backend.csrc_build import build_cuda_helpers, find_nvcc
+    from tree_attn_backend.ops.csrc_build import build_cuda_helpers, find_nvcc
 
     nvcc = find_nvcc()
     if nvcc is None:
@@ -216,7 +216,7 @@ def check_loads(bundle: Path) -> list[str] | None:
     and load each spec of :func:`required_jit_specs` against a libcuda stub. Proves the modules
     are found as ahead-of-time builds, match the names the wrappers ask for, and link. Needs
     the host packages a ``build`` left in ``build/gpu_bundle``; ``None`` when they are absent."""
-    from tree_attn_backend.csrc_build import cuda_home, find_nvcc
+    from tree_attn_backend.ops.csrc_build import cuda_home, find_nvcc
 
     work = REPO_ROOT / "build" / "gpu_bundle"
     nvcc = find_nvcc()
@@ -237,7 +237,7 @@ def check_loads(bundle: Path) -> list[str] | None:
         )
         script = (
             "import json\n"
-            "from tree_attn_backend.gpu.bundle import required_jit_specs\n"
+            "from tree_attn_backend.ops.gpu_bundle import required_jit_specs\n"
             "specs = required_jit_specs()\n"
             "for spec in specs:\n"
             "    assert spec.is_aot, f'{spec.name} is not an ahead-of-time module'\n"
@@ -253,8 +253,8 @@ def check_loads(bundle: Path) -> list[str] | None:
 def install(bundle: Path, site: Path) -> None:
     """Unpack the bundle: FlashInfer and the wheels into ``site`` (put it on ``PYTHONPATH``), the
     CUDA helpers into the package's ``_C``."""
-    from tree_attn_backend.csrc_build import install_library
-    from tree_attn_backend.gpu.cuda_ops import CUDA_LIBRARY_PATH
+    from tree_attn_backend.ops.csrc_build import install_library
+    from tree_attn_backend.ops.native import CUDA_LIBRARY_PATH
 
     verify(bundle)
     site.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def install(bundle: Path, site: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tree_attn_backend.gpu.bundle",
+        prog="python -m tree_attn_backend.ops.gpu_bundle",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -13,19 +13,18 @@ import ctypes
 import logging
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
 import torch
 
 from metadata import TreeAttentionMetadata
-
-from . import paged_cache
+from tree_attn_backend import ragged
+from tree_attn_backend.attention.gpu import paged_cache
+from tree_attn_backend.ops.native import CUDA_LIBRARY_PATH
 
 logger = logging.getLogger("tree_attn_backend")
 
-CUDA_LIBRARY_PATH = Path(__file__).resolve().parents[1] / "_C" / "tree_pruned_cuda.so"
 
 _i32, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -42,7 +41,7 @@ def cuda_library() -> ctypes.CDLL | None:
     """The loaded helper library, or ``None`` (logged once) when it is not built."""
     if not CUDA_LIBRARY_PATH.exists():
         logger.warning(
-            "tree_attn_backend: %s is not built (run `python -m tree_attn_backend.csrc_build` where nvcc exists); "
+            "tree_attn_backend: %s is not built (run `python -m tree_attn_backend.ops.csrc_build` where nvcc exists); "
             "GPU masks and KV compaction use the torch versions, results are identical",
             CUDA_LIBRARY_PATH,
         )
@@ -98,7 +97,7 @@ def _check_indptr(op: str, name: str, indptr: np.ndarray, length: int, of: str) 
 
 def _check_offsets(op: str, name: str, indptr: np.ndarray, sizes: np.ndarray, what: str) -> None:
     """``indptr`` is exactly the running sum of ``sizes`` (each request's ``what``) from 0."""
-    expected = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    expected = ragged.indptr(sizes)
     wrong = np.flatnonzero(indptr != expected)
     if wrong.size:
         k = int(wrong[0])
@@ -150,7 +149,7 @@ def check_mask_inputs(
             b = int(np.flatnonzero(ctx < 0)[0])
             _fail(op, f"context_lens[{b}] = {ctx[b]} < 0")
     # Request-local index of every token; the root must be -1, every other parent earlier.
-    local = np.arange(par.shape[0]) - np.repeat(qo[:-1], q)
+    local = ragged.segment_local(q)
     bad = np.flatnonzero(np.where(local == 0, par != -1, (par < 0) | (par >= local)))
     if bad.size:
         t = int(bad[0])

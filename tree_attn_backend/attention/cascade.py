@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from metadata import TreeAttentionMetadata
-
-from .cpu_attention import segment_arange
-from .paged_kv import read_blocks
+from tree_attn_backend.attention.paged_kv import read_blocks
+from tree_attn_backend.ragged import segment_arange, segment_ids, segment_local
 
 
 def attend_with_lse(
@@ -90,8 +89,7 @@ def cascade_attention(
     # Tree pass: the step's own K/V with the [q, q] ancestor mask.
     tree_mask = np.zeros((b, qmax, qmax), dtype=bool)
     elems = q_lens * q_lens
-    which = np.repeat(np.arange(b), elems)
-    within = np.arange(int(elems.sum())) - np.repeat(np.cumsum(elems) - elems, elems)
+    which, within = segment_ids(elems), segment_local(elems)
     tree_mask[which, within // q_lens[which], within % q_lens[which]] = meta.tree_mask.numpy()
     o2, lse2 = attend_with_lse(pad(query), pad(key), pad(value), torch.from_numpy(tree_mask), scale)
 

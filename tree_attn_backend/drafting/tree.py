@@ -18,59 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
-def depths_from_parents(parents: np.ndarray) -> np.ndarray:
-    """Depth of every node of a forest given in topological order.
-
-    ``parents`` is int ``[N]``; a root has ``parents[i] == -1`` (any number of roots, so a
-    whole flattened batch can be passed at once). Returns int32 ``[N]``. Pointer doubling:
-    ``log2(max depth)`` vectorized passes, no Python loop over nodes.
-    """
-    parents = np.asarray(parents, dtype=np.int64)
-    n = parents.shape[0]
-    index = np.arange(n, dtype=np.int64)
-    is_root = parents < 0
-    jump = np.where(is_root, index, parents)  # roots point at themselves
-    dist = (~is_root).astype(np.int32)  # distance from a node to jump[node]
-    while True:
-        next_jump = jump[jump]
-        if np.array_equal(next_jump, jump):
-            return dist
-        dist = dist + dist[jump]
-        jump = next_jump
-
-
-def bad_parent_reason(index: int, parent: int, num_nodes: int) -> str:
-    """Why ``parents[index] = parent`` breaks a topologically ordered tree of ``num_nodes``."""
-    if index == 0:
-        return "node 0 is the root and its parent must be -1"
-    if parent == -1:
-        return "more than one root (only node 0 may have parent -1)"
-    if parent < -1 or parent >= num_nodes:
-        return f"out of range for {num_nodes} nodes"
-    if parent == index:
-        return "a self reference"
-    return "a forward reference (parents must come before their children)"
-
-
-def validate_parents(parents: np.ndarray, what: str = "parents") -> None:
-    """Raise ``ValueError`` naming the first bad index if ``parents`` is not a single tree
-    in topological order (``parents[0] == -1``, ``0 <= parents[i] < i`` otherwise)."""
-    if parents.ndim != 1:
-        raise ValueError(f"{what} must be 1-D, got shape {tuple(parents.shape)}")
-    n = parents.shape[0]
-    if n == 0:
-        raise ValueError(f"{what} is empty: a tree has at least its root (node 0)")
-    if parents[0] != -1:
-        raise ValueError(f"{what}[0] = {int(parents[0])}: {bad_parent_reason(0, int(parents[0]), n)}")
-    if n == 1:
-        return
-    rest = parents[1:]
-    index = np.arange(1, n)
-    bad = np.flatnonzero((rest < 0) | (rest >= index))
-    if bad.size:
-        i = int(bad[0]) + 1
-        raise ValueError(f"{what}[{i}] = {int(parents[i])}: {bad_parent_reason(i, int(parents[i]), n)}")
+from tree_attn_backend.ragged import depths_from_parents, global_parents, indptr, validate_parents
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,9 +145,8 @@ class FlatTrees:
         if not trees:
             raise ValueError("trees is empty: a batch has at least one request")
         sizes = np.array([t.num_nodes for t in trees], dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(sizes)])
         return cls(
-            qo_indptr=torch.from_numpy(indptr),
+            qo_indptr=torch.from_numpy(indptr(sizes)),
             parents=torch.from_numpy(np.concatenate([t.parents for t in trees]).astype(np.int64)),
             tokens=torch.from_numpy(np.concatenate([t.tokens for t in trees])),
         )
@@ -214,6 +161,4 @@ class FlatTrees:
 
     def global_parents(self) -> torch.Tensor:
         """int64 ``[N]``: parent as a batch-wide node index (``-1`` at roots)."""
-        sizes = self.qo_indptr[1:] - self.qo_indptr[:-1]
-        start = torch.repeat_interleave(self.qo_indptr[:-1], sizes)
-        return torch.where(self.parents < 0, self.parents, self.parents + start)
+        return torch.from_numpy(global_parents(self.parents.numpy(), np.diff(self.qo_indptr.numpy())))

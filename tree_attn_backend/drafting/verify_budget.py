@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tree_attn_backend.ragged import segment_ids
+
 
 @dataclass(frozen=True)
 class VerifyCostModel:
@@ -155,7 +157,7 @@ def allocate_verify_budget(
     if counts.sum() == 0:
         return counts
     values = np.concatenate([np.asarray(v, dtype=np.float64) for v in path_values])
-    owner = np.repeat(np.arange(len(counts)), counts)
+    owner = segment_ids(counts)
     for r, v in enumerate(path_values):
         if np.any(np.diff(np.asarray(v, dtype=np.float64)) > 0):
             raise ValueError(f"request {r}: path values {np.asarray(v).tolist()} are not in non-increasing order")

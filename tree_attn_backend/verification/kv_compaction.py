@@ -14,45 +14,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from .paged_kv import copy_slots
+from tree_attn_backend.attention.paged_kv import copy_slots
 
 
 def compaction_moves(
-    accepted_nodes: torch.Tensor, context_lens: torch.Tensor, block_table: torch.Tensor, block_size: int
+    accepted_nodes: torch.Tensor, node_slots: torch.Tensor, tree_starts: torch.Tensor | np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot moves that compact every request's accepted path.
+    """Slot moves that compact every tree's accepted path.
 
     Args:
-        accepted_nodes: int ``[B, D+1]`` local nodes of the accepted path, root first,
+        accepted_nodes: int ``[R, D+1]`` local nodes of each tree's accepted path, root first,
             ``-1`` padded (``VerifyResult.accepted_nodes``).
-        context_lens: int ``[B]`` committed tokens before the verify step.
-        block_table: int ``[B, max_blocks]``.
+        node_slots: int64 ``[N]`` the cache slot each query token of the step was written to
+            (the step's slot mapping: node ``i`` of a tree at linear position ``context + i``).
+        tree_starts: int ``[R]`` index in ``node_slots`` of each tree's root.
     Returns:
-        ``(src, dst)`` int64 ``[M]`` cache slots, only for nodes that actually move.
+        ``(src, dst)`` int64 ``[M]`` cache slots, only for nodes that actually move. Path step
+        ``k`` lands in node ``k``'s slot: position ``context + k``.
     """
-    if accepted_nodes.dim() != 2 or accepted_nodes.shape[0] != context_lens.shape[0]:
-        raise ValueError(
-            f"accepted_nodes {tuple(accepted_nodes.shape)} does not match {context_lens.shape[0]} requests"
-        )
+    if accepted_nodes.dim() != 2 or accepted_nodes.shape[0] != len(tree_starts):
+        raise ValueError(f"accepted_nodes {tuple(accepted_nodes.shape)} does not match {len(tree_starts)} trees")
     steps = torch.arange(accepted_nodes.shape[1])[None, :].expand_as(accepted_nodes)
     moving = (accepted_nodes >= 0) & (accepted_nodes != steps)
-    req, step = torch.nonzero(moving, as_tuple=True)
-    if req.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty
-    ctx = context_lens.to(torch.int64)[req]
-    src_pos = ctx + accepted_nodes[req, step].to(torch.int64)
-    dst_pos = ctx + step
-    blocks = block_table.to(torch.int64)
-    if int(src_pos.max()) >= blocks.shape[1] * block_size:
-        raise ValueError(f"accepted node at position {int(src_pos.max())} is outside the block table")
-
-    def slot(pos: torch.Tensor) -> torch.Tensor:
-        return blocks[req, pos // block_size] * block_size + pos % block_size
-
-    return slot(src_pos), slot(dst_pos)
+    tree, step = torch.nonzero(moving, as_tuple=True)
+    root = torch.as_tensor(tree_starts, dtype=torch.int64)[tree]
+    src = root + accepted_nodes[tree, step].to(torch.int64)
+    if src.numel() and int(src.max()) >= node_slots.shape[0]:
+        raise ValueError(f"accepted node at query token {int(src.max())} is beyond the step's {node_slots.shape[0]}")
+    slots = node_slots.to(torch.int64)
+    return slots[src], slots[root + step]
 
 
 def apply_compaction(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:

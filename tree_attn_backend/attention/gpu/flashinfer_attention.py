@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 from metadata import TreeAttentionMetadata
-
-from . import cuda_ops
+from tree_attn_backend.attention.gpu import cuda_ops
 
 GPU_MODES = ("cascade", "full_mask")
 # The rule: the default is whichever mode the kernel benchmark measures faster. Until an

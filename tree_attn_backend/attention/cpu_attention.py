@@ -26,17 +26,9 @@ import torch.nn.functional as F
 
 from metadata import TreeAttentionMetadata
 from metadata.masks import ancestor_bits
-
-from .native import native_op
-from .paged_kv import read_blocks, read_blocks_for_scores
-
-
-def segment_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` (int64)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + (np.arange(total) - offsets)
+from tree_attn_backend.attention.paged_kv import read_blocks, read_blocks_for_scores
+from tree_attn_backend.ops.native import native_op
+from tree_attn_backend.ragged import indptr, segment_arange
 
 
 @dataclass
@@ -93,8 +85,7 @@ def _padded_group(meta: TreeAttentionMetadata, reqs: np.ndarray) -> PaddedGroup:
 
     # Tree part: ancestor bitsets of this group's tokens, scattered after each context.
     tokens = segment_arange(qo[reqs], q)
-    sub_indptr = np.concatenate([[0], np.cumsum(q)])
-    bits = ancestor_bits(meta.parents.numpy()[tokens], sub_indptr)
+    bits = ancestor_bits(meta.parents.numpy()[tokens], indptr(q))
     dense = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :qmax].astype(bool)
     rows = np.zeros((g, qmax, qmax), dtype=bool)
     rows[valid] = dense
@@ -183,7 +174,7 @@ def run_cpu_attention(
 
     Args:
         query: ``[N, Hq, D]`` (RoPE applied with the tree positions).
-        kv_cache: one layer's cache (see :mod:`tree_attn_backend.paged_kv`), already holding
+        kv_cache: one layer's cache (see :mod:`tree_attn_backend.attention.paged_kv`), already holding
             this step's K/V; ``Hq`` must be a multiple of its ``num_kv_heads``.
         out: optional ``[N, Hq, D]`` to write into.
     Returns ``[N, Hq, D]`` in ``query.dtype``.

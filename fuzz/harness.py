@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from metadata import StepBatch, TreeAttentionMetadata, build_tree_attention_metadata
-from tree_attn_backend.attention.paged_kv import allocate_kv_cache, write_kv
+from tree_attn_backend.attention.kv_layout import CPU_LAYOUT, NHD_LAYOUT
 from tree_attn_backend.attention.reference import ReferenceRequest
 
 
@@ -65,7 +65,6 @@ def context_slots(block_row: np.ndarray, context_len: int, block_size: int) -> t
 def nhd_cache(case: AttentionCase, device: torch.device | str, seed: int = 0) -> torch.Tensor:
     """The case's KV (every context token and every new token) in FlashInfer's NHD layout
     ``[num_blocks, 2, block_size, Hkv, D]`` on ``device``; unwritten slots hold garbage."""
-    from tree_attn_backend.attention.gpu import paged_cache
 
     spec = case.spec
     num_blocks = case.kv_cache.shape[0]
@@ -75,8 +74,8 @@ def nhd_cache(case: AttentionCase, device: torch.device | str, seed: int = 0) ->
     for b, req in enumerate(case.reference):
         ctx = req.context_key.shape[0]
         slots = context_slots(case.batch.block_table[b], ctx, spec.block_size).to(device)
-        paged_cache.write_kv(cache, req.context_key.to(device), req.context_value.to(device), slots)
-    paged_cache.write_kv(cache, case.key.to(device), case.value.to(device), case.meta.slot_mapping.to(device))
+        NHD_LAYOUT.write_kv(cache, req.context_key.to(device), req.context_value.to(device), slots)
+    NHD_LAYOUT.write_kv(cache, case.key.to(device), case.value.to(device), case.meta.slot_mapping.to(device))
     return cache
 
 
@@ -96,16 +95,16 @@ def make_attention_case(spec: BatchSpec, dtype: torch.dtype, seed: int) -> Atten
     meta = build_tree_attention_metadata(batch)
     hq, hkv, d = spec.num_q_heads, spec.num_kv_heads, spec.head_size
     randn = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
-    cache = allocate_kv_cache(num_blocks, hkv, spec.block_size, d, dtype)
+    cache = CPU_LAYOUT.allocate(num_blocks, spec.block_size, hkv, d, dtype)
     cache.copy_(randn(*cache.shape))  # garbage everywhere that is not written below
     n = sum(q_lens)
     query, key, value = randn(n, hq, d), randn(n, hkv, d), randn(n, hkv, d)
-    write_kv(cache, key, value, meta.slot_mapping)
+    CPU_LAYOUT.write_kv(cache, key, value, meta.slot_mapping)
     reference = []
     qo = meta.qo_indptr.tolist()
     for b, ctx in enumerate(spec.context_lens):
         ck, cv = randn(ctx, hkv, d), randn(ctx, hkv, d)
-        write_kv(cache, ck, cv, context_slots(table[b], ctx, spec.block_size))
+        CPU_LAYOUT.write_kv(cache, ck, cv, context_slots(table[b], ctx, spec.block_size))
         s, e = qo[b], qo[b + 1]
         reference.append(ReferenceRequest(query[s:e], ck, cv, key[s:e], value[s:e], spec.parents[b]))
     return AttentionCase(spec, meta, batch, query, key, value, cache, reference, scale=d**-0.5)

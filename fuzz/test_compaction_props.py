@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tree_attn_backend.attention.paged_kv import read_kv
+from tree_attn_backend.attention.kv_layout import CPU_LAYOUT
 from tree_attn_backend.verification.kv_compaction import apply_compaction, compaction_moves
 
 from .harness import make_attention_case
@@ -31,22 +31,22 @@ def test_compaction_puts_path_in_order_and_preserves_everything_else(spec, seed,
 
     caches = [case.kv_cache.clone(), case.kv_cache.clone()]
     before = case.kv_cache.clone()
-    apply_compaction(caches, src, dst)
+    apply_compaction(caches, CPU_LAYOUT, src, dst)
     bs = spec.block_size
     for cache in caches:
         # Every slot that is not a destination keeps its bytes.
         changed = torch.zeros(before.shape[0] * bs, dtype=torch.bool)
         changed[dst] = True
         untouched = torch.nonzero(~changed).flatten()
-        k0, v0 = read_kv(before, untouched)
-        k1, v1 = read_kv(cache, untouched)
+        k0, v0 = CPU_LAYOUT.read_kv(before, untouched)
+        k1, v1 = CPU_LAYOUT.read_kv(cache, untouched)
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
         # Path step k now holds node path[k]'s K/V at linear position ctx + k.
         for b, path in enumerate(paths):
             pos = torch.arange(len(path)) + spec.context_lens[b]
             slots = table[b, pos // bs] * bs + pos % bs
             qo = int(case.meta.qo_indptr[b])
-            k, v = read_kv(cache, slots)
+            k, v = CPU_LAYOUT.read_kv(cache, slots)
             assert torch.equal(k, case.key[qo + torch.tensor(path)])
             assert torch.equal(v, case.value[qo + torch.tensor(path)])
     # Only nodes that really move appear.

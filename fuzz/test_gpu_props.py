@@ -16,7 +16,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tree_attn_backend.attention.gpu import cuda_ops, paged_cache
+from tree_attn_backend.attention.gpu import cuda_ops
+from tree_attn_backend.attention.kv_layout import NHD_LAYOUT
 from tree_attn_backend.attention.reference import ReferenceRequest, reference_tree_attention
 
 from .harness import make_attention_case, nhd_cache
@@ -76,7 +77,7 @@ def test_cuda_compaction_equals_torch_copy(block_size, num_blocks, layers, heads
     ]
     expected = [c.clone() for c in caches]
     for expected_cache in expected:
-        paged_cache.copy_slots(expected_cache, src.to(DEVICE), dst.to(DEVICE))
+        NHD_LAYOUT.copy_slots(expected_cache, src.to(DEVICE), dst.to(DEVICE))
     cuda_ops.compact_kv(caches, src, dst)
     for got, want in zip(caches, expected):
         assert torch.equal(got, want)

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from fuzz.strategies import request_parents
 from metadata import StepBatch, build_tree_attention_metadata
 from tree_attn_backend import cli
-from tree_attn_backend.attention.gpu import cuda_ops, paged_cache
+from tree_attn_backend.attention.gpu import cuda_ops
 from tree_attn_backend.attention.gpu.flashinfer_attention import FlashInferTreeAttention, split_step
+from tree_attn_backend.attention.kv_layout import NHD_LAYOUT
 from tree_attn_backend.ops import csrc_build
 
 
@@ -89,9 +90,9 @@ def test_copy_slots_reads_every_source_before_writing():
     and a source, so a copy in place would smear slot 3 into slot 1."""
     cache = torch.arange(2 * 2 * 4 * 1 * 2, dtype=torch.float32).view(2, 2, 4, 1, 2)
     every_slot = torch.arange(8)
-    keys, values = paged_cache.read_kv(cache, every_slot)
+    keys, values = NHD_LAYOUT.read_kv(cache, every_slot)
     cuda_ops.compact_kv([cache], torch.tensor([2, 3]), torch.tensor([1, 2]))  # CPU: the torch version
-    new_keys, new_values = paged_cache.read_kv(cache, every_slot)
+    new_keys, new_values = NHD_LAYOUT.read_kv(cache, every_slot)
     assert torch.equal(new_keys[1], keys[2]) and torch.equal(new_keys[2], keys[3])
     assert torch.equal(new_values[1], values[2]) and torch.equal(new_values[2], values[3])
     assert torch.equal(new_keys[[0, 3, 4, 5, 6, 7]], keys[[0, 3, 4, 5, 6, 7]])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from metadata import TreeAttentionMetadata
-from tree_attn_backend.attention.paged_kv import read_blocks
+from tree_attn_backend.attention.kv_layout import CPU_LAYOUT
 from tree_attn_backend.ragged import segment_arange, segment_ids, segment_local
 
 
@@ -81,7 +81,7 @@ def cascade_attention(
     block_ids[np.arange(pmax)[None, :] < pages[:, None]] = meta.prefix_kv_indices.numpy()[
         segment_arange(pre_indptr[:-1], pages)
     ]
-    k1, v1 = read_blocks(kv_cache, torch.from_numpy(block_ids))
+    k1, v1 = CPU_LAYOUT.read_blocks(kv_cache, torch.from_numpy(block_ids))
     width = k1.shape[2]
     prefix_mask = torch.from_numpy(np.arange(width)[None, :] < ctx[:, None])[:, None, :].expand(b, qmax, width)
     o1, lse1 = attend_with_lse(pad(query), k1, v1, prefix_mask, scale)

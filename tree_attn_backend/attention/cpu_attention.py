@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from metadata import TreeAttentionMetadata
 from metadata.masks import ancestor_bits
-from tree_attn_backend.attention.paged_kv import read_blocks, read_blocks_for_scores
+from tree_attn_backend.attention.kv_layout import CPU_LAYOUT
 from tree_attn_backend.ops.native import native_op
 from tree_attn_backend.ragged import indptr, segment_arange
 
@@ -174,7 +174,7 @@ def run_cpu_attention(
 
     Args:
         query: ``[N, Hq, D]`` (RoPE applied with the tree positions).
-        kv_cache: one layer's cache (see :mod:`tree_attn_backend.attention.paged_kv`), already holding
+        kv_cache: one layer's cache (see :data:`~tree_attn_backend.attention.kv_layout.CPU_LAYOUT`), already holding
             this step's K/V; ``Hq`` must be a multiple of its ``num_kv_heads``.
         out: optional ``[N, Hq, D]`` to write into.
     Returns ``[N, Hq, D]`` in ``query.dtype``.
@@ -197,14 +197,14 @@ def run_cpu_attention(
             out.copy_(result)
         return out
     for group in plan.groups:
-        key_t, value = read_blocks_for_scores(kv_cache, group.block_ids)
+        key_t, value = CPU_LAYOUT.read_blocks_for_scores(kv_cache, group.block_ids)
         width = group.mask.shape[-1]
         out[group.token_index[group.valid]] = _grouped_masked_attention(
             query[group.token_index], key_t[..., :width], value[:, :, :width], group.mask, scale
         )[group.valid].to(out.dtype)
     for chunk in plan.chunks:
         q = query[chunk.start : chunk.end].transpose(0, 1)[None]  # [1, Hq, q, D]
-        k, v = read_blocks(kv_cache, chunk.block_ids[None])
+        k, v = CPU_LAYOUT.read_blocks(kv_cache, chunk.block_ids[None])
         o = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=chunk.mask, scale=scale, enable_gqa=True
         )

@@ -100,7 +100,7 @@ def _random_step(num_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, t
 
 
 def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, attention: dict) -> KernelRow:
-    from tree_attn_backend.attention.gpu import paged_cache
+    from tree_attn_backend.attention.kv_layout import NHD_LAYOUT
 
     batch = make_batch(make_trees(batch_size, nodes), context)
     meta = build_tree_attention_metadata(batch)
@@ -109,7 +109,7 @@ def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, at
     gen = torch.Generator(device=device).manual_seed(0)
     cache = torch.randn(num_blocks, 2, batch.block_size, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=device).to(DTYPE)
     query, key, value = _random_step(meta.num_tokens, gen)
-    paged_cache.write_kv(cache, key, value, meta.slot_mapping.to(device))
+    NHD_LAYOUT.write_kv(cache, key, value, meta.slot_mapping.to(device))
     shape = dict(
         num_qo_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype=DTYPE, scale=HEAD_DIM**-0.5
     )
@@ -136,16 +136,16 @@ def _gpu_row(batch_size: int, nodes: int, context: int, device: torch.device, at
 def _cpu_row(batch_size: int, nodes: int, context: int) -> KernelRow:
     from tree_attn_backend.attention.cascade import cascade_attention
     from tree_attn_backend.attention.cpu_attention import plan_cpu_attention, run_cpu_attention
-    from tree_attn_backend.attention.paged_kv import allocate_kv_cache, write_kv
+    from tree_attn_backend.attention.kv_layout import CPU_LAYOUT
 
     batch = make_batch(make_trees(batch_size, nodes), context)
     meta = build_tree_attention_metadata(batch)
     chain_plan = plan_cpu_attention(build_tree_attention_metadata(chain_batch(batch)))
     gen = torch.Generator().manual_seed(0)
-    cache = allocate_kv_cache(int(batch.block_table.max()) + 1, NUM_KV_HEADS, batch.block_size, HEAD_DIM, DTYPE)
+    cache = CPU_LAYOUT.allocate(int(batch.block_table.max()) + 1, batch.block_size, NUM_KV_HEADS, HEAD_DIM, DTYPE)
     cache.copy_(torch.randn(cache.shape, generator=gen))
     query, key, value = _random_step(meta.num_tokens, gen)
-    write_kv(cache, key, value, meta.slot_mapping)
+    CPU_LAYOUT.write_kv(cache, key, value, meta.slot_mapping)
     scale = HEAD_DIM**-0.5
     plan = plan_cpu_attention(meta)
     cpu = torch.device("cpu")

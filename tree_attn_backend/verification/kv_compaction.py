@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tree_attn_backend.attention.paged_kv import copy_slots
+from tree_attn_backend.attention.kv_layout import PagedKVLayout
 
 
 def compaction_moves(
@@ -48,9 +48,9 @@ def compaction_moves(
     return slots[src], slots[root + step]
 
 
-def apply_compaction(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Apply the moves to every layer's cache in place; no other slot is touched."""
-    if src.shape != dst.shape:
-        raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} differ in shape")
+def apply_compaction(
+    kv_caches: Sequence[torch.Tensor], layout: PagedKVLayout, src: torch.Tensor, dst: torch.Tensor
+) -> None:
+    """Apply the moves to every layer's cache (``layout``) in place; no other slot is touched."""
     for cache in kv_caches:
-        copy_slots(cache, src, dst)
+        layout.copy_slots(cache, src, dst)

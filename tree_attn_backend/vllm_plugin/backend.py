@@ -9,7 +9,7 @@ layout; each writes its rows of the output.
 On CPU this class is registered in the ``CPU_ATTN`` slot of vLLM's backend registry (the CPU
 platform always asks for that slot), so ``get_name()`` returns ``"CPU_ATTN"``: vLLM looks the
 name up as an enum member in every process. The KV cache keeps vLLM's CPU layout (see
-``tree_attn_backend.attention.paged_kv``), written by vLLM's own op.
+``tree_attn_backend.attention.kv_layout.CPU_LAYOUT``), written by vLLM's own op.
 """
 
 from __future__ import annotations

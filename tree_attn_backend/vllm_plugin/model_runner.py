@@ -28,6 +28,7 @@ from vllm.logger import init_logger
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
+from tree_attn_backend.attention.kv_layout import CPU_LAYOUT
 from tree_attn_backend.drafting.tree import FlatTrees
 from tree_attn_backend.drafting.verify_budget import OnlineCostFit, VerifyCostModel
 from tree_attn_backend.ragged import depths_from_parents, global_parents, indptr, segment_arange, segment_local
@@ -272,7 +273,7 @@ class TreeCPUModelRunner(CPUModelRunner):
         """Move each tree request's accepted path to the slots right after its context."""
         src, dst = compaction_moves(result.accepted_nodes, step.slots, step.query_start[step.rows])
         if src.numel():
-            apply_compaction([c for c in self.kv_caches if c is not None], src, dst)
+            apply_compaction([c for c in self.kv_caches if c is not None], CPU_LAYOUT, src, dst)
 
 
 class _TreeStats:

@@ -20,7 +20,7 @@ import torch
 
 from metadata import TreeAttentionMetadata
 from tree_attn_backend import ragged
-from tree_attn_backend.attention.gpu import paged_cache
+from tree_attn_backend.attention.kv_layout import NHD_LAYOUT
 from tree_attn_backend.ops.native import CUDA_LIBRARY_PATH
 
 logger = logging.getLogger("tree_attn_backend")
@@ -247,15 +247,15 @@ def packed_custom_mask(meta: TreeAttentionMetadata, device: torch.device | str) 
 
 def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy K/V of slots ``src`` to ``dst`` (int64 ``[M]``) in every layer's NHD cache
-    (``[num_blocks, 2, block_size, H, D]``, see :mod:`.paged_cache`), sources read before any
-    destination is written. One gather and one scatter launch cover all layers."""
+    (``[num_blocks, 2, block_size, H, D]``, see ``kv_layout.NHD_LAYOUT``), sources read before
+    any destination is written. One gather and one scatter launch cover all layers."""
     if src.shape != dst.shape or src.dim() != 1:
         raise ValueError(f"src {tuple(src.shape)} and dst {tuple(dst.shape)} must be equal 1-D shapes")
     if not kv_caches:
         return
     first = kv_caches[0]
     for layer, layer_cache in enumerate(kv_caches):
-        paged_cache.check_nhd(layer_cache)
+        NHD_LAYOUT.check(layer_cache)
         if layer_cache.shape != first.shape or layer_cache.dtype != first.dtype or layer_cache.device != first.device:
             raise ValueError(
                 f"kv_caches[{layer}] is {tuple(layer_cache.shape)} {layer_cache.dtype} on {layer_cache.device}; "
@@ -271,7 +271,7 @@ def compact_kv(kv_caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.
     if library is None:
         src, dst = src.to(first.device), dst.to(first.device)
         for layer_cache in kv_caches:
-            paged_cache.copy_slots(layer_cache, src, dst)
+            NHD_LAYOUT.copy_slots(layer_cache, src, dst)
         return
     if src.numel() == 0:
         return

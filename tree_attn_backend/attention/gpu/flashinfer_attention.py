@@ -18,8 +18,8 @@ bit/byte offset bug for batch > 1, flashinfer.md). RoPE is applied by the caller
 positions (``pos_encoding_mode="NONE"``).
 
 Cache layout: NHD, ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``
-(:mod:`.paged_cache`); the step's new K/V must already be in it at ``meta.slot_mapping``, as
-vLLM writes them before attention.
+(``kv_layout.NHD_LAYOUT``); the step's new K/V must already be in it at ``meta.slot_mapping``,
+as vLLM writes them before attention.
 """
 
 from __future__ import annotations

@@ -59,6 +59,18 @@ def _print_table(rows: list[dict]) -> None:
         print("  ".join(str(r[k]).rjust(w) for k, w in zip(keys, widths)))
 
 
+def _report(args: argparse.Namespace, as_json: object, summary: str, targets: list[tuple[str, bool]]) -> int:
+    """Print ``as_json`` (``--json``) or the summary and every target as met / NOT MET; the exit
+    status: 1 under ``--check`` when a target is missed."""
+    if args.json:
+        print(json.dumps(as_json))
+    else:
+        print(summary)
+        for statement, met in targets:
+            print(f"[{'met' if met else 'NOT MET'}] {statement}")
+    return 1 if args.check and not all(met for _, met in targets) else 0
+
+
 def _bench_metadata(args: argparse.Namespace) -> int:
     from tree_attn_backend.bench import metadata_bench
 
@@ -144,15 +156,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     if args.plot:
         for path in e2e_report.plot(rows, runs, args.plot):
             print(f"wrote {path}", file=sys.stderr)
-    targets = e2e_report.check_targets(rows)
-    if args.json:
-        print(json.dumps({"rows": rows}))
-    else:
-        print(e2e_report.format_table(rows, categories=args.categories))
-        print()
-        for statement, met in targets:
-            print(f"[{'met' if met else 'NOT MET'}] {statement}")
-    return 1 if args.check and not all(met for _, met in targets) else 0
+    summary = e2e_report.format_table(rows, categories=args.categories) + "\n"
+    return _report(args, {"rows": rows}, summary, e2e_report.check_targets(rows))
 
 
 def _bench_replay(args: argparse.Namespace) -> int:
@@ -195,14 +200,7 @@ def _bench_load(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"tree-pruned bench load: {exc}") from None
     result = load.run_load(config)
-    targets = load.check_targets(result)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(load.format_summary(result))
-        for statement, met in targets:
-            print(f"[{'met' if met else 'NOT MET'}] {statement}")
-    return 1 if args.check and not all(met for _, met in targets) else 0
+    return _report(args, result, load.format_summary(result), load.check_targets(result))
 
 
 def _bench_step_cost(args: argparse.Namespace) -> int:
@@ -231,14 +229,7 @@ def _bench_step_cost(args: argparse.Namespace) -> int:
             bar.update()
 
         result = step_cost.run_step_cost(config, progress=progress)
-    targets = step_cost.check_targets(result)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(step_cost.format_summary(result))
-        for statement, met in targets:
-            print(f"[{'met' if met else 'NOT MET'}] {statement}")
-    return 1 if args.check and not all(met for _, met in targets) else 0
+    return _report(args, result, step_cost.format_summary(result), step_cost.check_targets(result))
 
 
 def _modes(text: str) -> tuple[str, ...]:
@@ -281,7 +272,19 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser, per_category: bool) -
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_report_arguments(
+    parser: argparse.ArgumentParser, json_help: str, check_help: str, repeat_help: str | None = None
+) -> None:
+    """``--json``, ``--check`` (see :func:`_report`) and, with ``repeat_help``, ``--repeat``."""
+    parser.add_argument("--json", action="store_true", help=json_help)
+    if repeat_help:
+        parser.add_argument("--repeat", type=int, default=None, help=repeat_help)
+    parser.add_argument("--check", action="store_true", help=check_help)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``sys.argv[1:]`` for ``None``) as a namespace whose ``func`` runs it;
+    a bad command line exits with argparse's usage error."""
     parser = argparse.ArgumentParser(
         prog="tree-pruned", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -311,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     kern.set_defaults(func=_bench_kernels)
     e2e_p = bench_sub.add_parser("e2e", help="end to end in vLLM: modes x concurrency (tokens/s, drafts, latency)")
     e2e_p.add_argument("--quick", action="store_true", help="one prompt per category, 16 tokens (under 4 minutes)")
-    e2e_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
     e2e_p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     _add_prompt_arguments(e2e_p, per_category=True)
     e2e_p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
@@ -326,13 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     e2e_p.add_argument(
         "--categories", action="store_true", help="table rows per prompt category too (JSON always has them)"
     )
-    e2e_p.add_argument(
-        "--repeat",
-        type=int,
-        default=None,
-        help="repetitions, each in a shuffled order from fresh engines; rows are medians (default 3, quick 1)",
+    _add_report_arguments(
+        e2e_p,
+        'print one JSON object {"rows": [...]}',
+        "exit 1 when a printed target is not met",
+        "repetitions, each in a shuffled order from fresh engines; rows are medians (default 3, quick 1)",
     )
-    e2e_p.add_argument("--check", action="store_true", help="exit 1 when a printed target is not met")
     e2e_p.set_defaults(func=_bench_e2e)
     replay_p = bench_sub.add_parser(
         "replay", help="score pruning settings offline on greedy outputs (exact for greedy)"
@@ -344,11 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     replay_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
     replay_p.set_defaults(func=_bench_replay)
-    load_p = bench_sub.add_parser(
-        "load",
-        help="the OpenAI server with the tree path on under concurrent streaming "
-        "clients, a KV cache that forces preemption, and client disconnects",
-    )
+    load_p = bench_sub.add_parser("load", help="the tree server under streaming clients, preemption, disconnects")
     load_p.add_argument(
         "--quick", action="store_true", help="8 clients, 24 requests, 8-16 tokens (default 32, 256, 16-64)"
     )
@@ -370,32 +367,23 @@ def main(argv: list[str] | None = None) -> int:
         help="the tree server's ONEDNN_PRIMITIVE_CACHE_CAPACITY (default 0, so the RSS figures show "
         "per-request state, not oneDNN's per-shape kernel cache; -1 keeps oneDNN's 1024)",
     )
-    load_p.add_argument("--json", action="store_true", help="print one JSON object")
-    load_p.add_argument(
-        "--check",
-        action="store_true",
-        help="exit 1 when a target is missed (errors, greedy mismatches, health, drained, RSS growth)",
+    _add_report_arguments(
+        load_p,
+        "print one JSON object",
+        "exit 1 when a target is missed (errors, greedy mismatches, health, drained, RSS growth)",
     )
     load_p.set_defaults(func=_bench_load)
-    step_p = bench_sub.add_parser(
-        "step-cost",
-        help="the cost of a draft token per step: the stock engine's chains vs "
-        "TREE_PRUNED's trees, synthetic drafts of controlled shape",
-    )
+    step_p = bench_sub.add_parser("step-cost", help="the cost of a draft token: stock chains vs TREE_PRUNED trees")
     step_p.add_argument(
         "--quick",
         action="store_true",
         help="batch sizes 1,4; 0 or 4 drafts; 4 timed steps; one repetition (default 1,4,16; 0,2,4,8,16; 10; 3)",
     )
-    step_p.add_argument(
-        "--repeat",
-        type=int,
-        default=None,
-        help="runs of the three engine processes, fresh each time (default 3, quick 1)",
-    )
-    step_p.add_argument("--json", action="store_true", help="print one JSON object")
-    step_p.add_argument(
-        "--check", action="store_true", help="exit 1 when a target is missed (tree_vs_chain, no_draft_step_ratio)"
+    _add_report_arguments(
+        step_p,
+        "print one JSON object",
+        "exit 1 when a target is missed (tree_vs_chain, no_draft_step_ratio)",
+        "runs of the three engine processes, fresh each time (default 3, quick 1)",
     )
     step_p.set_defaults(func=_bench_step_cost)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
@@ -406,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in ("fuzz", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     return args.func(args)
 
 

@@ -42,6 +42,7 @@ from vllm.v1.engine.llm_engine import LLMEngine
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer
 
+from tree_attn_backend.vllm_plugin.compat import replace_runner_drafter, runner_drafter
 from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
 WARM_UP_TOKENS = 8  # per warm-up request: enough decode steps to draft and verify
@@ -72,12 +73,11 @@ def reset_drafter(worker: Any) -> None:
     learned (cost fit, acceptance calibration); a SuffixDecoding proposer is replaced by a fresh
     one (its global tree caches earlier responses, and every run re-sends the same prompts).
     vLLM's ngram proposer keeps nothing between requests."""
-    runner = worker.model_runner
-    drafter = getattr(runner, "drafter", None)
+    drafter = runner_drafter(worker.model_runner)
     if isinstance(drafter, TreeProposer):
         drafter.reset_learned_state()
     elif isinstance(drafter, SuffixDecodingProposer):
-        runner.drafter = SuffixDecodingProposer(worker.vllm_config)
+        replace_runner_drafter(worker.model_runner, SuffixDecodingProposer(worker.vllm_config))
 
 
 def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> dict:

@@ -43,7 +43,8 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.engine.llm_engine import LLMEngine
 
 from tree_attn_backend.drafting.tree import DraftTree
-from tree_attn_backend.vllm_plugin.proposer import TreeProposer
+from tree_attn_backend.vllm_plugin.compat import engine_scheduler
+from tree_attn_backend.vllm_plugin.proposer import RequestDrafting, TreeProposer
 
 FIRST_DRAFT_TOKEN = 1000  # node i drafts token FIRST_DRAFT_TOKEN + i: distinct, and rarely the greedy choice
 
@@ -89,28 +90,14 @@ class SyntheticTreeProposer(TreeProposer):
     """The tree proposer with its drafter and pruning replaced by the cell's synthetic tree, so
     the TREE_PRUNED runner verifies exactly that shape for every decoding request."""
 
-    def propose(
-        self,
-        sampled_token_ids: list[list[int]],
-        num_tokens_no_spec: np.ndarray,
-        token_ids_cpu: np.ndarray,
-        slot_mappings: object = None,
-    ) -> list[list[int]]:
-        if self._batch is None:
-            raise RuntimeError("SyntheticTreeProposer runs only with the TREE_PRUNED model runner")
-        (req_ids, _), self._batch = self._batch, None
+    def _draft(self, req_ids: list[str], drafting: list[RequestDrafting], contexts: list[np.ndarray | None]) -> None:
+        if _Cell.draft_tokens == 0:
+            return
         parents = synthetic_parents(_Cell.draft_tokens, _Cell.shape)
-        self.trees.clear()
-        out: list[list[int]] = []
-        for row, req_id in enumerate(req_ids):
-            if not sampled_token_ids[row] or _Cell.draft_tokens == 0:
-                out.append([])
-                continue
-            root = int(token_ids_cpu[row, int(num_tokens_no_spec[row]) - 1])
-            tokens = np.array([root, *_drafts()], dtype=np.int64)
-            self.trees[req_id] = DraftTree(parents=parents, tokens=tokens, probs=np.full(len(tokens), 0.5))
-            out.append(tokens[1:].tolist())
-        return out
+        for req_id, context in zip(req_ids, contexts):
+            if context is not None:
+                tokens = np.array([int(context[-1]), *_drafts()], dtype=np.int64)
+                self.trees[req_id] = DraftTree(parents=parents, tokens=tokens, probs=np.full(len(tokens), 0.5))
 
 
 def start_batch(engine: LLMEngine, batch_size: int, prompt: list[int], max_tokens: int) -> list[str]:
@@ -120,7 +107,7 @@ def start_batch(engine: LLMEngine, batch_size: int, prompt: list[int], max_token
     ids = [f"b{batch_size}-{i}" for i in range(batch_size)]
     for request_id in ids:
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
-    while engine.engine_core.engine_core.scheduler.waiting or _any_prefilling(engine):
+    while engine_scheduler(engine).waiting or _any_prefilling(engine):
         engine.step()
     return ids
 
@@ -146,15 +133,13 @@ def finish_batch(engine: LLMEngine, ids: list[str]) -> None:
 
 def _check_drafts(engine: LLMEngine, batch_size: int, cell: tuple[int, str]) -> None:
     """Every request of the batch is about to be scheduled with the cell's drafts."""
-    running = engine.engine_core.engine_core.scheduler.running
-    counts = sorted(len(r.spec_token_ids) for r in running)
+    counts = sorted(len(r.spec_token_ids) for r in engine_scheduler(engine).running)
     if counts != [cell[0]] * batch_size:
         raise RuntimeError(f"cell {cell} of batch {batch_size}: requests carry {counts} drafts")
 
 
 def _any_prefilling(engine: LLMEngine) -> bool:
-    scheduler = engine.engine_core.engine_core.scheduler
-    return any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
+    return any(r.num_computed_tokens < r.num_prompt_tokens for r in engine_scheduler(engine).running)
 
 
 def main(engine_args_path: str) -> None:

@@ -30,7 +30,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from metadata import MaskWorkspace, StepBatch, build_tree_attention_metadata
 from tree_attn_backend.attention.cpu_attention import CpuAttentionPlan, plan_cpu_attention, run_cpu_attention
 from tree_attn_backend.ragged import indptr, segment_arange
-from tree_attn_backend.vllm_plugin.side_channel import TREE_STEP
+from tree_attn_backend.vllm_plugin.step_trees import STEP_TREES
 
 
 @dataclass
@@ -82,21 +82,21 @@ class TreePrunedMetadataBuilder(CPUAttentionMetadataBuilder):
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
         query_lens = np.diff(qsl)
-        published = TREE_STEP.tree_rows_for(query_lens)
-        if published is None or published.rows.size == 0:
+        step = STEP_TREES.for_batch(query_lens)
+        if step is None or step.branching_rows.size == 0:
             return metadata
-        rows = published.rows
+        rows = step.branching_rows
         seq_lens = cm.seq_lens[:num_reqs].cpu().numpy().astype(np.int64)[rows]
         batch = StepBatch(
             context_lens=seq_lens - query_lens[rows],
             query_lens=query_lens[rows],
-            parents=published.parents,
+            parents=step.parents[step.tokens_of(rows)],
             block_table=cm.block_table_tensor[:num_reqs].cpu().numpy()[rows],
             block_size=self.block_size,
         )
         tree = build_tree_attention_metadata(batch, self.workspace)
         metadata.tree_rows = TreeRowsAttention(
-            token_index=torch.from_numpy(segment_arange(qsl[rows], query_lens[rows])),
+            token_index=torch.from_numpy(step.tokens_of(rows)),
             plan=plan_cpu_attention(tree),
         )
         plain = np.setdiff1d(np.arange(num_reqs), rows)

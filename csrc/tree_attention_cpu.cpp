@@ -1,4 +1,4 @@
-// Tree attention over vLLM's CPU paged KV cache ("vec" layout), one pass per query token.
+// Tree attention over vLLM's CPU paged KV cache ("vec" layout).
 //
 // tree_pruned::tree_paged_attention(query, kv_cache, qo_indptr, context_lens, parents,
 //                                   page_indptr, page_indices, scale, out)
@@ -16,7 +16,7 @@
 // tree ancestors and itself. Online softmax in float32; all query tokens of a request and all
 // query heads sharing a KV head are processed together, so each K/V block is read once per
 // (request, KV head), and the context's scores and probabilities x V are BLAS GEMMs. The torch
-// path in tree_attn_backend/cpu_attention.py is the fallback and the fuzzed oracle.
+// path in tree_attn_backend/attention/cpu_attention.py is the fallback and the fuzzed oracle.
 //
 // Every index the op follows is checked first (input_checks.h): both indptrs start at 0, never
 // decrease and end at their arrays' lengths, context_lens >= 0, each request's pages cover its

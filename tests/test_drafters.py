@@ -1,0 +1,104 @@
+"""The recycle table and the hybrid drafter: bounded state, merged tries, calibration."""
+
+import numpy as np
+import pytest
+import torch
+
+from tree_attn_backend.drafting.calibration import DecayedRatio
+from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
+from tree_attn_backend.drafting.lookup_drafter import LookupIndex
+from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
+from tree_attn_backend.drafting.recycle_drafter import RecycleTable
+from tree_attn_backend.drafting.tree_shape import TreeShape
+
+
+def _logits(vocab: int, favourites: dict[int, float]) -> torch.Tensor:
+    row = torch.full((vocab,), -30.0)
+    for token, logit in favourites.items():
+        row[token] = logit
+    return row
+
+
+def test_recycle_table_keeps_the_latest_top_k_per_token():
+    table = RecycleTable(vocab_size=50, k=3)
+    assert table.propose_children([7], 3) == []  # never seen
+    logits = torch.stack([_logits(50, {1: 2.0, 2: 1.0}), _logits(50, {3: 5.0})])
+    table.record(torch.tensor([7, 8]), logits)
+    children = table.propose_children([0, 7], 3)
+    assert len(children) == 3 and [t for t, _ in children[:2]] == [1, 2]  # then a near-zero third
+    probs = torch.softmax(logits[0], -1)
+    assert children[0][1] == pytest.approx(float(probs[1]), rel=1e-5)
+    assert children[1][1] == pytest.approx(float(probs[2]), rel=1e-5)
+    assert table.propose_children([8], 1) == [(3, pytest.approx(1.0, abs=1e-6))]
+    table.record(torch.tensor([7]), _logits(50, {4: 3.0}).unsqueeze(0))  # a newer belief replaces it
+    assert table.propose_children([7], 1)[0][0] == 4
+    table.reset()
+    assert table.propose_children([7], 3) == []
+    assert table.next_tokens.nbytes + table.next_probs.nbytes == 50 * 3 * 8  # bounded, allocated once
+
+
+def test_recycle_table_rejects_bad_input_and_ignores_padding_columns():
+    with pytest.raises(ValueError, match="vocab_size = 0"):
+        RecycleTable(0)
+    with pytest.raises(ValueError, match="k = 65"):
+        RecycleTable(10, k=65)
+    table = RecycleTable(vocab_size=4, k=2)
+    with pytest.raises(ValueError, match="do not match"):
+        table.record(torch.tensor([1, 2]), torch.zeros(3, 4))
+    padded = torch.tensor([[0.0, 1.0, 2.0, 3.0, 50.0]])  # column 4 is vocabulary padding
+    table.record(torch.tensor([1]), padded)
+    assert [t for t, _ in table.propose_children([1], 2)] == [3, 2]
+    assert table.propose_children([99], 2) == []  # a token outside the vocabulary
+
+
+class _Fixed:
+    """A source that always proposes the same children."""
+
+    def __init__(self, children: list[tuple[int, float]]) -> None:
+        self.children = children
+
+    def propose_children(self, context, num_children):
+        return self.children[:num_children]
+
+
+def test_hybrid_merges_by_token_with_noisy_or_and_keeps_children_a_distribution():
+    calibration = {"a": DecayedRatio(), "b": DecayedRatio()}
+    hybrid = HybridDrafter({"a": _Fixed([(5, 0.5), (6, 0.1)]), "b": _Fixed([(5, 0.4), (9, 0.1)])}, calibration)
+    hybrid.start_tree([1])
+    children = hybrid.propose_children([1], 3)
+    assert children[0] == (5, pytest.approx(1 - 0.5 * 0.6))  # proposed by both: more likely than either
+    assert dict(children[1:]) == {6: pytest.approx(0.1), 9: pytest.approx(0.1)}
+    confident = HybridDrafter({"a": _Fixed([(5, 0.9)]), "b": _Fixed([(6, 0.9)])}, calibration)
+    confident.start_tree([1])
+    assert sum(p for _, p in confident.propose_children([1], 2)) == pytest.approx(1.0)  # scaled down
+
+
+def recycle_prob(token: int) -> float:
+    return float(torch.softmax(_logits(10, {4: 1.0, 2: 0.0}), -1)[token])
+
+
+def test_hybrid_observe_fits_each_source_on_the_nodes_the_target_tested():
+    calibration = {"lookup": DecayedRatio(prior=1.0), "recycle": DecayedRatio(prior=1.0)}
+    index = LookupIndex(1, 2, smoothing=0.0)
+    index.extend([1, 2, 3, 1, 2, 3, 1])
+    recycle = RecycleTable(vocab_size=10, k=2)
+    recycle.record(torch.tensor([1]), _logits(10, {4: 1.0, 2: 0.0}).unsqueeze(0))
+    hybrid = HybridDrafter({"lookup": index, "recycle": recycle}, calibration)
+    hybrid.start_tree(index.tokens)
+    tree, _ = expand_and_prune(
+        TreeShape.parse("[(0,), (1,), (0, 0)]"), hybrid, index.tokens, PruningPolicy(0.0, 0.0, None)
+    )
+    root_children = {int(tree.tokens[n]): n for n in range(1, tree.num_nodes) if tree.parents[n] == 0}
+    assert sorted(root_children) == [2, 4]  # both sources' children of the root
+    # The target accepts 2 (both sources proposed it), then rejects 2's child 3 (the lookup's):
+    # the lookup is right once on two tested nodes, the recycle table once on two (2 and 4).
+    two = root_children[2]
+    hybrid.observe(tree, tree.num_nodes - 1, np.array([0, two, -1]))
+    lookup, recycle = calibration["lookup"], calibration["recycle"]
+    assert lookup.observed_num == 1.0 and lookup.observed_den == pytest.approx(2.0)  # 2 and 3, each p = 1
+    assert recycle.observed_num == 1.0 and recycle.observed_den == pytest.approx(recycle_prob(2) + recycle_prob(4))
+
+
+def test_hybrid_needs_a_calibration_per_source():
+    with pytest.raises(ValueError, match=r"no calibration for source\(s\) \['b'\]"):
+        HybridDrafter({"b": _Fixed([])}, {"a": DecayedRatio()})

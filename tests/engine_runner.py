@@ -5,7 +5,7 @@
 The platform (stock CPU or TREE_PRUNED) is fixed per process by VLLM_ATTENTION_BACKEND, so
 the tests start one process per platform and run several engines in it, one after another.
 SPEC: {"env": {...}, "engines": [{"name", "llm": {LLM kwargs}, "jobs": [...]}]}; jobs:
-  {"kind": "greedy", "messages": [[chat messages], ...], "max_tokens": N}
+  {"kind": "greedy", "messages": [[chat messages], ...], "max_tokens": N[, "extra_args": {...}]}
   {"kind": "requests", "requests": [{"messages": [...] or "prompt": "...", "params": {SamplingParams kwargs}}, ...]}
     (one batch, each request with its own parameters; ``structured_outputs`` is given as the
     kwargs of ``StructuredOutputsParams``): per request and completion its tokens, text,
@@ -30,7 +30,8 @@ def run_job(llm, job: dict) -> dict:
 
     start = time.perf_counter()
     if job["kind"] == "greedy":
-        outs = llm.chat(job["messages"], SamplingParams(temperature=0.0, max_tokens=job["max_tokens"]), use_tqdm=False)
+        params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], extra_args=job.get("extra_args"))
+        outs = llm.chat(job["messages"], params, use_tqdm=False)
         result = [list(o.outputs[0].token_ids) for o in outs]
     elif job["kind"] == "requests":
         from vllm.sampling_params import StructuredOutputsParams

@@ -117,6 +117,8 @@ def _run_engines(tmp: Path, name: str, env: dict, engines: list) -> tuple[dict, 
 
 
 GREEDY_JOB = {"kind": "greedy", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+# The same greedy requests drafted by each other drafter (a per-request option).
+DRAFTER_JOBS = {drafter: dict(GREEDY_JOB, extra_args={"drafter": drafter}) for drafter in ("recycle", "hybrid")}
 SAMPLE_JOB = {
     "kind": "requests",
     "requests": [
@@ -163,7 +165,7 @@ def tree_platform(model: str, tmp_path_factory) -> tuple[dict, str]:
                 speculative_config=default_speculative_config(),
                 additional_config={"tree_pruned": {"log_every_steps": 1, "batch_budget": False}},
             ),
-            "jobs": [GREEDY_JOB, SAMPLE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB],
+            "jobs": [GREEDY_JOB, SAMPLE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB, *DRAFTER_JOBS.values()],
         },
         {
             "name": "ngram",
@@ -209,6 +211,15 @@ def test_greedy_tree_speculation_is_token_identical(tree_platform, stock_platfor
     assert len(tree) == len(PROMPTS) >= 16
     for prompt, a, b in zip(PROMPTS, tree, base):
         assert a == b, f"{prompt['category']} prompt {prompt['question_id']} differs"
+
+
+@pytest.mark.parametrize("drafter", list(DRAFTER_JOBS))
+def test_greedy_tree_speculation_is_token_identical_with_every_drafter(tree_platform, stock_platform, drafter):
+    results, log = tree_platform
+    job = 4 + list(DRAFTER_JOBS).index(drafter)
+    assert results["tree"]["jobs"][job]["tokens"] == stock_platform["no_spec"]["jobs"][0]["tokens"]
+    accepted = re.findall(rf"drafter {drafter}: ([\d.]+) accepted tokens for ([\d.]+) expected", log)
+    assert accepted and float(accepted[-1][0]) > 0, f"the {drafter} drafter's trees were never accepted"
 
 
 def test_a_request_scheduled_with_placeholder_drafts_decodes_exactly(tree_platform, stock_platform):

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,7 +182,9 @@ def _proposer(**options):
 
     options.setdefault("allow_larger_request_share", True)  # the tests turn the budget off per request
     config = SimpleNamespace(
-        additional_config={"tree_pruned": options}, speculative_config=SimpleNamespace(num_speculative_tokens=16)
+        additional_config={"tree_pruned": options},
+        speculative_config=SimpleNamespace(num_speculative_tokens=16),
+        model_config=SimpleNamespace(get_vocab_size=lambda: 32),
     )
     return TreeProposer(config)
 
@@ -222,10 +225,12 @@ def test_batch_budget_keeps_trees_when_tokens_are_cheap_and_drops_them_when_cost
 def test_acceptance_calibration_moves_toward_what_the_target_accepted():
     proposer = _proposer()
     drafts = _propose(proposer, [False])
-    before = proposer.acceptance_scale.value
+    calibration = proposer.calibration["lookup"]
+    before = calibration.value
     for _ in range(20):
-        proposer.record_acceptance(["r0"], [len(drafts[0])], [0])
-    assert proposer.acceptance_scale.value < before / 2
+        proposer.record_acceptance(["r0"], [len(drafts[0])], [0], np.array([[0, -1]]))
+    assert calibration.value < before / 2
+    assert calibration.observed_num == 0 and calibration.observed_den > 0
 
 
 def test_chain_requests_get_the_best_chain_and_none_requests_no_drafts():

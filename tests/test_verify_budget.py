@@ -37,7 +37,7 @@ costs = st.builds(
 @given(path_values, st.integers(0, 8), costs, st.floats(0.0, 2.0))
 def test_budget_is_optimal_over_all_prefix_choices(values, extra_decoding, cost, scale):
     num_decoding = len(values) + extra_decoding
-    keep = allocate_verify_budget(values, num_decoding, cost, scale)
+    keep = allocate_verify_budget([v * scale for v in values], num_decoding, cost)  # calibrated values
     assert keep.dtype == np.int64 and keep.shape == (len(values),)
     assert all(0 <= k <= len(v) for k, v in zip(keep.tolist(), values))
     best = max(

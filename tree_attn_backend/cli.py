@@ -6,7 +6,7 @@ tree-pruned bench metadata [--json]
     builder vs per-node Python builder
 tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]
     tree attention per kernel path (FlashInfer on a GPU)
-tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE]
+tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE] [--drafter D]
     modes x concurrency in vLLM
 tree-pruned bench replay [--prompts FILE] [--path-probs P,...]
     pruning scored offline on greedy outputs
@@ -143,6 +143,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_tokens=args.max_tokens or (16 if args.quick else 64),
         repeat=repeat,
+        drafter=args.drafter,
     )
     total = len(config.modes) * len(config.concurrency) * config.repeat
     with tqdm(total=total, desc="bench e2e", unit="run", file=sys.stderr) as bar:
@@ -157,7 +158,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         for path in e2e_report.plot(rows, runs, args.plot):
             print(f"wrote {path}", file=sys.stderr)
     summary = e2e_report.format_table(rows, categories=args.categories) + "\n"
-    return _report(args, {"rows": rows}, summary, e2e_report.check_targets(rows))
+    return _report(args, {"drafter": config.drafter, "rows": rows}, summary, e2e_report.check_targets(rows))
 
 
 def _bench_replay(args: argparse.Namespace) -> int:
@@ -325,6 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: all; none is required)",
     )
     e2e_p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64, quick 16)")
+    e2e_p.add_argument(
+        "--drafter",
+        default=None,
+        help="the tree modes' drafter: lookup, recycle or hybrid (default: the engine's, see the options table)",
+    )
     e2e_p.add_argument(
         "--categories", action="store_true", help="table rows per prompt category too (JSON always has them)"
     )

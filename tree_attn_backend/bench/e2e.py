@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from tree_attn_backend.vllm_plugin import default_speculative_config
+from tree_attn_backend.vllm_plugin.config import DRAFTERS
 
 MODES = ("none", "chain", "suffix", "static_tree", "pruned_tree", "pruned_budget")
 CHAIN_SPECULATIVE_CONFIG = {
@@ -99,6 +100,7 @@ class E2EConfig:
     concurrency: tuple[int, ...] = (1, 4, 16)
     max_tokens: int = 64
     repeat: int = 1
+    drafter: str | None = None  # the tree modes' drafter (None: the engine's default)
     shuffle_seed: int = 0  # the runs' order in every repetition
 
     def __post_init__(self) -> None:
@@ -113,6 +115,8 @@ class E2EConfig:
             raise ValueError(f"max_tokens = {self.max_tokens}: must be >= 2 (time per output token needs two)")
         if self.repeat < 1:
             raise ValueError(f"repeat = {self.repeat}: must be >= 1")
+        if self.drafter is not None and self.drafter not in DRAFTERS:
+            raise ValueError(f"drafter {self.drafter!r}: must be one of {list(DRAFTERS)}")
         if "suffix" in self.modes and importlib.util.find_spec("arctic_inference") is None:
             raise ValueError(
                 "mode 'suffix' needs the arctic-inference package (vLLM's SuffixDecoding); "
@@ -165,12 +169,14 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
         "distributed_executor_backend": "uni",
     }
 
+    def extra_args(mode: str) -> dict | None:
+        options = TREE_MODE_OPTIONS.get(mode)
+        if options is None or config.drafter is None:
+            return options
+        return dict(options, drafter=config.drafter)
+
     def runs(modes: list[str]) -> list[dict]:
-        return [
-            {"mode": m, "concurrency": c, "extra_args": TREE_MODE_OPTIONS.get(m)}
-            for c in config.concurrency
-            for m in modes
-        ]
+        return [{"mode": m, "concurrency": c, "extra_args": extra_args(m)} for c in config.concurrency for m in modes]
 
     processes: list[tuple[str, dict, list[dict]]] = []
     for mode, speculative_config in STOCK_SPECULATIVE_CONFIGS.items():

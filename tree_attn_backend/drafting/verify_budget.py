@@ -4,14 +4,14 @@ Every request's pruned tree lists its draft nodes best-first (non-increasing pat
 any prefix of it is a tree. The budget merges all requests' nodes by path value and keeps the
 ``k`` best batch-wide, with ``k`` chosen to maximise the step's expected throughput
 
-    (B + s * A(k)) / step_ms(B, k)
+    (B + A(k)) / step_ms(B, k)
 
 where ``B`` is the number of decoding requests (each yields one token without drafts),
-``A(k)`` the sum of the ``k`` best path values (the expected number of accepted draft tokens,
-a path being accepted with its path probability), ``s`` a calibration factor of the drafter's
-probabilities against what the target actually accepted, and ``step_ms`` the cost model
-below. Adding a node pays while its marginal expected tokens exceed the marginal time times
-the current rate; the argmax over every ``k`` also covers the fixed cost of drafting at all.
+``A(k)`` the sum of the ``k`` best node values (the expected number of accepted draft tokens:
+a node's path probability times its drafter's calibration, accepted over expected tokens so
+far), and ``step_ms`` the cost model below. Adding a node pays while its marginal expected
+tokens exceed the marginal time times the current rate; the argmax over every ``k`` also
+covers the fixed cost of drafting at all.
 
 With few requests, ``B + k`` tokens cost little more than ``B`` (the step is bound by reading
 the weights) and the budget keeps the per-request pruned trees whole. As the batch grows every
@@ -134,25 +134,20 @@ def drafts_can_pay(
     return bool(throughput[1:].max() > throughput[0])
 
 
-def allocate_verify_budget(
-    path_values: Sequence[np.ndarray], num_decoding: int, cost: VerifyCostModel, acceptance_scale: float = 1.0
-) -> np.ndarray:
+def allocate_verify_budget(path_values: Sequence[np.ndarray], num_decoding: int, cost: VerifyCostModel) -> np.ndarray:
     """Draft nodes to verify per request, batch-wide.
 
     Args:
-        path_values: per request, float ``[n_r]`` path values of its draft nodes (root
-            excluded) in its best-first order, non-increasing.
+        path_values: per request, float ``[n_r]`` expected accepted tokens of its draft nodes
+            (calibrated path values, root excluded) in its best-first order, non-increasing.
         num_decoding: decoding requests of the step (``B`` above), with or without a tree.
         cost: the step cost model.
-        acceptance_scale: ``s`` above, ``>= 0``.
 
     Returns:
         int64 ``[R]``: how many leading nodes of each request's list to keep.
     """
     if num_decoding < 0:
         raise ValueError(f"num_decoding = {num_decoding} must be >= 0")
-    if not acceptance_scale >= 0.0:
-        raise ValueError(f"acceptance_scale = {acceptance_scale!r} must be >= 0")
     counts = np.array([len(v) for v in path_values], dtype=np.int64)
     if counts.sum() == 0:
         return counts
@@ -164,7 +159,7 @@ def allocate_verify_budget(
     # Stable on equal values: a request's nodes keep their order, so each keeps a prefix.
     order = np.argsort(-values, kind="stable")
     k = np.arange(values.size + 1)
-    accepted = np.concatenate([[0.0], np.cumsum(values[order])]) * acceptance_scale
+    accepted = np.concatenate([[0.0], np.cumsum(values[order])])
     best = int(
         np.argmax(_expected_throughput(num_decoding, accepted, k, cost))
     )  # first maximum: ties go to fewer tokens

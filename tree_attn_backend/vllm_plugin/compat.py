@@ -270,6 +270,15 @@ class TreeRunnerHooks(_RunnerBase):
     def _sample(self, logits: torch.Tensor, spec_decode_metadata: Any) -> Any:
         self._discarded_states = _discarded_sample_states(self)
         step, self._step_trees = self._step_trees, None
+        if self.tree is not None:
+            num_reqs = self.input_batch.num_reqs
+            cu_num_sampled = (
+                np.arange(1, num_reqs + 1)
+                if spec_decode_metadata is None
+                else spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy()
+            )
+            query_start = self.query_start_loc.np[: num_reqs + 1].astype(np.int64)
+            self.tree.record_target_candidates(query_start, cu_num_sampled, self.input_ids.cpu, logits)
         if self.tree is None or step is None or spec_decode_metadata is None:
             return super()._sample(logits, spec_decode_metadata)
         from vllm.v1.outputs import SamplerOutput

@@ -29,7 +29,10 @@ MAX_TREE_DEPTH = 64
 MAX_DRAFT_TOKENS = 127
 
 # What a request may set for itself; the rest is engine-wide.
-PER_REQUEST_OPTIONS = ("prune_min_prob", "prune_path_prob", "max_draft_tokens", "batch_budget")
+PER_REQUEST_OPTIONS = ("prune_min_prob", "prune_path_prob", "max_draft_tokens", "batch_budget", "drafter")
+# Where draft trees come from (tree_attn_backend.drafting): the request's own n-grams, the
+# target's recycled candidates, or both merged.
+DRAFTERS = ("lookup", "recycle", "hybrid")
 # Names the options were first specified with, accepted server-wide and per request.
 ALIASES = {
     "speculative_tree_prune_min_prob": "prune_min_prob",
@@ -72,6 +75,10 @@ class TreePrunedConfig:
         prune_path_prob: drop a node whose path probability is below.
         max_draft_tokens: draft nodes per request and step (root excluded); at most the
             speculative config's ``num_speculative_tokens``.
+        drafter: where trees come from, one of :data:`DRAFTERS`: ``lookup`` (n-gram
+            continuations of the request's own tokens), ``recycle`` (the target's own top-k
+            next tokens from earlier verify passes, shared by all requests) or ``hybrid``
+            (both merged by token, with calibrated probabilities).
         drafter_min_ngram, drafter_max_ngram: n-gram lengths of the lookup drafter.
         drafter_smoothing: added to a context's continuation count total.
         log_every_steps: a tree-size log line every this many verify steps (0 = never).
@@ -90,6 +97,7 @@ class TreePrunedConfig:
     prune_min_prob: float = 0.05
     prune_path_prob: float = 0.08
     max_draft_tokens: int = 16
+    drafter: str = "lookup"
     drafter_min_ngram: int = 1
     drafter_max_ngram: int = 4
     drafter_smoothing: float = 0.5
@@ -110,6 +118,7 @@ class TreePrunedConfig:
             "max_draft_tokens",
             f"an integer in [1, {MAX_DRAFT_TOKENS}]",
         )
+        require(isinstance(self.drafter, str) and self.drafter in DRAFTERS, "drafter", f"one of {list(DRAFTERS)}")
         require(
             _is_int(self.drafter_min_ngram) and 1 <= self.drafter_min_ngram <= 16,
             "drafter_min_ngram",

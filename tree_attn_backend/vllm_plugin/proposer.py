@@ -1,4 +1,4 @@
-"""The ``custom_class`` proposer: a pruned draft tree per request from the lookup drafter.
+"""The ``custom_class`` proposer: a pruned draft tree per request from its drafter.
 
 vLLM's custom_class contract returns token ids only; the tree behind them stays here, keyed
 by request id, and the tree model runner reads it back when the drafts are scheduled.
@@ -14,8 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from tree_attn_backend.drafting.calibration import DecayedRatio
+from tree_attn_backend.drafting.drafter import Drafter
+from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
+from tree_attn_backend.drafting.recycle_drafter import RecycleTable
 from tree_attn_backend.drafting.tree import DraftTree
 from tree_attn_backend.drafting.tree_shape import TreeShape
 from tree_attn_backend.drafting.verify_budget import (
@@ -24,35 +28,20 @@ from tree_attn_backend.drafting.verify_budget import (
     allocate_verify_budget,
     drafts_can_pay,
 )
-from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
+from tree_attn_backend.vllm_plugin.config import DRAFTERS, TreePrunedConfig
 from tree_attn_backend.vllm_plugin.verification_kind import Verification
 
 
 @dataclass(frozen=True)
 class RequestDrafting:
     """How one request is drafted: its pruning policy, how it is verified (``TREE``: a
-    branching tree; ``CHAIN``: the best chain; ``NONE``: no drafts), and whether the batch
-    budget applies to it."""
+    branching tree; ``CHAIN``: the best chain; ``NONE``: no drafts), whether the batch
+    budget applies to it, and its drafter (one of ``config.DRAFTERS``)."""
 
     policy: PruningPolicy
     verification: Verification
     batch_budget: bool
-
-
-class _DecayedRatio:
-    """``(sum of numerators + prior) / (sum of denominators + prior)`` with old observations
-    decaying by ``decay`` per update: the drafter's calibration, starting at 1."""
-
-    def __init__(self, decay: float = 0.98, prior: float = 16.0) -> None:
-        self.decay, self.num, self.den = decay, prior, prior
-
-    def update(self, numerator: float, denominator: float) -> None:
-        self.num = self.decay * self.num + numerator
-        self.den = self.decay * self.den + denominator
-
-    @property
-    def value(self) -> float:
-        return self.num / self.den
+    drafter: str
 
 
 class TreeProposer:
@@ -64,11 +53,16 @@ class TreeProposer:
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.shape = self.config.shape
         self.chain_shape = TreeShape.chain(self.shape.max_depth)
+        self.vocab_size = int(vllm_config.model_config.get_vocab_size())
         self.indexes: dict[str, LookupIndex] = {}
         self.trees: dict[str, DraftTree] = {}
+        self.hybrids: dict[str, HybridDrafter] = {}  # a hybrid request's drafter of its current tree
+        self.drafter_of: dict[str, str] = {}  # the drafter of each request's current tree
+        # Allocated when a request first asks for it; from then on every verify pass feeds it.
+        self.recycle: RecycleTable | None = None
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
         self.cost_model: VerifyCostModel | OnlineCostFit | None = None
-        self.acceptance_scale = _DecayedRatio()
+        self.reset_calibration()
         self._batch: tuple[list[str], list[RequestDrafting]] | None = None
 
     def load_model(self, *args: object, **kwargs: object) -> None:
@@ -79,11 +73,23 @@ class TreeProposer:
         and the acceptance calibration back to 1 (benchmarks start every mode from here)."""
         if isinstance(self.cost_model, OnlineCostFit):
             self.cost_model.reset()
-        self.acceptance_scale = _DecayedRatio()
+        self.reset_calibration()
+        if self.recycle is not None:
+            self.recycle.reset()
+
+    def reset_calibration(self) -> None:
+        """Every drafter's calibration (accepted over expected tokens: the budget scales path
+        values by it) and the hybrid's per-source factors back to 1."""
+        self.calibration = {name: DecayedRatio() for name in DRAFTERS}
+        self.source_calibration = {"lookup": DecayedRatio(), "recycle": DecayedRatio()}
 
     def drafting_for(self, config: TreePrunedConfig, verification: Verification) -> RequestDrafting:
         """A request's drafting from its (per-request) config."""
-        return RequestDrafting(config.policy(self.num_speculative_tokens), verification, config.batch_budget)
+        if config.drafter != "lookup" and self.recycle is None:
+            self.recycle = RecycleTable(self.vocab_size)
+        return RequestDrafting(
+            config.policy(self.num_speculative_tokens), verification, config.batch_budget, config.drafter
+        )
 
     def bind_batch(self, req_ids: Sequence[str], drafting: Sequence[RequestDrafting]) -> None:
         """Called by the tree model runner before each ``propose``: the batch order and how
@@ -121,17 +127,18 @@ class TreeProposer:
         budgeted = [row for row in drafted if drafting[row].batch_budget]
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
-        budget_can_pay = bool(budgeted) and drafts_can_pay(
-            len(decoding), max_budgeted, self.cost_model_now, self.acceptance_scale.value
-        )
+        best_scale = max((self.calibration[drafting[row].drafter].value for row in budgeted), default=1.0)
+        budget_can_pay = bool(budgeted) and drafts_can_pay(len(decoding), max_budgeted, self.cost_model_now, best_scale)
         for row in drafted:
             if budget_can_pay or not drafting[row].batch_budget:
                 self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], decoding[row])
         if budget_can_pay:
             trees = [self.trees[req_ids[row]] for row in budgeted]
-            keep = allocate_verify_budget(
-                [t.path_probs[1:] for t in trees], len(decoding), self.cost_model_now, self.acceptance_scale.value
-            )
+            # Path values times their drafter's calibration: expected accepted tokens.
+            values = [
+                t.path_probs[1:] * self.calibration[drafting[row].drafter].value for row, t in zip(budgeted, trees)
+            ]
+            keep = allocate_verify_budget(values, len(decoding), self.cost_model_now)
             for row, tree, k in zip(budgeted, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
 
@@ -143,8 +150,22 @@ class TreeProposer:
             )
         index.extend(tokens[len(index) :].tolist())  # catches up on steps proposed without it
         shape = self.shape if drafting.verification is Verification.TREE else self.chain_shape
-        tree, _ = expand_and_prune(shape, index, index.tokens, drafting.policy)
+        self.drafter_of[req_id] = drafting.drafter
+        tree, _ = expand_and_prune(shape, self._drafter(req_id, drafting.drafter, index), index.tokens, drafting.policy)
         return tree
+
+    def _drafter(self, req_id: str, name: str, index: LookupIndex) -> Drafter:
+        if name == "lookup":
+            return index
+        if self.recycle is None:
+            raise RuntimeError(f"request {req_id}: drafter {name!r} without a recycle table (see drafting_for)")
+        if name == "recycle":
+            return self.recycle
+        hybrid = self.hybrids[req_id] = HybridDrafter(
+            {"lookup": index, "recycle": self.recycle}, self.source_calibration
+        )
+        hybrid.start_tree(index.tokens)
+        return hybrid
 
     @property
     def cost_model_now(self) -> VerifyCostModel:
@@ -152,17 +173,28 @@ class TreeProposer:
             raise RuntimeError("the batch budget needs a cost model; the TREE_PRUNED runner sets it at start-up")
         return self.cost_model.model() if isinstance(self.cost_model, OnlineCostFit) else self.cost_model
 
-    def record_acceptance(self, req_ids: Sequence[str], num_verified: np.ndarray, num_accepted: np.ndarray) -> None:
-        """After verification: calibrates path values (expected accepted tokens) against
-        what the target accepted. ``num_verified`` / ``num_accepted``: int ``[len(req_ids)]``,
-        draft nodes verified and accepted per request."""
-        expected = 0.0
-        for req_id, verified in zip(req_ids, num_verified):
+    def record_acceptance(
+        self, req_ids: Sequence[str], num_verified: np.ndarray, num_accepted: np.ndarray, accepted_nodes: np.ndarray
+    ) -> None:
+        """After verification: calibrates each drafter's path values (expected accepted
+        tokens) against what the target accepted, and the hybrid's sources on the nodes the
+        target tested. ``num_verified`` / ``num_accepted``: int ``[len(req_ids)]`` draft nodes
+        verified and accepted per request; ``accepted_nodes``: int ``[len(req_ids), D+1]`` the
+        accepted paths' nodes, root first, ``-1`` padded."""
+        expected = dict.fromkeys(DRAFTERS, 0.0)
+        accepted = dict.fromkeys(DRAFTERS, 0.0)
+        for i, req_id in enumerate(req_ids):
             tree = self.trees.get(req_id)
-            if tree is not None:
-                expected += float(tree.path_probs[1 : int(verified) + 1].sum())
-        if expected > 0.0:
-            self.acceptance_scale.update(float(np.sum(num_accepted)), expected)
+            if tree is None:
+                continue
+            name, verified = self.drafter_of[req_id], int(num_verified[i])
+            expected[name] += float(tree.path_probs[1 : verified + 1].sum())
+            accepted[name] += float(num_accepted[i])
+            if name == "hybrid":
+                self.hybrids[req_id].observe(tree, verified, accepted_nodes[i])
+        for name, total in expected.items():
+            if total > 0.0:
+                self.calibration[name].update(accepted[name], total)
 
     def tree_for(self, req_id: str, scheduled: Sequence[int]) -> DraftTree | None:
         """The tree behind a request's scheduled drafts (a prefix of its node list), or
@@ -177,3 +209,5 @@ class TreeProposer:
     def forget(self, req_id: str) -> None:
         self.indexes.pop(req_id, None)
         self.trees.pop(req_id, None)
+        self.hybrids.pop(req_id, None)
+        self.drafter_of.pop(req_id, None)

@@ -170,6 +170,25 @@ class TreeRunnerCore:
         )
         return step, depths - linear
 
+    def record_target_candidates(
+        self, query_start: np.ndarray, cu_num_sampled: np.ndarray, input_ids: torch.Tensor, logits: torch.Tensor
+    ) -> None:
+        """Feed the target's next-token distributions of this step to the recycle table (once a
+        request uses it): row ``b``'s sampled positions are its last ``count_b`` query tokens.
+
+        Args:
+            query_start: int ``[B+1]`` query token offsets of the batch rows.
+            cu_num_sampled: int ``[B]`` running count of sampled positions per row.
+            input_ids: int ``[N]`` the step's query tokens.
+            logits: ``[S, V]`` the logits at every sampled position, row after row.
+        """
+        recycle = self.proposer.recycle
+        if recycle is None:
+            return
+        counts = np.diff(cu_num_sampled, prepend=0).astype(np.int64)
+        positions = segment_arange(query_start[1:] - counts, counts)
+        recycle.record(input_ids[torch.from_numpy(positions)], logits[: positions.shape[0]])
+
     def verify(
         self,
         step: StepTrees,
@@ -231,7 +250,9 @@ class TreeRunnerCore:
         if src.numel():
             apply_compaction(kv_caches, layout, src, dst)
         num_accepted = result.num_accepted.numpy()
-        self.proposer.record_acceptance([req_ids[r] for r in step.rows], verified.num_verified, num_accepted)
+        self.proposer.record_acceptance(
+            [req_ids[r] for r in step.rows], verified.num_verified, num_accepted, result.accepted_nodes.numpy()
+        )
         self._stats.record(verified.num_verified, num_accepted, self.proposer)
 
 
@@ -264,10 +285,15 @@ class _TreeStats:
                 float(np.mean(self.accepted)),
             )
             if proposer.cost_model is not None:
-                logger.info(
-                    "tree_pruned: budget cost model %s, acceptance scale %.3f",
-                    proposer.cost_model_now,
-                    proposer.acceptance_scale.value,
-                )
+                logger.info("tree_pruned: budget cost model %s", proposer.cost_model_now)
+            for name, ratio in proposer.calibration.items():
+                if ratio.observed_den:
+                    logger.info(
+                        "tree_pruned: drafter %s: %.1f accepted tokens for %.1f expected so far, calibration %.3f",
+                        name,
+                        ratio.observed_num,
+                        ratio.observed_den,
+                        ratio.value,
+                    )
             self.sizes.clear()
             self.accepted.clear()

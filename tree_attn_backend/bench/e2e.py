@@ -54,6 +54,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ CHAIN_SPECULATIVE_CONFIG = {
 # The stock engine's speculative config per peer mode.
 STOCK_SPECULATIVE_CONFIGS = {"none": None, "chain": CHAIN_SPECULATIVE_CONFIG, "suffix": {"method": "suffix"}}
 # Per-request tree options of the three tree modes (one engine, defaults elsewhere).
-TREE_MODE_OPTIONS = {
+TREE_MODE_OPTIONS: dict[str, dict[str, Any]] = {
     "static_tree": {"prune_min_prob": 0.0, "prune_path_prob": 0.0, "batch_budget": False},
     "pruned_tree": {"batch_budget": False},
     "pruned_budget": {"batch_budget": True},

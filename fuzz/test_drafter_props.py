@@ -11,6 +11,7 @@ from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
 from tree_attn_backend.drafting.recycle_drafter import RecycleTable
+from tree_attn_backend.drafting.suffix_drafter import SuffixCache
 from tree_attn_backend.drafting.tree_shape import TreeShape
 
 SHAPE = TreeShape.parse("[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]")
@@ -20,7 +21,8 @@ VOCAB = 12
 @st.composite
 def drafters(draw: st.DrawFn) -> tuple[str, object, list[int]]:
     """A lookup index over a random token history, a recycle table filled from random logits,
-    or their hybrid with random calibration factors; and the context to draft from."""
+    a SuffixDecoding tree over the history (with an earlier request's output cached), or their
+    hybrid with random calibration factors; and the context to draft from."""
     history = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=60))
     index = LookupIndex(1, draw(st.integers(1, 4)), smoothing=draw(st.sampled_from([0.0, 0.5, 1.0])))
     index.extend(history)
@@ -29,15 +31,23 @@ def drafters(draw: st.DrawFn) -> tuple[str, object, list[int]]:
     rows = draw(st.integers(0, VOCAB))
     logits = torch.randn(rows, VOCAB + 3, generator=torch.Generator().manual_seed(seed)) * draw(st.floats(0.1, 8.0))
     table.record(torch.randint(0, VOCAB, (rows,), generator=torch.Generator().manual_seed(seed + 1)), logits)
-    kind = draw(st.sampled_from(["lookup", "recycle", "hybrid"]))
-    if kind == "lookup":
-        return kind, index, index.tokens
-    if kind == "recycle":
-        return kind, table, index.tokens
-    calibration = {"lookup": DecayedRatio(), "recycle": DecayedRatio()}
+    suffix = SuffixCache(max_cached_requests=2, max_depth=8, max_spec_factor=draw(st.floats(0.5, 4.0)))
+    earlier = draw(st.lists(st.integers(0, VOCAB - 1), min_size=2, max_size=30))
+    suffix.follow("earlier", np.array(earlier), prompt_length=1)
+    suffix.stop("earlier")
+    suffix.follow("now", np.array(history), prompt_length=draw(st.integers(0, len(history))))
+    sources = {
+        "lookup": index,
+        "recycle": table,
+        "suffix": suffix.tree_drafter("now", np.array(history), max_nodes=draw(st.integers(1, 12))),
+    }
+    kind = draw(st.sampled_from([*sources, "hybrid"]))
+    if kind in sources:
+        return kind, sources[kind], index.tokens
+    calibration = {name: DecayedRatio() for name in sources}
     for ratio in calibration.values():
         ratio.update(draw(st.floats(0.0, 40.0)), draw(st.floats(0.1, 40.0)))
-    hybrid = HybridDrafter({"lookup": index, "recycle": table}, calibration)
+    hybrid = HybridDrafter(sources, calibration)
     hybrid.start_tree(index.tokens)
     return kind, hybrid, index.tokens
 

@@ -52,7 +52,15 @@ def test_bench_e2e_all_modes_through_real_engines(e2e_run):
     assert overall["none"]["draft_tokens_per_step"] == 0 and overall["none"]["accepted_tokens_per_step"] == 0
     for mode in ("chain", "static_tree", "pruned_tree"):
         assert overall[mode]["draft_tokens_per_step"] > 0, mode
-    assert sorted(p.name for p in plots.iterdir()) == ["draft_vs_accepted.png", "tokens_per_s.png", "tpot_cdf.png"]
+    for mode in ("static_tree", "pruned_tree"):
+        assert overall[mode]["expected_accepted_per_step"] > 0, mode
+    assert overall["chain"]["expected_accepted_per_step"] is None
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "draft_vs_accepted.png",
+        "reliability.png",
+        "tokens_per_s.png",
+        "tpot_cdf.png",
+    ]
 
 
 @pytest.mark.engine
@@ -73,6 +81,7 @@ def _request(i: int, category: str, tokens: list[int], steps: int, t0: float) ->
     return {
         "request_id": f"run0-req{i}",
         "index": i,
+        "turn": 1,
         "category": category,
         "tokens": tokens,
         "steps": steps,
@@ -100,6 +109,29 @@ def test_summarize_rows_by_hand():
     assert qa["identical_to_baseline"] is True and qa["tokens_per_s"] == 8.0 and qa["draft_tokens_per_step"] is None
     assert ("every greedy row identical_to_baseline", False) in check_targets(rows)
     assert "NO" in format_table(rows)
+    assert chain["expected_accepted_per_step"] is None
+
+
+def test_expected_accepted_per_step_and_its_target_come_from_the_drafters_counts():
+    base = [_request(0, "qa", [1, 2, 3, 4, 5], 5, 0.0)]
+    tree = [_request(0, "qa", [1, 2, 3, 4, 5], 2, 0.0)]  # 1 decode step, 3 accepted tokens
+    counts = {"nodes": [0, 0, 2], "predicted": [0, 0, 2.5], "accepted": [0, 0, 1], "expected": 2.5, "num_accepted": 3}
+    runs = [
+        {"mode": "none", "concurrency": 1, "wall_s": 1.0, "counters": {}, "requests": base},
+        {
+            "mode": "pruned_budget",
+            "concurrency": 1,
+            "wall_s": 0.5,
+            "counters": {"num_draft_tokens": 4},
+            "calibration": {"lookup": counts},
+            "requests": tree,
+        },
+    ]
+    rows = {(r["mode"], r["category"]): r for r in summarize(runs)}
+    assert rows[("pruned_budget", "all")]["expected_accepted_per_step"] == 2.5
+    assert rows[("pruned_budget", "qa")]["expected_accepted_per_step"] is None
+    target = "c=1: pruned_budget expected 2.5 accepted tokens per step for 3.0 accepted (17%), target <= 10%"
+    assert (target, False) in check_targets(list(rows.values()))
 
 
 def test_summarize_takes_medians_over_repetitions():
@@ -128,10 +160,30 @@ def test_bench_e2e_argument_errors(tmp_path):
         E2EConfig(model="m", prompts=({"category": "qa", "messages": []},), repeat=0)
     with pytest.raises(ValueError, match="must include 'none'"):
         E2EConfig(model="m", prompts=({"category": "qa", "messages": []},), modes=("chain",))
+    with pytest.raises(ValueError, match="turns = 3: must be 1 or 2"):
+        E2EConfig(model="m", prompts=({"category": "qa", "messages": []},), turns=3)
+    with pytest.raises(ValueError, match="repeat_prompts = 0: must be >= 1"):
+        E2EConfig(model="m", prompts=({"category": "qa", "messages": []},), repeat_prompts=0)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"category": "qa", "turns": ["hi"]}\n{"turns": []}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a Spec-Bench record"):
-        load_prompts(bad)
+    for line, message in (
+        ('{"turns": []}', "not a Spec-Bench record"),
+        ('{"category": "qa", "turns": []}', "turns is empty"),
+        ('{"category": "qa", "turns": ["hi", 7]}', "turns\\[1\\] must be a non-empty string, got 7"),
+    ):
+        bad.write_text('{"category": "qa", "turns": ["hi"]}\n' + line + "\n")
+        with pytest.raises(ValueError, match=rf"bad.jsonl:2: {message}"):
+            load_prompts(bad)
+
+
+def test_prompts_keep_their_next_turns_and_the_workload_sizes_the_runs(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"category": "qa", "turns": ["hi"]}\n{"category": "math", "turns": ["a", "b"]}\n')
+    prompts = load_prompts(path)
+    assert [p["next_turns"] for p in prompts] == [[], ["b"]]
+    assert prompts[1]["messages"] == [{"role": "user", "content": "a"}]
+    config = E2EConfig(model="m", prompts=tuple(prompts), turns=2, repeat_prompts=3)
+    assert config.num_requests(1) == 6 and config.num_requests(16) == 16
+    assert config.workload == {"prompts": 2, "turns": 2, "repeat_prompts": 3}
 
 
 def test_replay_by_hand():

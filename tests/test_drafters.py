@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from tree_attn_backend.drafting.calibration import DecayedRatio
+from tree_attn_backend.drafting.calibration import DecayedRatio, ReliabilityCounts
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
 from tree_attn_backend.drafting.recycle_drafter import RecycleTable
+from tree_attn_backend.drafting.suffix_drafter import SuffixCache, SuffixTreeDrafter
 from tree_attn_backend.drafting.tree_shape import TreeShape
 
 
@@ -102,3 +103,71 @@ def test_hybrid_observe_fits_each_source_on_the_nodes_the_target_tested():
 def test_hybrid_needs_a_calibration_per_source():
     with pytest.raises(ValueError, match=r"no calibration for source\(s\) \['b'\]"):
         HybridDrafter({"b": _Fixed([])}, {"a": DecayedRatio()})
+
+
+def test_reliability_counts_bucket_predictions_with_their_outcomes():
+    counts = ReliabilityCounts(num_buckets=4)
+    counts.add(np.array([0.1, 0.2, 0.9, 1.0, 0.5]), np.array([False, True, True, True, False]))
+    assert counts.nodes.tolist() == [2, 0, 1, 2]  # 1.0 falls in the last bucket
+    assert counts.accepted.tolist() == [1, 0, 0, 2]
+    assert counts.predicted.tolist() == pytest.approx([0.3, 0.0, 0.5, 1.9])
+    assert counts.expected == pytest.approx(2.7) and counts.num_accepted == 3
+    assert counts.to_dict()["nodes"] == [2, 0, 1, 2]
+    with pytest.raises(ValueError, match=r"predicted values in \[0.5, 1.5\]: must lie in \[0, 1\]"):
+        counts.add(np.array([0.5, 1.5]), np.array([True, False]))
+    with pytest.raises(ValueError, match="must be equal 1-D shapes"):
+        counts.add(np.array([0.5]), np.array([True, False]))
+
+
+HISTORY = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 6, 1, 2, 3, 4, 9, 9, 1, 2]
+
+
+def test_suffix_tree_drafter_gives_each_child_its_probability_given_the_parent():
+    cache = SuffixCache(max_cached_requests=4, max_spec_factor=4.0)
+    cache.follow("a", np.array(HISTORY), prompt_length=len(HISTORY))
+    drafter = cache.tree_drafter("a", np.array(HISTORY), max_nodes=8)
+    # "1 2" is followed by 3 three times, 5 once, and by the end once; "1 2 3" by 4 twice, 6 once.
+    assert drafter.propose_children(HISTORY, 4) == [(3, pytest.approx(0.6))]
+    assert drafter.propose_children([*HISTORY, 3], 4) == [(4, pytest.approx(2 / 3)), (6, pytest.approx(1 / 3))]
+    assert drafter.propose_children([*HISTORY, 3], 1) == [(4, pytest.approx(2 / 3))]
+    assert drafter.propose_children([*HISTORY, 5], 4) == []  # not in the tree
+
+
+def test_suffix_cache_drafts_from_earlier_requests_outputs_only_when_it_caches_them():
+    for cached, expected in ((4, [(2, 1.0)]), (0, [])):
+        cache = SuffixCache(max_cached_requests=cached)
+        cache.follow("a", np.array([5, 6, 7]), prompt_length=1)  # output "6 7"
+        cache.follow("a", np.array([5, 6, 7, 1, 2]), prompt_length=1)  # output "6 7 1 2"
+        cache.stop("a")
+        assert cache.seen == {}
+        later = np.array([8, 9, 1])
+        cache.follow("b", later, prompt_length=3)
+        assert cache.tree_drafter("b", later, max_nodes=4).propose_children(later, 4) == expected
+
+
+def test_suffix_cache_restarts_a_request_whose_tokens_were_rolled_back():
+    cache = SuffixCache(max_cached_requests=4)
+    cache.follow("a", np.array(HISTORY), prompt_length=4)
+    cache.follow("a", np.array(HISTORY[:6]), prompt_length=4)
+    assert cache.seen == {"a": 6}
+    cache.reset()
+    assert cache.seen == {} and list(cache.cache.active_requests) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_cached_requests": -1}, "max_cached_requests = -1: must be >= 0"),
+        ({"max_cached_requests": 1.5}, "max_cached_requests = 1.5: must be an integer >= 0"),
+        ({"max_cached_requests": 1, "max_depth": 0}, r"max_depth = 0: must be an integer in \[1, 64\]"),
+        ({"max_cached_requests": 1, "max_spec_factor": 0.0}, "max_spec_factor = 0.0: must be > 0"),
+    ],
+)
+def test_suffix_cache_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SuffixCache(**kwargs)
+
+
+def test_suffix_tree_drafter_rejects_a_parent_after_its_child():
+    with pytest.raises(ValueError, match="node 0: parent 1 must come before it"):
+        SuffixTreeDrafter(0, [5, 6], [1, -1], [0.5, 0.5])

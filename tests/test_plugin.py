@@ -71,6 +71,8 @@ def test_defaults_and_valid_options():
         ),
         ({"speculative_token_tree": str([(0,) * d for d in range(1, 66)])}, r"\(this one: 65 nodes, depth 65\)"),
         ({"log_every_steps": -1}, r"log_every_steps = -1"),
+        ({"drafter": "eagle"}, r"drafter = 'eagle': must be one of \['lookup', 'recycle', 'suffix', 'hybrid'\]"),
+        ({"suffix_max_cached_requests": -1}, r"suffix_max_cached_requests = -1: must be an integer in \[0, 2\*\*31\)"),
         ({"max_nodes": 4}, r"unknown tree_pruned option\(s\) \['max_nodes'\]"),
         ({"batch_budget": 1}, r"batch_budget = 1: must be true or false"),
         ({"allow_larger_request_share": "yes"}, r"allow_larger_request_share = 'yes': must be true or false"),
@@ -198,7 +200,7 @@ def _propose(proposer, budgets: list[bool], verification: "list | None" = None) 
     ids = [f"r{i}" for i in range(len(budgets))]
     kinds = verification or [Verification.TREE] * len(budgets)
     drafting = [proposer.drafting_for(config.for_request({"batch_budget": b}), k) for b, k in zip(budgets, kinds)]
-    proposer.bind_batch(ids, drafting)
+    proposer.bind_batch(ids, drafting, [8] * len(budgets))
     tokens = np.array([[1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3, 4, 1, 2, 3]] * len(budgets))  # "1 2 3" -> 4 or 5
     return proposer.propose([[3]] * len(budgets), np.full(len(budgets), tokens.shape[1]), tokens)
 
@@ -231,6 +233,30 @@ def test_acceptance_calibration_moves_toward_what_the_target_accepted():
         proposer.record_acceptance(["r0"], [len(drafts[0])], [0], np.array([[0, -1]]))
     assert calibration.value < before / 2
     assert calibration.observed_num == 0 and calibration.observed_den > 0
+    reliability = proposer.reliability["lookup"]
+    assert reliability.nodes.sum() == 20 * len(drafts[0]) and reliability.num_accepted == 0
+
+
+@pytest.mark.parametrize("drafter", ["recycle", "suffix", "hybrid"])
+def test_every_drafter_drafts_through_the_proposer_and_frees_its_requests(drafter):
+    from tree_attn_backend.vllm_plugin.verification_kind import Verification
+
+    proposer = _proposer(drafter=drafter, prune_min_prob=0.0, prune_path_prob=0.0)
+    proposer.drafting_for(proposer.config, Verification.TREE)  # allocates the shared sources
+    if proposer.recycle is not None:  # the target said "1 2 3" -> 4 before
+        logits = torch.full((3, 32), -10.0)
+        logits[torch.arange(3), torch.tensor([2, 3, 4])] = 10.0
+        proposer.recycle.record(torch.tensor([1, 2, 3]), logits)
+    drafts = _propose(proposer, [False])
+    # "1 2 3" -> 4 in the history and from the target; SuffixDecoding's longest match,
+    # "3 4 1 2 3", was followed by 5.
+    assert drafts[0][0] == (5 if drafter == "suffix" else 4), drafts
+    assert proposer.drafter_of["r0"] == drafter
+    proposer.record_acceptance(["r0"], [len(drafts[0])], [1], np.array([[0, 1, -1]]))
+    assert proposer.reliability[drafter].num_accepted == 1
+    proposer.forget("r0")
+    assert not proposer.hybrids and not proposer.drafter_of
+    assert proposer.suffix is None or proposer.suffix.seen == {}
 
 
 def test_chain_requests_get_the_best_chain_and_none_requests_no_drafts():

@@ -7,6 +7,7 @@ tree-pruned bench metadata [--json]
 tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]
     tree attention per kernel path (FlashInfer on a GPU)
 tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE] [--drafter D]
+    [--turns 2] [--repeat-prompts K]
     modes x concurrency in vLLM
 tree-pruned bench replay [--prompts FILE] [--path-probs P,...]
     pruning scored offline on greedy outputs
@@ -144,6 +145,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens or (16 if args.quick else 64),
         repeat=repeat,
         drafter=args.drafter,
+        turns=args.turns,
+        repeat_prompts=args.repeat_prompts,
     )
     total = len(config.modes) * len(config.concurrency) * config.repeat
     with tqdm(total=total, desc="bench e2e", unit="run", file=sys.stderr) as bar:
@@ -158,7 +161,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         for path in e2e_report.plot(rows, runs, args.plot):
             print(f"wrote {path}", file=sys.stderr)
     summary = e2e_report.format_table(rows, categories=args.categories) + "\n"
-    return _report(args, {"drafter": config.drafter, "rows": rows}, summary, e2e_report.check_targets(rows))
+    report = {"drafter": config.drafter, "workload": config.workload, "rows": rows}
+    return _report(args, report, summary, e2e_report.check_targets(rows))
 
 
 def _bench_replay(args: argparse.Namespace) -> int:
@@ -329,7 +333,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e2e_p.add_argument(
         "--drafter",
         default=None,
-        help="the tree modes' drafter: lookup, recycle or hybrid (default: the engine's, see the options table)",
+        help="the tree modes' drafter: lookup, recycle, suffix or hybrid (default: the engine's)",
+    )
+    e2e_p.add_argument(
+        "--turns", type=int, default=1, help="2: send each two-turn prompt's second turn after its first answer"
+    )
+    e2e_p.add_argument(
+        "--repeat-prompts", type=int, default=1, help="send every prompt K times per run (regenerations)"
     )
     e2e_p.add_argument(
         "--categories", action="store_true", help="table rows per prompt category too (JSON always has them)"

@@ -36,6 +36,9 @@ Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt cate
   request (``null`` in category rows);
 * ``accepted_tokens_per_step``: accepted draft tokens kept in the output / decode request-steps
   (per request: output tokens minus the steps that produced them);
+* ``expected_accepted_per_step``: tree modes, ``all`` rows: the accepted draft tokens per
+  decode request-step that the drafter's calibrated path values predicted for the nodes
+  verified (the sum of their expected acceptances; ``null`` elsewhere);
 * ``acceptance_rate``: accepted / draft tokens (``null`` without drafts);
 * ``ttft_ms_p50``; ``tpot_ms_p50/p90/p99``: per request, (last token - first token) /
   (output tokens - 1), percentiles over requests;
@@ -81,6 +84,7 @@ METRICS = (
     "tokens_per_s",
     "draft_tokens_per_step",
     "accepted_tokens_per_step",
+    "expected_accepted_per_step",
     "acceptance_rate",
     "ttft_ms_p50",
     "tpot_ms_p50",
@@ -92,16 +96,20 @@ METRICS = (
 
 @dataclass(frozen=True)
 class E2EConfig:
-    """What to run. ``num_requests(c)`` requests per run: every prompt once, and at least
-    ``c`` so the concurrency is reached (prompts are cycled)."""
+    """What to run. ``num_requests(c)`` conversations per run: every prompt ``repeat_prompts``
+    times, and at least ``c`` so the concurrency is reached (prompts are cycled); with
+    ``turns = 2`` a two-turn prompt's second turn is sent when its first is answered, with the
+    answer in its context."""
 
     model: str
-    prompts: tuple[dict, ...]  # {"category", "messages"}
+    prompts: tuple[dict, ...]  # {"category", "messages", "next_turns"} (load_prompts)
     modes: tuple[str, ...] = MODES
     concurrency: tuple[int, ...] = (1, 4, 16)
     max_tokens: int = 64
     repeat: int = 1
     drafter: str | None = None  # the tree modes' drafter (None: the engine's default)
+    turns: int = 1  # 2: a conversation's second turn follows its first answer
+    repeat_prompts: int = 1  # every prompt sent this many times per run (regenerations)
     shuffle_seed: int = 0  # the runs' order in every repetition
 
     def __post_init__(self) -> None:
@@ -116,6 +124,10 @@ class E2EConfig:
             raise ValueError(f"max_tokens = {self.max_tokens}: must be >= 2 (time per output token needs two)")
         if self.repeat < 1:
             raise ValueError(f"repeat = {self.repeat}: must be >= 1")
+        if self.turns not in (1, 2):
+            raise ValueError(f"turns = {self.turns}: must be 1 or 2")
+        if self.repeat_prompts < 1:
+            raise ValueError(f"repeat_prompts = {self.repeat_prompts}: must be >= 1")
         if self.drafter is not None and self.drafter not in DRAFTERS:
             raise ValueError(f"drafter {self.drafter!r}: must be one of {list(DRAFTERS)}")
         if "suffix" in self.modes and importlib.util.find_spec("arctic_inference") is None:
@@ -125,12 +137,18 @@ class E2EConfig:
             )
 
     def num_requests(self, concurrency: int) -> int:
-        return max(len(self.prompts), concurrency)
+        """Conversations per run (each one request per turn it has, up to ``turns``)."""
+        return max(len(self.prompts) * self.repeat_prompts, concurrency)
+
+    @property
+    def workload(self) -> dict:
+        """What the runs send, for the JSON report."""
+        return {"prompts": len(self.prompts), "turns": self.turns, "repeat_prompts": self.repeat_prompts}
 
 
 def load_prompts(path: str | Path, per_category: int | None = None) -> list[dict]:
-    """Spec-Bench-style JSONL (``category``, ``turns``: the first turn is the prompt), in file
-    order; ``per_category`` keeps the first that many of each category."""
+    """Spec-Bench-style JSONL (``category``, ``turns``: the first turn is the prompt, the others
+    ``next_turns``), in file order; ``per_category`` keeps the first that many of each category."""
     prompts: list[dict] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
@@ -138,16 +156,21 @@ def load_prompts(path: str | Path, per_category: int | None = None) -> list[dict
             continue
         try:
             item = json.loads(line)
-            category, turn = str(item["category"]), item["turns"][0]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            category, turns = str(item["category"]), list(item["turns"])
+        except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(
                 f"{path}:{number}: not a Spec-Bench record with 'category' and 'turns' ({exc!r})"
             ) from None
-        if not isinstance(turn, str) or not turn:
-            raise ValueError(f"{path}:{number}: turns[0] must be a non-empty string, got {turn!r}")
+        if not turns:
+            raise ValueError(f"{path}:{number}: turns is empty")
+        for k, turn in enumerate(turns):
+            if not isinstance(turn, str) or not turn:
+                raise ValueError(f"{path}:{number}: turns[{k}] must be a non-empty string, got {turn!r}")
         seen[category] = seen.get(category, 0) + 1
         if per_category is None or seen[category] <= per_category:
-            prompts.append({"category": category, "messages": [{"role": "user", "content": turn}]})
+            prompts.append(
+                {"category": category, "messages": [{"role": "user", "content": turns[0]}], "next_turns": turns[1:]}
+            )
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
@@ -203,17 +226,18 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
 
 
 def tokenize_prompts(config: E2EConfig) -> list[dict]:
-    """``{"category", "prompt_token_ids"}`` per prompt, through the model's chat template."""
+    """The prompts with their ``prompt_token_ids``, through the model's chat template; the
+    next turns stay text (the engine adds each answer before them)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    texts = [
-        tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in config.prompts
-    ]
-    return [
-        {"category": p["category"], "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}
-        for p, text in zip(config.prompts, texts)
-    ]
+    return [dict(p, prompt_token_ids=chat_token_ids(tokenizer, p["messages"])) for p in config.prompts]
+
+
+def chat_token_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """``messages`` through the chat template, ending where the assistant's answer begins."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def run_engines(
@@ -236,6 +260,7 @@ def run_engines(
                 "engines": engines,
                 "prompts": prompts,
                 "max_tokens": config.max_tokens,
+                "turns": config.turns,
                 "num_requests": {str(c): config.num_requests(c) for c in config.concurrency},
             }
 
@@ -303,7 +328,8 @@ def _row(
     requests: list[dict],
     wall_s: float,
     counters: dict | None,
-    baseline: dict[int, list[int]] | None,
+    calibration: dict | None,
+    baseline: dict[tuple[int, int], list[int]] | None,
 ) -> dict:
     tokens = sum(len(r["tokens"]) for r in requests)
     decode_steps = sum(max(r["steps"] - 1, 0) for r in requests)
@@ -319,6 +345,10 @@ def _row(
         "tokens_per_s": round(tokens / wall_s, 2),
         "draft_tokens_per_step": None if drafts is None else round(drafts / max(decode_steps, 1), 3),
         "accepted_tokens_per_step": round(accepted / max(decode_steps, 1), 3),
+        # what the tree drafters' calibrated path values predicted for the same steps
+        "expected_accepted_per_step": None
+        if not calibration
+        else round(sum(c["expected"] for c in calibration.values()) / max(decode_steps, 1), 3),
         "acceptance_rate": None if not drafts else round(accepted / drafts, 3),
         "ttft_ms_p50": percentile(ttft, 50),
         "tpot_ms_p50": percentile(tpot, 50),
@@ -326,7 +356,7 @@ def _row(
         "tpot_ms_p99": percentile(tpot, 99),
         "identical_to_baseline": None
         if baseline is None
-        else all(r["tokens"] == baseline[r["index"]] for r in requests),
+        else all(r["tokens"] == baseline[(r["index"], r["turn"])] for r in requests),
     }
 
 
@@ -334,7 +364,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     """Rows from the engines' records: per (mode, concurrency) an ``all`` row, then one per
     category; each metric the median over the runs' repetitions (module docstring)."""
     baselines = {
-        (run["concurrency"], run.get("repetition", 0)): {r["index"]: r["tokens"] for r in run["requests"]}
+        (run["concurrency"], run.get("repetition", 0)): {(r["index"], r["turn"]): r["tokens"] for r in run["requests"]}
         for run in runs
         if run["mode"] == "none"
     }
@@ -342,12 +372,15 @@ def summarize(runs: list[dict]) -> list[dict]:
     for run in runs:
         baseline = baselines.get((run["concurrency"], run.get("repetition", 0)))
         requests = run["requests"]
-        groups = [("all", requests, run["counters"])]
+        groups = [("all", requests, run["counters"], run.get("calibration"))]
         groups += [
-            (c, [r for r in requests if r["category"] == c], None) for c in sorted({r["category"] for r in requests})
+            (c, [r for r in requests if r["category"] == c], None, None)
+            for c in sorted({r["category"] for r in requests})
         ]
-        for category, members, counters in groups:
-            row = _row(run["mode"], run["concurrency"], category, members, run["wall_s"], counters, baseline)
+        for category, members, counters, calibration in groups:
+            row = _row(
+                run["mode"], run["concurrency"], category, members, run["wall_s"], counters, calibration, baseline
+            )
             per_repetition.setdefault((run["mode"], run["concurrency"], category), []).append(row)
     order = sorted(per_repetition, key=lambda k: (k[1], MODES.index(k[0]), k[2] != "all", k[2]))
     return [_median_row(per_repetition[key]) for key in order]

@@ -9,13 +9,17 @@ by step: every ``step()`` is one engine step, so per-request step counts and tok
 exact. SPEC::
 
     {"engines": [{"name", "engine": {EngineArgs kwargs}, "runs": [{"mode", "concurrency", "extra_args"}]}],
-     "prompts": [{"category", "prompt_token_ids"}], "num_requests": {concurrency: n}, "max_tokens": N}
+     "prompts": [{"category", "prompt_token_ids", "messages", "next_turns"}],
+     "num_requests": {concurrency: n}, "max_tokens": N, "turns": 1 or 2}
 
 A run keeps ``concurrency`` greedy requests in flight (closed loop; prompts in order, cycled)
-until ``num_requests`` are done, and records per request: its index (request ``i`` runs prompt
-``i % len(prompts)``), category, output tokens, arrival /
-first / last token times and the number of engine steps that produced its tokens; per run:
-wall time and vLLM's count of verified draft tokens. Prints ``PROGRESS <done>`` after each run.
+until ``num_requests`` conversations are done: conversation ``i`` runs prompt
+``i % len(prompts)``, and with ``turns = 2`` a prompt's second turn is sent as soon as its
+first is answered (the first question and answer before it, through the chat template),
+ahead of new conversations. Per request it records the conversation's index and the turn,
+category, output tokens, arrival / first / last token times and the number of engine steps that
+produced its tokens; per run: wall time and vLLM's count of verified draft tokens. Prints
+``PROGRESS <done>`` after each run.
 
 Before its runs, an engine runs each of them once untimed with ``concurrency`` requests of a few
 tokens (every batch shape's kernels are built before any timing), and before every run its
@@ -42,6 +46,7 @@ from vllm.v1.engine.llm_engine import LLMEngine
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer
 
+from tree_attn_backend.bench.e2e import chat_token_ids
 from tree_attn_backend.vllm_plugin.compat import replace_runner_drafter, runner_drafter
 from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
@@ -80,6 +85,16 @@ def reset_drafter(worker: Any) -> None:
         replace_runner_drafter(worker.model_runner, SuffixDecodingProposer(worker.vllm_config))
 
 
+def drafter_calibration(worker: Any) -> dict | None:
+    """On the worker: TREE_PRUNED's per-drafter reliability counts since the last reset
+    (``ReliabilityCounts.to_dict`` by drafter name, drafters that verified nothing left out);
+    None for the stock engines."""
+    drafter = runner_drafter(worker.model_runner)
+    if not isinstance(drafter, TreeProposer):
+        return None
+    return {name: counts.to_dict() for name, counts in drafter.reliability.items() if counts.nodes.any()}
+
+
 def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> dict:
     prompts = spec["prompts"]
     num_requests = spec["num_requests"][str(run["concurrency"])]
@@ -91,31 +106,46 @@ def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> di
     )
     records: dict[str, dict] = {}
     submitted = 0
+    follow_ups: list[tuple[int, list[int]]] = []  # second turns ready to send: (index, prompt)
 
-    def submit() -> None:
-        nonlocal submitted
-        i = submitted
-        prompt = prompts[i % len(prompts)]
-        request_id = f"run{run_index}-req{i}"
+    def submit(index: int, turn: int, prompt_token_ids: list[int]) -> None:
+        request_id = f"run{run_index}-req{index}-turn{turn}"
         records[request_id] = {
             "request_id": request_id,
-            "index": i,
-            "category": prompt["category"],
+            "index": index,
+            "turn": turn,
+            "category": prompts[index % len(prompts)]["category"],
             "tokens": [],
             "steps": 0,
             "arrival": time.perf_counter(),
             "first_token": None,
             "last_token": None,
         }
-        engine.add_request(request_id, {"prompt_token_ids": prompt["prompt_token_ids"]}, params)
-        submitted += 1
+        engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, params)
+
+    def second_turn(record: dict) -> list[int] | None:
+        prompt = prompts[record["index"] % len(prompts)]
+        if record["turn"] >= spec["turns"] or not prompt["next_turns"]:
+            return None
+        answer = engine.get_tokenizer().decode(record["tokens"], skip_special_tokens=True)
+        messages = [
+            *prompt["messages"],
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": prompt["next_turns"][0]},
+        ]
+        return chat_token_ids(engine.get_tokenizer(), messages)
 
     before = Counter(SpecCounters.totals)
     start = time.perf_counter()
     in_flight = 0
-    while submitted < num_requests or in_flight:
-        while in_flight < run["concurrency"] and submitted < num_requests:
-            submit()
+    while submitted < num_requests or in_flight or follow_ups:
+        while in_flight < run["concurrency"] and (follow_ups or submitted < num_requests):
+            if follow_ups:
+                index, prompt_token_ids = follow_ups.pop(0)
+                submit(index, 2, prompt_token_ids)
+            else:
+                submit(submitted, 1, prompts[submitted % len(prompts)]["prompt_token_ids"])
+                submitted += 1
             in_flight += 1
         outputs = engine.step()
         now = time.perf_counter()
@@ -129,6 +159,9 @@ def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> di
                 record["last_token"] = now
             if out.finished:
                 in_flight -= 1
+                follow_up = second_turn(record)
+                if follow_up is not None:
+                    follow_ups.append((record["index"], follow_up))
     wall = time.perf_counter() - start
     counters = Counter(SpecCounters.totals)
     counters.subtract(before)
@@ -137,7 +170,7 @@ def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> di
         "concurrency": run["concurrency"],
         "wall_s": wall,
         "counters": dict(counters),
-        "requests": sorted(records.values(), key=lambda r: r["index"]),
+        "requests": sorted(records.values(), key=lambda r: (r["index"], r["turn"])),
     }
 
 
@@ -148,11 +181,15 @@ def main(spec_path: str, out_path: str) -> None:
     for group in spec["engines"]:
         engine = LLMEngine.from_engine_args(EngineArgs(**group["engine"]), stat_loggers=[SpecCounters])
         for warm_up, run in enumerate(group["runs"]):
-            short = dict(spec, num_requests={str(run["concurrency"]): run["concurrency"]}, max_tokens=WARM_UP_TOKENS)
+            short = dict(
+                spec, num_requests={str(run["concurrency"]): run["concurrency"]}, max_tokens=WARM_UP_TOKENS, turns=1
+            )
             run_workload(engine, short, run, -1 - warm_up)
         for run in group["runs"]:
             engine.collective_rpc(reset_drafter)
-            results.append(run_workload(engine, spec, run, done))
+            result = run_workload(engine, spec, run, done)
+            result["calibration"] = engine.collective_rpc(drafter_calibration)[0]
+            results.append(result)
             done += 1
             print(f"PROGRESS {done}", flush=True)
         engine.engine_core.shutdown()

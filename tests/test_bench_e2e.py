@@ -32,7 +32,19 @@ def _cli_json(*args: str) -> list[dict]:
 def e2e_run(tmp_path_factory) -> tuple[list[dict], object]:
     plots = tmp_path_factory.mktemp("plots")
     return _cli_json(
-        "e2e", "--quick", "--repeat", "2", "--concurrency", "2", "--max-tokens", "8", "--plot", str(plots)
+        # the lookup drafter: replay (below) replays it without the target
+        "e2e",
+        "--quick",
+        "--repeat",
+        "2",
+        "--concurrency",
+        "2",
+        "--max-tokens",
+        "8",
+        "--plot",
+        str(plots),
+        "--drafter",
+        "lookup",
     ), plots
 
 

@@ -120,7 +120,7 @@ def _run_engines(tmp: Path, name: str, env: dict, engines: list) -> tuple[dict, 
 GREEDY_JOB = {"kind": "greedy", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
 # The same greedy requests drafted by each other drafter (a per-request option).
 DRAFTER_JOBS = {
-    drafter: dict(GREEDY_JOB, extra_args={"drafter": drafter}) for drafter in ("recycle", "suffix", "hybrid")
+    drafter: dict(GREEDY_JOB, extra_args={"drafter": drafter}) for drafter in ("lookup", "recycle", "suffix")
 }
 SAMPLE_JOB = {
     "kind": "requests",

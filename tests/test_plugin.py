@@ -33,7 +33,7 @@ def test_unsupported_vllm_version_fails_loudly(monkeypatch):
 
 def test_defaults_and_valid_options():
     config = TreePrunedConfig.from_additional_config({})
-    assert config.shape.num_nodes > 1
+    assert config.shape.num_nodes > 1 and config.drafter == "hybrid"
     config = TreePrunedConfig.from_additional_config(
         {
             "tree_pruned": {
@@ -183,6 +183,7 @@ def _proposer(**options):
     from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
     options.setdefault("allow_larger_request_share", True)  # the tests turn the budget off per request
+    options.setdefault("drafter", "lookup")  # trees these tests can predict from the history
     config = SimpleNamespace(
         additional_config={"tree_pruned": options},
         speculative_config=SimpleNamespace(num_speculative_tokens=16),

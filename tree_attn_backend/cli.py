@@ -161,8 +161,14 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         for path in e2e_report.plot(rows, runs, args.plot):
             print(f"wrote {path}", file=sys.stderr)
     summary = e2e_report.format_table(rows, categories=args.categories) + "\n"
-    report = {"drafter": config.drafter, "workload": config.workload, "rows": rows}
-    return _report(args, report, summary, e2e_report.check_targets(rows))
+    targets = e2e_report.check_targets(rows)
+    report = {
+        "drafter": config.drafter,
+        "workload": config.workload,
+        "targets": [{"target": statement, "met": met} for statement, met in targets],
+        "rows": rows,
+    }
+    return _report(args, report, summary, targets)
 
 
 def _bench_replay(args: argparse.Namespace) -> int:

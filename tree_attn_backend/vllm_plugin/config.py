@@ -105,7 +105,7 @@ class TreePrunedConfig:
     prune_min_prob: float = 0.05
     prune_path_prob: float = 0.08
     max_draft_tokens: int = 16
-    drafter: str = "lookup"
+    drafter: str = "hybrid"
     suffix_max_cached_requests: int = 1000
     drafter_min_ngram: int = 1
     drafter_max_ngram: int = 4

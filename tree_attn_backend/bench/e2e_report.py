@@ -184,7 +184,7 @@ def plot(rows: list[dict], runs: list[dict], out_dir: str | Path) -> list[Path]:
 
     reliability = reliability_by_drafter(runs)
     if reliability:
-        fig, axes = plt.subplots(1, len(reliability), figsize=(4.2 * len(reliability), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(reliability), figsize=(max(6.5, 4.2 * len(reliability)), 4.2), squeeze=False)
         for ax, (drafter, by_mode) in zip(axes[0], reliability.items()):
             ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", label="calibrated")
             for mode, counts in by_mode.items():
@@ -199,7 +199,7 @@ def plot(rows: list[dict], runs: list[dict], out_dir: str | Path) -> list[Path]:
             ax.set_ylim(0, 1)
             ax.legend(fontsize=8)
         axes[0][0].set_ylabel("accepted fraction of verified nodes")
-        fig.suptitle("Reliability of the drafters' path values (every run and concurrency)")
+        fig.suptitle("Reliability of the drafters' path values (all runs)")
         fig.tight_layout()
         paths.append(out / "reliability.png")
         fig.savefig(paths[-1], dpi=110)

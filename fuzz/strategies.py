@@ -34,8 +34,9 @@ def tree_parents(draw: st.DrawFn, min_nodes: int = 1, max_nodes: int = 128, max_
 
 @st.composite
 def draft_trees(draw: st.DrawFn, max_nodes: int = 64, vocab_size: int = 50) -> DraftTree:
-    """A draft tree with distinct sibling tokens < ``vocab_size`` and random probabilities."""
-    parents = draw(tree_parents(max_nodes=max_nodes, max_depth=16))
+    """A draft tree with distinct sibling tokens < ``vocab_size`` and random probabilities
+    (at most ``vocab_size`` nodes, so that no node has more children than there are tokens)."""
+    parents = draw(tree_parents(max_nodes=min(max_nodes, vocab_size), max_depth=16))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     tokens = np.zeros(len(parents), dtype=np.int64)

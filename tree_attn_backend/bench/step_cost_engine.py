@@ -44,7 +44,7 @@ from vllm.v1.engine.llm_engine import LLMEngine
 
 from tree_attn_backend.drafting.tree import DraftTree
 from tree_attn_backend.vllm_plugin.compat import engine_scheduler
-from tree_attn_backend.vllm_plugin.proposer import RequestDrafting, TreeProposer
+from tree_attn_backend.vllm_plugin.proposer import BoundBatch, TreeProposer
 
 FIRST_DRAFT_TOKEN = 1000  # node i drafts token FIRST_DRAFT_TOKEN + i: distinct, and rarely the greedy choice
 
@@ -90,17 +90,11 @@ class SyntheticTreeProposer(TreeProposer):
     """The tree proposer with its drafter and pruning replaced by the cell's synthetic tree, so
     the TREE_PRUNED runner verifies exactly that shape for every decoding request."""
 
-    def _draft(
-        self,
-        req_ids: list[str],
-        drafting: list[RequestDrafting],
-        contexts: list[np.ndarray | None],
-        prompt_lengths: list[int],
-    ) -> None:
+    def _draft(self, batch: BoundBatch, contexts: list[np.ndarray | None]) -> None:
         if _Cell.draft_tokens == 0:
             return
         parents = synthetic_parents(_Cell.draft_tokens, _Cell.shape)
-        for req_id, context in zip(req_ids, contexts):
+        for req_id, context in zip(batch.req_ids, contexts):
             if context is not None:
                 tokens = np.array([int(context[-1]), *_drafts()], dtype=np.int64)
                 self.trees[req_id] = DraftTree(parents=parents, tokens=tokens, probs=np.full(len(tokens), 0.5))

@@ -48,6 +48,17 @@ class RequestDrafting:
     drafter: str
 
 
+@dataclass(frozen=True)
+class BoundBatch:
+    """What the runner tells the proposer before each ``propose``, per batch row in vLLM's
+    order: the request id, how it is drafted, and its prompt length (the rest of its tokens
+    are its output)."""
+
+    req_ids: list[str]
+    drafting: list[RequestDrafting]
+    prompt_lengths: list[int]
+
+
 class TreeProposer:
     """``--speculative-config '{"method": "custom_class", "model":
     "tree_attn_backend.vllm_plugin.proposer.TreeProposer", "num_speculative_tokens": K}'``"""
@@ -70,7 +81,7 @@ class TreeProposer:
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
         self.cost_model: VerifyCostModel | OnlineCostFit | None = None
         self.reset_calibration()
-        self._batch: tuple[list[str], list[RequestDrafting], list[int]] | None = None
+        self._batch: BoundBatch | None = None
 
     def load_model(self, *args: object, **kwargs: object) -> None:
         """Nothing to load: the drafter reads the requests' own tokens."""
@@ -118,7 +129,7 @@ class TreeProposer:
     ) -> None:
         """Called by the tree model runner before each ``propose``: the batch order, how each
         request is drafted and its prompt length (the rest of its tokens are its output)."""
-        self._batch = (list(req_ids), list(drafting), list(prompt_lengths))
+        self._batch = BoundBatch(list(req_ids), list(drafting), list(prompt_lengths))
 
     def propose(
         self,
@@ -132,26 +143,21 @@ class TreeProposer:
                 "TreeProposer runs only with the TREE_PRUNED model runner: start vLLM with "
                 "VLLM_ATTENTION_BACKEND=TREE_PRUNED"
             )
-        (req_ids, drafting, prompt_lengths), self._batch = self._batch, None
-        for req_id in req_ids:
+        batch, self._batch = self._batch, None
+        for req_id in batch.req_ids:
             self.trees.pop(req_id, None)
         # A row that sampled nothing is a prefill in progress: no context to draft from yet.
         contexts = [
             token_ids_cpu[row, : int(num_tokens_no_spec[row])] if sampled else None
-            for row, sampled in enumerate(sampled_token_ids[: len(req_ids)])
+            for row, sampled in enumerate(sampled_token_ids[: len(batch.req_ids)])
         ]
-        self._draft(req_ids, drafting, contexts, prompt_lengths)
-        return [self.trees[r].tokens[1:].tolist() if r in self.trees else [] for r in req_ids]
+        self._draft(batch, contexts)
+        return [self.trees[r].tokens[1:].tolist() if r in self.trees else [] for r in batch.req_ids]
 
-    def _draft(
-        self,
-        req_ids: list[str],
-        drafting: list[RequestDrafting],
-        contexts: list[np.ndarray | None],
-        prompt_lengths: list[int],
-    ) -> None:
+    def _draft(self, batch: BoundBatch, contexts: list[np.ndarray | None]) -> None:
         """This step's tree of every drafted request into ``self.trees``: grown, pruned and cut
         by the batch budget. ``contexts``: per row, its tokens so far (``None``: not decoding)."""
+        req_ids, drafting = batch.req_ids, batch.drafting
         decoding = {row: context for row, context in enumerate(contexts) if context is not None}
         drafted = [row for row in decoding if drafting[row].verification is not Verification.NONE]
         budgeted = [row for row in drafted if drafting[row].batch_budget]
@@ -161,7 +167,9 @@ class TreeProposer:
         budget_can_pay = bool(budgeted) and drafts_can_pay(len(decoding), max_budgeted, self.cost_model_now, best_scale)
         for row in drafted:
             if budget_can_pay or not drafting[row].batch_budget:
-                self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], decoding[row], prompt_lengths[row])
+                self.trees[req_ids[row]] = self._grow(
+                    req_ids[row], drafting[row], decoding[row], batch.prompt_lengths[row]
+                )
         if budget_can_pay:
             trees = [self.trees[req_ids[row]] for row in budgeted]
             values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(budgeted, trees)]

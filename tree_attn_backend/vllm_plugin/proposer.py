@@ -225,10 +225,10 @@ class TreeProposer:
         expected = dict.fromkeys(DRAFTERS, 0.0)
         accepted = dict.fromkeys(DRAFTERS, 0.0)
         for i, req_id in enumerate(req_ids):
-            tree = self.trees.get(req_id)
-            if tree is None:
+            tree, name = self.trees.get(req_id), self.drafter_of.get(req_id)
+            if tree is None or name is None:  # no tree, or one no drafter grew (a benchmark's synthetic tree)
                 continue
-            name, verified = self.drafter_of[req_id], int(num_verified[i])
+            verified = int(num_verified[i])
             expected[name] += float(tree.path_probs[1 : verified + 1].sum())
             accepted[name] += float(num_accepted[i])
             nodes = np.arange(1, verified + 1)

@@ -48,7 +48,6 @@ Row metrics (per mode, concurrency, and ``category``: ``all`` or one prompt cate
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -62,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from tree_attn_backend.vllm_plugin import default_speculative_config
-from tree_attn_backend.vllm_plugin.config import DRAFTERS
+from tree_attn_backend.vllm_plugin.config import DRAFTERS, suffix_decoding_available
 
 MODES = ("none", "chain", "suffix", "static_tree", "pruned_tree", "pruned_budget")
 CHAIN_SPECULATIVE_CONFIG = {
@@ -130,7 +129,7 @@ class E2EConfig:
             raise ValueError(f"repeat_prompts = {self.repeat_prompts}: must be >= 1")
         if self.drafter is not None and self.drafter not in DRAFTERS:
             raise ValueError(f"drafter {self.drafter!r}: must be one of {list(DRAFTERS)}")
-        if "suffix" in self.modes and importlib.util.find_spec("arctic_inference") is None:
+        if "suffix" in self.modes and not suffix_decoding_available():
             raise ValueError(
                 "mode 'suffix' needs the arctic-inference package (vLLM's SuffixDecoding); "
                 "`make setup` builds it from source"

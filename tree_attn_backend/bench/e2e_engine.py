@@ -127,13 +127,14 @@ def run_workload(engine: LLMEngine, spec: dict, run: dict, run_index: int) -> di
         prompt = prompts[record["index"] % len(prompts)]
         if record["turn"] >= spec["turns"] or not prompt["next_turns"]:
             return None
-        answer = engine.get_tokenizer().decode(record["tokens"], skip_special_tokens=True)
+        tokenizer = engine.get_tokenizer()
+        answer = tokenizer.decode(record["tokens"], skip_special_tokens=True)
         messages = [
             *prompt["messages"],
             {"role": "assistant", "content": answer},
             {"role": "user", "content": prompt["next_turns"][0]},
         ]
-        return chat_token_ids(engine.get_tokenizer(), messages)
+        return chat_token_ids(tokenizer, messages)
 
     before = Counter(SpecCounters.totals)
     start = time.perf_counter()

@@ -83,8 +83,9 @@ class TreePrunedConfig:
             speculative config's ``num_speculative_tokens``.
         drafter: where trees come from, one of :data:`DRAFTERS`: ``lookup`` (n-gram
             continuations of the request's own tokens), ``recycle`` (the target's own top-k
-            next tokens from earlier verify passes, shared by all requests) or ``hybrid``
-            (both merged by token, with calibrated probabilities).
+            next tokens from earlier verify passes, shared by all requests), ``suffix``
+            (SuffixDecoding's trees over the request's and earlier requests' tokens) or
+            ``hybrid`` (all three merged by token, with calibrated probabilities).
         suffix_max_cached_requests: the ``suffix`` drafter's global cache holds the outputs of
             at most this many earlier requests (0: only each request's own tokens).
         drafter_min_ngram, drafter_max_ngram: n-gram lengths of the lookup drafter.

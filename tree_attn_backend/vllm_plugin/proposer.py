@@ -35,6 +35,14 @@ from tree_attn_backend.vllm_plugin.verification_kind import Verification
 
 logger = logging.getLogger("vllm.tree_pruned")
 
+# The sources each drafter grows its trees from (``hybrid`` merges them).
+SOURCES_OF = {
+    "lookup": ("lookup",),
+    "recycle": ("recycle",),
+    "suffix": ("suffix",),
+    "hybrid": ("lookup", "recycle", "suffix"),
+}
+
 
 @dataclass(frozen=True)
 class RequestDrafting:
@@ -101,7 +109,7 @@ class TreeProposer:
         """Every drafter's calibration (accepted over expected tokens: the budget scales path
         values by it) and the hybrid's per-source factors back to 1."""
         self.calibration = {name: DecayedRatio() for name in DRAFTERS}
-        self.source_calibration = {name: DecayedRatio() for name in ("lookup", "recycle", "suffix")}
+        self.source_calibration = {name: DecayedRatio() for name in SOURCES_OF["hybrid"]}
         # Per drafter, the calibrated predictions of every verified node against the outcome.
         self.reliability = {name: ReliabilityCounts() for name in DRAFTERS}
 
@@ -112,9 +120,10 @@ class TreeProposer:
 
     def drafting_for(self, config: TreePrunedConfig, verification: Verification) -> RequestDrafting:
         """A request's drafting from its (per-request) config."""
-        if config.drafter in ("recycle", "hybrid") and self.recycle is None:
+        sources = SOURCES_OF[config.drafter]
+        if "recycle" in sources and self.recycle is None:
             self.recycle = RecycleTable(self.vocab_size)
-        if config.drafter in ("suffix", "hybrid") and self.suffix is None:
+        if "suffix" in sources and self.suffix is None:
             if suffix_decoding_available():
                 self.suffix = SuffixCache(self.config.suffix_max_cached_requests)
             elif not self._warned_no_suffix:  # only `hybrid` gets here (the option checks `suffix`)
@@ -186,24 +195,28 @@ class TreeProposer:
         index.extend(tokens[len(index) :].tolist())  # catches up on steps proposed without it
         shape = self.shape if drafting.verification is Verification.TREE else self.chain_shape
         self.drafter_of[req_id] = drafting.drafter
-        sources: dict[str, Drafter] = {"lookup": index}
-        if drafting.drafter in ("recycle", "hybrid"):
-            if self.recycle is None:
-                raise RuntimeError(f"request {req_id}: drafter {drafting.drafter!r} without a recycle table")
-            sources["recycle"] = self.recycle
-        if drafting.drafter in ("suffix", "hybrid") and self.suffix is not None:
-            self.suffix.follow(req_id, tokens, prompt_length)
-            max_nodes = drafting.policy.max_nodes or self.num_speculative_tokens
-            sources["suffix"] = self.suffix.tree_drafter(req_id, tokens, max_nodes)
+        # drafting_for allocated the shared sources; only hybrid may lack SuffixDecoding.
+        sources: dict[str, Drafter] = {}
+        for name in SOURCES_OF[drafting.drafter]:
+            if name == "lookup":
+                sources[name] = index
+            elif name == "recycle" and self.recycle is not None:
+                sources[name] = self.recycle
+            elif name == "suffix" and self.suffix is not None:
+                self.suffix.follow(req_id, tokens, prompt_length)
+                max_nodes = drafting.policy.max_nodes or self.num_speculative_tokens
+                sources[name] = self.suffix.tree_drafter(req_id, tokens, max_nodes)
+            elif not (name == "suffix" and drafting.drafter == "hybrid"):
+                raise RuntimeError(
+                    f"request {req_id}: drafter {drafting.drafter!r} without its source (see drafting_for)"
+                )
         drafter: Drafter
         if drafting.drafter == "hybrid":  # remembers what each source proposed, for observe()
             hybrid = self.hybrids[req_id] = HybridDrafter(sources, self.source_calibration)
             hybrid.start_tree(index.tokens)
             drafter = hybrid
-        elif drafting.drafter in sources:
-            drafter = sources[drafting.drafter]
         else:
-            raise RuntimeError(f"request {req_id}: drafter {drafting.drafter!r} without its source (see drafting_for)")
+            (drafter,) = sources.values()
         tree, _ = expand_and_prune(shape, drafter, index.tokens, drafting.policy)
         return tree
 

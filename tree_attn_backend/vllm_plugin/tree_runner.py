@@ -173,8 +173,9 @@ class TreeRunnerCore:
     def record_target_candidates(
         self, query_start: np.ndarray, cu_num_sampled: np.ndarray, input_ids: torch.Tensor, logits: torch.Tensor
     ) -> None:
-        """Feed the target's next-token distributions of this step to the recycle table (once a
-        request uses it): row ``b``'s sampled positions are its last ``count_b`` query tokens.
+        """Feed the target's next-token distributions of this step to the recycle table (which
+        exists once a request uses it): row ``b``'s sampled positions are its last ``count_b``
+        query tokens.
 
         Args:
             query_start: int ``[B+1]`` query token offsets of the batch rows.
@@ -184,7 +185,7 @@ class TreeRunnerCore:
         """
         recycle = self.proposer.recycle
         if recycle is None:
-            return
+            raise RuntimeError("no recycle table: no request has asked for the recycle or hybrid drafter")
         counts = np.diff(cu_num_sampled, prepend=0).astype(np.int64)
         positions = segment_arange(query_start[1:] - counts, counts)
         recycle.record(input_ids[torch.from_numpy(positions)], logits[: positions.shape[0]])

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tree_attn_backend.drafting.calibration import DecayedRatio
+from tree_attn_backend.drafting.calibration import BinnedCalibration
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
@@ -44,9 +44,10 @@ def drafters(draw: st.DrawFn) -> tuple[str, object, list[int]]:
     kind = draw(st.sampled_from([*sources, "hybrid"]))
     if kind in sources:
         return kind, sources[kind], index.tokens
-    calibration = {name: DecayedRatio() for name in sources}
-    for ratio in calibration.values():
-        ratio.update(draw(st.floats(0.0, 40.0)), draw(st.floats(0.1, 40.0)))
+    calibration = {name: BinnedCalibration() for name in sources}
+    for bins in calibration.values():
+        for ratio in bins.bins:
+            ratio.update(draw(st.floats(0.0, 40.0)), draw(st.floats(0.1, 40.0)))
     hybrid = HybridDrafter(sources, calibration)
     hybrid.start_tree(index.tokens)
     return kind, hybrid, index.tokens

@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tree_attn_backend.drafting.verify_budget import OnlineCostFit, VerifyCostModel, allocate_verify_budget
+from tree_attn_backend.drafting.verify_budget import (
+    OnlineCostFit,
+    VerifyCostModel,
+    allocate_verify_budget,
+    min_kept_value,
+)
 
 
 def _throughput(
@@ -48,6 +53,19 @@ def test_budget_is_optimal_over_all_prefix_choices(values, extra_decoding, cost,
     assert _throughput(values, tuple(keep.tolist()), num_decoding, cost, scale) >= _throughput(
         values, (0,) * len(values), num_decoding, cost, scale
     ) * (1 - 1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(path_values, st.integers(0, 8), costs)
+def test_budget_keeps_no_node_below_its_floor(values, extra_decoding, cost):
+    num_decoding = len(values) + extra_decoding
+    keep = allocate_verify_budget(values, num_decoding, cost)
+    kept = np.concatenate([v[:k] for v, k in zip(values, keep.tolist())])
+    floor = min_kept_value(num_decoding, cost)
+    assert np.all(kept >= floor * (1 - 1e-12))
+    # Growing only the nodes at or above the floor changes nothing.
+    above = [v[v >= floor * (1 - 1e-12)] for v in values]
+    np.testing.assert_array_equal(allocate_verify_budget(above, num_decoding, cost), keep)
 
 
 def test_budget_shrinks_trees_then_drafts_as_the_batch_grows():

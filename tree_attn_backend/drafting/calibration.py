@@ -34,6 +34,37 @@ class DecayedRatio:
         return self.num / self.den
 
 
+class BinnedCalibration:
+    """A source's draft probability mapped to what the target accepts: the probabilities are
+    split into ``num_bins`` equal bins, each with its own :class:`DecayedRatio` of accepted over
+    predicted on the tested nodes whose probability fell in it, and ``calibrate(p) = min(1, p *
+    ratio of p's bin)``. One factor for all probabilities would let the many weak candidates
+    set the discount of the few sure ones (a copied answer's next token), and a path's value
+    multiplies that discount at every depth."""
+
+    def __init__(self, num_bins: int = 10, decay: float = 0.98, prior: float = 4.0) -> None:
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+            raise ValueError(f"num_bins = {num_bins!r}: must be an integer >= 1")
+        self.bins = [DecayedRatio(decay, prior) for _ in range(num_bins)]
+
+    def _bin(self, probs: np.ndarray) -> np.ndarray:
+        return np.minimum((probs * len(self.bins)).astype(np.int64), len(self.bins) - 1)
+
+    def calibrate(self, prob: float) -> float:
+        """The calibrated probability of a draft probability ``prob`` in ``[0, 1]``."""
+        return min(1.0, prob * self.bins[min(int(prob * len(self.bins)), len(self.bins) - 1)].value)
+
+    def update(self, probs: np.ndarray, accepted: np.ndarray) -> None:
+        """Tested nodes: float ``[n]`` their draft probabilities in ``[0, 1]``, bool ``[n]``
+        whether the target accepted each; every bin that holds one of them is updated."""
+        probs = np.asarray(probs, dtype=np.float64)
+        bins = self._bin(probs)
+        predicted = np.bincount(bins, weights=probs, minlength=len(self.bins))
+        hits = np.bincount(bins, weights=np.asarray(accepted, dtype=np.float64), minlength=len(self.bins))
+        for b in np.flatnonzero(np.bincount(bins, minlength=len(self.bins))).tolist():
+            self.bins[b].update(float(hits[b]), float(predicted[b]))
+
+
 class ReliabilityCounts:
     """Verified draft nodes bucketed by their predicted acceptance (a calibrated path value in
     ``[0, 1]``): per bucket the nodes, the sum of their predictions and how many the target

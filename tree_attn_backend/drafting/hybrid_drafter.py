@@ -1,12 +1,13 @@
 """Several drafters' candidates merged into one trie, with calibrated probabilities.
 
 For a node, every source proposes ``(token, probability)`` children; the hybrid merges them by
-token. A source's probability ``p_s`` is first calibrated by that source's factor ``c_s``
-(:class:`~tree_attn_backend.drafting.calibration.DecayedRatio` of accepted over predicted, on
-the tested nodes it proposed: nodes whose parent the target accepted), then the sources are
-combined as independent evidence that the target picks the token (noisy-OR):
+token. A source's probability ``p_s`` is first calibrated by that source's
+:class:`~tree_attn_backend.drafting.calibration.BinnedCalibration` ``c_s`` (accepted over
+predicted per probability bin, on the tested nodes it proposed: nodes whose parent the target
+accepted), then the sources are combined as independent evidence that the target picks the
+token (noisy-OR):
 
-    p = 1 - prod_s (1 - min(1, c_s * p_s))
+    p = 1 - prod_s (1 - c_s(p_s))
 
 A token both sources propose is thus more likely than either alone says. The target accepts at
 most one child, so the children are scaled down together when they sum above 1. After each
@@ -20,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from tree_attn_backend.drafting.calibration import DecayedRatio
+from tree_attn_backend.drafting.calibration import BinnedCalibration
 from tree_attn_backend.drafting.drafter import Drafter
 from tree_attn_backend.drafting.tree import DraftTree
 
@@ -30,7 +31,7 @@ class HybridDrafter:
     request, like the recycle table), with factors in ``calibration`` by source name (shared
     too, so every request's verifications fit them)."""
 
-    def __init__(self, sources: Mapping[str, Drafter], calibration: Mapping[str, DecayedRatio]) -> None:
+    def __init__(self, sources: Mapping[str, Drafter], calibration: Mapping[str, BinnedCalibration]) -> None:
         missing = sorted(set(sources) - set(calibration))
         if missing:
             raise ValueError(f"no calibration for source(s) {missing}")
@@ -58,7 +59,7 @@ class HybridDrafter:
         for token, probs in by_token.items():
             miss = 1.0
             for name, prob in probs.items():
-                miss *= 1.0 - min(1.0, self.calibration[name].value * prob)
+                miss *= 1.0 - self.calibration[name].calibrate(prob)
             combined[token] = 1.0 - miss
             self._proposed[(*path, token)] = probs
         total = sum(combined.values())
@@ -71,14 +72,14 @@ class HybridDrafter:
         ``accepted_nodes`` (int, root first, the accepted path's nodes; ``-1`` padding allowed):
         every tested verified node updates its sources' factors."""
         accepted = {int(n) for n in accepted_nodes if n >= 0}
-        predicted: dict[str, float] = {}
-        hits: dict[str, float] = {}
+        probs: dict[str, list[float]] = {}
+        hits: dict[str, list[bool]] = {}
         for node in range(1, num_verified + 1):
             if int(tree.parents[node]) not in accepted:
                 continue  # its parent was rejected: the target never tested it
             path = tuple(int(t) for t in tree.tokens[tree.path_to(node)[1:]])
             for name, prob in self._proposed.get(path, {}).items():
-                predicted[name] = predicted.get(name, 0.0) + prob
-                hits[name] = hits.get(name, 0.0) + float(node in accepted)
-        for name, total in predicted.items():
-            self.calibration[name].update(hits[name], total)
+                probs.setdefault(name, []).append(prob)
+                hits.setdefault(name, []).append(node in accepted)
+        for name, source_probs in probs.items():
+            self.calibration[name].update(np.array(source_probs), np.array(hits[name]))

@@ -134,6 +134,24 @@ def drafts_can_pay(
     return bool(throughput[1:].max() > throughput[0])
 
 
+def min_kept_value(num_decoding: int, cost: VerifyCostModel) -> float:
+    """A lower bound on the value of every node :func:`allocate_verify_budget` keeps in a step
+    of ``num_decoding`` requests, whatever the trees: ``d * B / (T(B, 0) + d + s)`` with ``d``
+    the draft token cost, ``s`` the draft step cost and ``T(B, 0)`` the step without drafts.
+    Drafters need not grow nodes below it (the budget's choice is the same without them).
+
+    Why: the budget keeps the ``k*`` best nodes, ``k*`` the first argmax over ``k >= 0`` of
+    ``r(k) = (B + A(k)) / T(B, k)``. On ``k >= 1``, ``A`` is concave (values non-increasing) and
+    ``T`` affine, so ``r`` is quasi-concave: for ``1 <= j <= k*``, ``r(j) >= min(r(1), r(k*)) >=
+    min(r(1), r(0)) >= B / T(B, 1)``. The last kept node pays for itself: ``v >= d * r(k* - 1)``
+    when ``k* >= 2``, ``v >= (d + s) * B / T(B, 0)`` when ``k* = 1``; both are at least the bound.
+    """
+    if num_decoding < 0:
+        raise ValueError(f"num_decoding = {num_decoding} must be >= 0")
+    no_draft_ms = float(cost.step_time(num_decoding, 0))
+    return cost.draft_token_ms * num_decoding / (no_draft_ms + cost.draft_token_ms + cost.draft_step_ms)
+
+
 def allocate_verify_budget(path_values: Sequence[np.ndarray], num_decoding: int, cost: VerifyCostModel) -> np.ndarray:
     """Draft nodes to verify per request, batch-wide.
 

@@ -202,7 +202,8 @@ class TreeRunnerHooks(_RunnerBase):
       runs only when some row has no tree, and keeps those rows.
     * ``_bookkeeping_sync`` (private): see :func:`_rewind_discarded_samples`.
     * ``sample_tokens``: stops the step timer.
-    * ``_dummy_run(num_tokens)`` (private): the forward passes timed for the cost model.
+    * ``_dummy_run(num_tokens)`` (private): the forward passes timed for the cost model (with
+      the logits at every token).
     """
 
     tree: TreeRunnerCore | None = None
@@ -223,7 +224,13 @@ class TreeRunnerHooks(_RunnerBase):
 
     def measure_cost_model(self) -> None:
         if self.tree is not None:
-            self.tree.measure_cost_model(self._dummy_run, self.max_num_tokens)
+            self.tree.measure_cost_model(self._forward_with_logits, self.max_num_tokens)
+
+    def _forward_with_logits(self, num_tokens: int) -> None:
+        """A dummy forward pass of ``num_tokens`` one-token requests and the logits at every
+        token, as a verify step computes them at every decode row and draft node."""
+        hidden_states, _ = self._dummy_run(num_tokens)
+        self.model.compute_logits(hidden_states)
 
     def _on_request_state_removed(self, req_id: str, req_state: Any) -> None:
         super()._on_request_state_removed(req_id, req_state)

@@ -19,9 +19,10 @@ from tree_attn_backend.drafting.pruning import PruningPolicy
 from tree_attn_backend.drafting.tree_shape import TreeShape
 from tree_attn_backend.drafting.verify_budget import VerifyCostModel
 
-# Up to 3 candidates at the root, 2 below, then chains: 81 nodes, depth 8. Pruning keeps a
-# small part of it; the shape only bounds what the drafter may propose.
-DEFAULT_TOKEN_TREE = TreeShape.full([3, 2, 2, 1, 1, 1, 1, 1]).to_text()
+# Up to 3 candidates at the root, 2 below, then chains as deep as the default 16 draft
+# tokens: 177 nodes, depth 16. Pruning keeps a small part of it; the shape only bounds what
+# the drafter may propose (deep chains pay when a whole answer repeats).
+DEFAULT_TOKEN_TREE = TreeShape.full([3, 2, 2] + [1] * 13).to_text()
 # Bounds of speculative_token_tree (draft nodes, root excluded; depth of the deepest node):
 # the proposer walks the shape for every request and step, so it must stay small.
 MAX_TREE_NODES = 1024

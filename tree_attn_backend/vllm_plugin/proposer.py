@@ -9,13 +9,14 @@ drafts, like the batch budget, keeps the most valuable subtree.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from tree_attn_backend.drafting.calibration import DecayedRatio, ReliabilityCounts
+from tree_attn_backend.drafting.calibration import BinnedCalibration, DecayedRatio, ReliabilityCounts
 from tree_attn_backend.drafting.drafter import Drafter
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
@@ -29,6 +30,7 @@ from tree_attn_backend.drafting.verify_budget import (
     VerifyCostModel,
     allocate_verify_budget,
     drafts_can_pay,
+    min_kept_value,
 )
 from tree_attn_backend.vllm_plugin.config import DRAFTERS, TreePrunedConfig, suffix_decoding_available
 from tree_attn_backend.vllm_plugin.verification_kind import Verification
@@ -107,9 +109,9 @@ class TreeProposer:
 
     def reset_calibration(self) -> None:
         """Every drafter's calibration (accepted over expected tokens: the budget scales path
-        values by it) and the hybrid's per-source factors back to 1."""
+        values by it) and the hybrid's per-source factors (one per probability bin) back to 1."""
         self.calibration = {name: DecayedRatio() for name in DRAFTERS}
-        self.source_calibration = {name: DecayedRatio() for name in SOURCES_OF["hybrid"]}
+        self.source_calibration = {name: BinnedCalibration() for name in SOURCES_OF["hybrid"]}
         # Per drafter, the calibrated predictions of every verified node against the outcome.
         self.reliability = {name: ReliabilityCounts() for name in DRAFTERS}
 
@@ -174,11 +176,19 @@ class TreeProposer:
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
         best_scale = max((self.calibration[drafting[row].drafter].value for row in budgeted), default=1.0)
         budget_can_pay = bool(budgeted) and drafts_can_pay(len(decoding), max_budgeted, self.cost_model_now, best_scale)
+        # Nodes the budget would drop anyway are not grown (the budget's choice is the same).
+        floor = min_kept_value(len(decoding), self.cost_model_now) if budget_can_pay else math.inf
         for row in drafted:
-            if budget_can_pay or not drafting[row].batch_budget:
-                self.trees[req_ids[row]] = self._grow(
-                    req_ids[row], drafting[row], decoding[row], batch.prompt_lengths[row]
-                )
+            policy = drafting[row].policy
+            if drafting[row].batch_budget:
+                scale = self.calibration[drafting[row].drafter].value
+                min_path_prob = floor / scale if scale > 0.0 else math.inf
+                if min_path_prob > 1.0:  # no path value reaches it
+                    continue
+                policy = replace(policy, min_path_prob=max(policy.min_path_prob, min_path_prob))
+            self.trees[req_ids[row]] = self._grow(
+                req_ids[row], drafting[row], policy, decoding[row], batch.prompt_lengths[row]
+            )
         if budget_can_pay:
             trees = [self.trees[req_ids[row]] for row in budgeted]
             values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(budgeted, trees)]
@@ -186,7 +196,11 @@ class TreeProposer:
             for row, tree, k in zip(budgeted, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
 
-    def _grow(self, req_id: str, drafting: RequestDrafting, tokens: np.ndarray, prompt_length: int) -> DraftTree:
+    def _grow(
+        self, req_id: str, drafting: RequestDrafting, policy: PruningPolicy, tokens: np.ndarray, prompt_length: int
+    ) -> DraftTree:
+        """The request's tree from its drafter, pruned by ``policy`` (its own, or with the
+        budget's floor raised into it)."""
         index = self.indexes.get(req_id)
         if index is None or len(index) > len(tokens):
             index = self.indexes[req_id] = LookupIndex(
@@ -204,7 +218,7 @@ class TreeProposer:
                 sources[name] = self.recycle
             elif name == "suffix" and self.suffix is not None:
                 self.suffix.follow(req_id, tokens, prompt_length)
-                max_nodes = drafting.policy.max_nodes or self.num_speculative_tokens
+                max_nodes = policy.max_nodes or self.num_speculative_tokens
                 sources[name] = self.suffix.tree_drafter(req_id, tokens, max_nodes)
             elif not (name == "suffix" and drafting.drafter == "hybrid"):
                 raise RuntimeError(
@@ -217,7 +231,7 @@ class TreeProposer:
             drafter = hybrid
         else:
             (drafter,) = sources.values()
-        tree, _ = expand_and_prune(shape, drafter, index.tokens, drafting.policy)
+        tree, _ = expand_and_prune(shape, drafter, index.tokens, policy)
         return tree
 
     @property

@@ -82,7 +82,7 @@ class TreeRunnerCore:
         self, forward: Callable[[int], None], max_num_tokens: int, token_counts: Sequence[int] = (1, 8, 32, 64)
     ) -> None:
         """Give the proposer its step cost model: configured, or measured by timing
-        ``forward(n)`` (a forward pass of ``n`` tokens; the fastest of 3) for ``token_counts``,
+        ``forward(n)`` (a forward pass of ``n`` tokens with their logits; the fastest of 3) for ``token_counts``,
         as the prior of an online fit that every served step then updates (:meth:`step_started`,
         :meth:`step_finished`)."""
         configured = self.config.configured_cost_model()

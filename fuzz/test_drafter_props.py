@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tree_attn_backend.drafting.calibration import BinnedCalibration
+from tree_attn_backend.drafting.calibration import IsotonicCalibration
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
@@ -44,10 +44,10 @@ def drafters(draw: st.DrawFn) -> tuple[str, object, list[int]]:
     kind = draw(st.sampled_from([*sources, "hybrid"]))
     if kind in sources:
         return kind, sources[kind], index.tokens
-    calibration = {name: BinnedCalibration() for name in sources}
-    for bins in calibration.values():
-        for ratio in bins.bins:
-            ratio.update(draw(st.floats(0.0, 40.0)), draw(st.floats(0.1, 40.0)))
+    calibration = {name: IsotonicCalibration() for name in sources}
+    for fit in calibration.values():
+        probs = draw(st.lists(st.floats(0.0, 1.0), max_size=20))
+        fit.update(np.array(probs), np.array(draw(st.lists(st.booleans(), min_size=len(probs), max_size=len(probs)))))
     hybrid = HybridDrafter(sources, calibration)
     hybrid.start_tree(index.tokens)
     return kind, hybrid, index.tokens

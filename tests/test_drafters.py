@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tree_attn_backend.drafting.calibration import BinnedCalibration, ReliabilityCounts
+from tree_attn_backend.drafting.calibration import IsotonicCalibration, ReliabilityCounts
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
@@ -63,7 +63,7 @@ class _Fixed:
 
 
 def test_hybrid_merges_by_token_with_noisy_or_and_keeps_children_a_distribution():
-    calibration = {"a": BinnedCalibration(), "b": BinnedCalibration()}
+    calibration = {"a": IsotonicCalibration(), "b": IsotonicCalibration()}
     hybrid = HybridDrafter({"a": _Fixed([(5, 0.5), (6, 0.1)]), "b": _Fixed([(5, 0.4), (9, 0.1)])}, calibration)
     hybrid.start_tree([1])
     children = hybrid.propose_children([1], 3)
@@ -79,7 +79,7 @@ def recycle_prob(token: int) -> float:
 
 
 def test_hybrid_observe_fits_each_source_on_the_nodes_the_target_tested():
-    calibration = {"lookup": BinnedCalibration(prior=1.0), "recycle": BinnedCalibration(prior=1.0)}
+    calibration = {"lookup": IsotonicCalibration(prior=1.0), "recycle": IsotonicCalibration(prior=1.0)}
     index = LookupIndex(1, 2, smoothing=0.0)
     index.extend([1, 2, 3, 1, 2, 3, 1])
     recycle = RecycleTable(vocab_size=10, k=2)
@@ -95,33 +95,36 @@ def test_hybrid_observe_fits_each_source_on_the_nodes_the_target_tested():
     # the lookup is right once on two tested nodes, the recycle table once on two (2 and 4).
     two = root_children[2]
     hybrid.observe(tree, tree.num_nodes - 1, np.array([0, two, -1]))
-    lookup = calibration["lookup"].bins[-1]  # 2 and 3, each p = 1: the top bin
-    assert lookup.observed_num == 1.0 and lookup.observed_den == pytest.approx(2.0)
-    recycle = calibration["recycle"]
-    observed = {b: (r.observed_num, r.observed_den) for b, r in enumerate(recycle.bins) if r.observed_den}
+    lookup = calibration["lookup"]  # 2 and 3, each p = 1: the top bin, one accepted
+    assert lookup.nodes[-1] == 2 and lookup.accepted[-1] == 1 and lookup.nodes[:-1].sum() == 0
+    recycle = calibration["recycle"]  # 2 accepted, 4 not, each in its own bin
     bin_of = {token: int(recycle_prob(token) * 10) for token in (2, 4)}
     assert bin_of[2] != bin_of[4]
-    assert observed == {
-        bin_of[2]: (1.0, pytest.approx(recycle_prob(2))),
-        bin_of[4]: (0.0, pytest.approx(recycle_prob(4))),
-    }
+    np.testing.assert_allclose(recycle.predicted[[bin_of[2], bin_of[4]]], [recycle_prob(2), recycle_prob(4)])
+    assert recycle.accepted[bin_of[2]] == 1 and recycle.accepted[bin_of[4]] == 0 and recycle.nodes.sum() == 2
 
 
-def test_binned_calibration_discounts_each_probability_by_its_own_bin():
-    calibration = BinnedCalibration(num_bins=4, decay=1.0, prior=1.0)
-    assert calibration.calibrate(0.3) == pytest.approx(0.3)  # nothing observed: the identity
-    # Weak candidates (p = 0.1) never accepted, sure ones (p = 1) always: only the weak bin drops.
+def test_isotonic_calibration_is_monotone_and_fits_each_bin():
+    calibration = IsotonicCalibration(num_bins=4, decay=1.0, prior=1.0)
+    probs = np.linspace(0.0, 1.0, 11)
+    np.testing.assert_allclose(calibration.calibrate(probs), probs, atol=1e-12)  # nothing observed: identity
+    # Weak candidates (p = 0.1) never accepted, sure ones (p = 1) always: only the weak end drops.
     calibration.update(np.array([0.1] * 20 + [1.0] * 5), np.array([False] * 20 + [True] * 5))
-    assert calibration.calibrate(0.1) == pytest.approx(0.1 * 1.0 / 3.0)
-    assert calibration.calibrate(1.0) == pytest.approx(1.0)
-    assert calibration.calibrate(0.6) == pytest.approx(0.6)
+    assert calibration.calibrate(0.1) < 0.01 and calibration.calibrate(1.0) > 0.9
+    # Candidates at 0.6 accepted less often than those at 0.3: pooled, the map stays monotone.
+    calibration.update(np.array([0.3] * 10 + [0.6] * 10), np.array([True] * 5 + [False] * 5 + [False] * 10))
+    assert np.all(np.diff(calibration.calibrate(probs)) >= 0.0)
+    assert calibration.calibrate(0.3) == pytest.approx(calibration.calibrate(0.6), abs=0.05)
+    value = float(calibration.calibrate(0.8))
+    assert calibration.calibrate(calibration.min_prob_for(value)) == pytest.approx(value)
+    assert calibration.min_prob_for(0.0) == 0.0 and calibration.min_prob_for(1.5) == float("inf")
     with pytest.raises(ValueError, match="num_bins = 0"):
-        BinnedCalibration(num_bins=0)
+        IsotonicCalibration(num_bins=0)
 
 
 def test_hybrid_needs_a_calibration_per_source():
     with pytest.raises(ValueError, match=r"no calibration for source\(s\) \['b'\]"):
-        HybridDrafter({"b": _Fixed([])}, {"a": BinnedCalibration()})
+        HybridDrafter({"b": _Fixed([])}, {"a": IsotonicCalibration()})
 
 
 def test_reliability_counts_bucket_predictions_with_their_outcomes():

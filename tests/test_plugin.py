@@ -229,11 +229,13 @@ def test_acceptance_calibration_moves_toward_what_the_target_accepted():
     proposer = _proposer()
     drafts = _propose(proposer, [False])
     calibration = proposer.calibration["lookup"]
-    before = calibration.value
+    tree = proposer.trees["r0"]
+    before = proposer.expected_accepted(tree, "lookup")
+    np.testing.assert_allclose(before, tree.path_probs[1:])  # nothing observed: the identity
     for _ in range(20):
-        proposer.record_acceptance(["r0"], [len(drafts[0])], [0], np.array([[0, -1]]))
-    assert calibration.value < before / 2
-    assert calibration.observed_num == 0 and calibration.observed_den > 0
+        proposer.record_acceptance(["r0"], [len(drafts[0])], np.array([[0, -1]]))
+    assert np.all(proposer.expected_accepted(tree, "lookup") < before / 2)
+    assert calibration.accepted.sum() == 0 and calibration.nodes.sum() > 0
     reliability = proposer.reliability["lookup"]
     assert reliability.nodes.sum() == 20 * len(drafts[0]) and reliability.num_accepted == 0
 
@@ -253,7 +255,7 @@ def test_every_drafter_drafts_through_the_proposer_and_frees_its_requests(drafte
     # "3 4 1 2 3", was followed by 5.
     assert drafts[0][0] == (5 if drafter == "suffix" else 4), drafts
     assert proposer.drafter_of["r0"] == drafter
-    proposer.record_acceptance(["r0"], [len(drafts[0])], [1], np.array([[0, 1, -1]]))
+    proposer.record_acceptance(["r0"], [len(drafts[0])], np.array([[0, 1, -1]]))
     assert proposer.reliability[drafter].num_accepted == 1
     proposer.forget("r0")
     assert not proposer.hybrids and not proposer.drafter_of

@@ -1,10 +1,11 @@
 """How far a drafter's probabilities are from what the target accepts.
 
-A node is *tested* when the target accepted its parent: it then accepts at most one of the
-node's children, each with (ideally) the child's draft probability. Summed over tested
-nodes, predicted and accepted counts give a drafter's calibration factor; summed over every
-verified node's path value (the probability that the whole path is accepted), expected and
-accepted tokens per step.
+A node's path value is the drafter's probability that the target accepts the whole path to
+it; a node is *tested* when the target accepted its parent, and then accepts it with (ideally)
+its own draft probability. :class:`IsotonicCalibration` maps either kind of probability to
+what the target accepted (path values of verified nodes for a drafter, a source's own
+probabilities of tested nodes for the hybrid); :class:`ReliabilityCounts` keeps the calibrated
+predictions of verified nodes against the outcome, expected and accepted tokens per step.
 """
 
 from __future__ import annotations
@@ -12,57 +13,88 @@ from __future__ import annotations
 import numpy as np
 
 
-class DecayedRatio:
-    """``(sum of numerators + prior) / (sum of denominators + prior)``, old observations
-    decaying by ``decay`` per update: a calibration factor that starts at 1 and follows drift.
-    With ``decay = 0.98`` the last ~50 updates carry most of the weight."""
+class IsotonicCalibration:
+    """A drafter's probability mapped to how often the target accepts: a non-decreasing,
+    piecewise-linear map fit online.
 
-    def __init__(self, decay: float = 0.98, prior: float = 16.0) -> None:
-        if not 0.0 < decay <= 1.0 or not prior > 0.0:
-            raise ValueError(f"decay = {decay}, prior = {prior}: need 0 < decay <= 1 and prior > 0")
-        self.decay, self.num, self.den = decay, prior, prior
-        self.observed_num, self.observed_den = 0.0, 0.0  # undecayed totals, for reports
+    Observed nodes (a probability and whether the target accepted the node) fall into
+    ``num_bins`` equal probability bins, kept as decayed counts (``decay`` per update, so the
+    map follows drift). Each bin's acceptance rate is shrunk toward the drafter's overall ratio
+    of accepted to predicted (``prior`` pseudo-nodes at the bin's middle probability, accepted
+    at that ratio; the ratio itself starts at 1 with ``prior`` pseudo-nodes), so a bin with
+    few nodes says what the drafter says on the whole, and one with many says what it says
+    there. The rates are made non-decreasing across bins by pooling adjacent violators
+    (isotonic regression, weighted by the counts); the map interpolates linearly through
+    ``(0, 0)``, every bin's ``(mean probability, pooled rate)`` and ``(1, last rate / last
+    mean)``. Monotone, so path values that never increase along a tree stay so.
+    """
 
-    def update(self, numerator: float, denominator: float) -> None:
-        self.num = self.decay * self.num + numerator
-        self.den = self.decay * self.den + denominator
-        self.observed_num += numerator
-        self.observed_den += denominator
-
-    @property
-    def value(self) -> float:
-        return self.num / self.den
-
-
-class BinnedCalibration:
-    """A source's draft probability mapped to what the target accepts: the probabilities are
-    split into ``num_bins`` equal bins, each with its own :class:`DecayedRatio` of accepted over
-    predicted on the tested nodes whose probability fell in it, and ``calibrate(p) = min(1, p *
-    ratio of p's bin)``. One factor for all probabilities would let the many weak candidates
-    set the discount of the few sure ones (a copied answer's next token), and a path's value
-    multiplies that discount at every depth."""
-
-    def __init__(self, num_bins: int = 10, decay: float = 0.98, prior: float = 4.0) -> None:
+    def __init__(self, num_bins: int = 10, decay: float = 0.99, prior: float = 4.0) -> None:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
             raise ValueError(f"num_bins = {num_bins!r}: must be an integer >= 1")
-        self.bins = [DecayedRatio(decay, prior) for _ in range(num_bins)]
+        if not 0.0 < decay <= 1.0 or not prior > 0.0:
+            raise ValueError(f"decay = {decay}, prior = {prior}: need 0 < decay <= 1 and prior > 0")
+        self.decay, self.prior = decay, prior
+        self.middles = (np.arange(num_bins) + 0.5) / num_bins
+        # Observed (decayed) per bin: nodes, sum of their probabilities, accepted nodes.
+        self.nodes = np.zeros(num_bins)
+        self.predicted = np.zeros(num_bins)
+        self.accepted = np.zeros(num_bins)
+        self._fit()
 
-    def _bin(self, probs: np.ndarray) -> np.ndarray:
-        return np.minimum((probs * len(self.bins)).astype(np.int64), len(self.bins) - 1)
+    def _fit(self) -> None:
+        ratio = (self.accepted.sum() + self.prior) / (self.predicted.sum() + self.prior)
+        weights = self.nodes + self.prior
+        rates = (self.accepted + self.prior * self.middles * ratio) / weights
+        # Pool adjacent violators: blocks of bins with one rate, merged while a rate decreases.
+        block_rates: list[float] = []
+        block_weights: list[float] = []
+        block_sizes: list[int] = []
+        for rate, weight in zip(rates.tolist(), weights.tolist()):
+            block_rates.append(rate)
+            block_weights.append(weight)
+            block_sizes.append(1)
+            while len(block_rates) > 1 and block_rates[-2] > block_rates[-1]:
+                w = block_weights[-2] + block_weights[-1]
+                r = (block_rates[-2] * block_weights[-2] + block_rates[-1] * block_weights[-1]) / w
+                size = block_sizes[-2] + block_sizes[-1]
+                del block_rates[-1], block_weights[-1], block_sizes[-1]
+                block_rates[-1], block_weights[-1], block_sizes[-1] = r, w, size
+        pooled = np.repeat(block_rates, block_sizes)
+        means = (self.predicted + self.prior * self.middles) / weights  # in (0, 1)
+        # Beyond the last bin's mean, the last bin's ratio carries on to probability 1.
+        self.knots_x = np.concatenate([[0.0], means, [1.0]])
+        self.knots_y = np.minimum(np.concatenate([[0.0], pooled, [pooled[-1] / means[-1]]]), 1.0)
 
-    def calibrate(self, prob: float) -> float:
-        """The calibrated probability of a draft probability ``prob`` in ``[0, 1]``."""
-        return min(1.0, prob * self.bins[min(int(prob * len(self.bins)), len(self.bins) - 1)].value)
+    def calibrate(self, probs: np.ndarray | float) -> np.ndarray:
+        """Calibrated values of draft probabilities in ``[0, 1]`` (same shape, float64)."""
+        return np.interp(probs, self.knots_x, self.knots_y)
+
+    def min_prob_for(self, value: float) -> float:
+        """The smallest probability whose calibrated value is at least ``value`` (``inf``
+        when none is)."""
+        if value <= 0.0:
+            return 0.0
+        above = np.flatnonzero(self.knots_y >= value)
+        if above.size == 0:
+            return float("inf")
+        i = int(above[0])  # >= 1: knots_y[0] = 0 < value
+        x0, x1, y0, y1 = self.knots_x[i - 1], self.knots_x[i], self.knots_y[i - 1], self.knots_y[i]
+        return float(x0 + (x1 - x0) * (value - y0) / (y1 - y0))
 
     def update(self, probs: np.ndarray, accepted: np.ndarray) -> None:
-        """Tested nodes: float ``[n]`` their draft probabilities in ``[0, 1]``, bool ``[n]``
-        whether the target accepted each; every bin that holds one of them is updated."""
+        """Observed nodes: float ``[n]`` their probabilities in ``[0, 1]``, bool ``[n]``
+        whether the target accepted each."""
         probs = np.asarray(probs, dtype=np.float64)
-        bins = self._bin(probs)
-        predicted = np.bincount(bins, weights=probs, minlength=len(self.bins))
-        hits = np.bincount(bins, weights=np.asarray(accepted, dtype=np.float64), minlength=len(self.bins))
-        for b in np.flatnonzero(np.bincount(bins, minlength=len(self.bins))).tolist():
-            self.bins[b].update(float(hits[b]), float(predicted[b]))
+        if probs.size == 0:
+            return
+        bins = np.minimum((probs * self.nodes.size).astype(np.int64), self.nodes.size - 1)
+        n = self.nodes.size
+        self.nodes = self.decay * self.nodes + np.bincount(bins, minlength=n)
+        self.predicted = self.decay * self.predicted + np.bincount(bins, weights=probs, minlength=n)
+        hits = np.asarray(accepted, dtype=np.float64)
+        self.accepted = self.decay * self.accepted + np.bincount(bins, weights=hits, minlength=n)
+        self._fit()
 
 
 class ReliabilityCounts:

@@ -2,10 +2,9 @@
 
 For a node, every source proposes ``(token, probability)`` children; the hybrid merges them by
 token. A source's probability ``p_s`` is first calibrated by that source's
-:class:`~tree_attn_backend.drafting.calibration.BinnedCalibration` ``c_s`` (accepted over
-predicted per probability bin, on the tested nodes it proposed: nodes whose parent the target
-accepted), then the sources are combined as independent evidence that the target picks the
-token (noisy-OR):
+:class:`~tree_attn_backend.drafting.calibration.IsotonicCalibration` ``c_s`` (fit on the tested
+nodes it proposed: nodes whose parent the target accepted), then the sources are combined as
+independent evidence that the target picks the token (noisy-OR):
 
     p = 1 - prod_s (1 - c_s(p_s))
 
@@ -21,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from tree_attn_backend.drafting.calibration import BinnedCalibration
+from tree_attn_backend.drafting.calibration import IsotonicCalibration
 from tree_attn_backend.drafting.drafter import Drafter
 from tree_attn_backend.drafting.tree import DraftTree
 
@@ -31,7 +30,7 @@ class HybridDrafter:
     request, like the recycle table), with factors in ``calibration`` by source name (shared
     too, so every request's verifications fit them)."""
 
-    def __init__(self, sources: Mapping[str, Drafter], calibration: Mapping[str, BinnedCalibration]) -> None:
+    def __init__(self, sources: Mapping[str, Drafter], calibration: Mapping[str, IsotonicCalibration]) -> None:
         missing = sorted(set(sources) - set(calibration))
         if missing:
             raise ValueError(f"no calibration for source(s) {missing}")
@@ -59,7 +58,7 @@ class HybridDrafter:
         for token, probs in by_token.items():
             miss = 1.0
             for name, prob in probs.items():
-                miss *= 1.0 - self.calibration[name].calibrate(prob)
+                miss *= 1.0 - float(self.calibration[name].calibrate(prob))
             combined[token] = 1.0 - miss
             self._proposed[(*path, token)] = probs
         total = sum(combined.values())

@@ -182,3 +182,61 @@ def allocate_verify_budget(path_values: Sequence[np.ndarray], num_decoding: int,
         np.argmax(_expected_throughput(num_decoding, accepted, k, cost))
     )  # first maximum: ties go to fewer tokens
     return np.bincount(owner[order[:best]], minlength=len(counts)).astype(np.int64)
+
+
+def budget_gain(num_decoding: int, accepted: float, num_draft: int, cost: VerifyCostModel) -> float:
+    """The relative throughput gain the budget expects from its choice: ``r(k) / r(0) - 1``
+    for ``num_draft`` kept nodes expected to yield ``accepted`` tokens (0 without drafts)."""
+    if num_decoding < 1 or num_draft == 0:
+        return 0.0
+    rate = (num_decoding + accepted) / float(cost.step_time(num_decoding, num_draft))
+    return rate / (num_decoding / float(cost.step_time(num_decoding, 0))) - 1.0
+
+
+class DraftingGate:
+    """Whether growing the budgeted trees pays for the host time it takes.
+
+    The budget weighs every node against its verify cost, but growing the trees (every
+    drafter's queries) and recording the target's candidates take host time each step, whether
+    or not the budget keeps a node. The gate compares the budget's expected gain
+    (:func:`budget_gain`) with that host time relative to the step without drafts, on the last
+    step that drafted and as decayed means over the steps that drafted. While the gain is the
+    smaller on both, steps are served without drafting, except every ``probe_every``-th, which
+    drafts to measure again; one probe that pays opens the gate (good drafts come in runs, a
+    copied passage, so a chance is taken at once). Only speed depends on it: the tokens are
+    the target's either way.
+    """
+
+    def __init__(self, probe_every: int = 8, decay: float = 0.8) -> None:
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
+            raise ValueError(f"probe_every = {probe_every!r}: must be an integer >= 1")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay = {decay}: must be in [0, 1)")
+        self.probe_every, self.decay = probe_every, decay
+        self.reset()
+
+    def reset(self) -> None:
+        """No step observed: drafting is on."""
+        self.gain: float | None = None
+        self.overhead = 0.0
+        self._last_pays = True
+        self._skipped = 0
+
+    def observe(self, gain: float, overhead: float) -> None:
+        """A step that drafted: the budget's expected relative gain and the drafting host
+        time over the step's time without drafts."""
+        self._last_pays = gain > overhead
+        if self.gain is None:
+            self.gain, self.overhead = gain, overhead
+        else:
+            self.gain = self.decay * self.gain + (1.0 - self.decay) * gain
+            self.overhead = self.decay * self.overhead + (1.0 - self.decay) * overhead
+
+    def draft_next_step(self) -> bool:
+        """Called once per step: whether the next one drafts."""
+        pays = self._last_pays or self.gain is None or self.gain > self.overhead
+        if pays or self._skipped + 1 >= self.probe_every:
+            self._skipped = 0
+            return True
+        self._skipped += 1
+        return False

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from tree_attn_backend.drafting.calibration import BinnedCalibration, DecayedRatio, ReliabilityCounts
+from tree_attn_backend.drafting.calibration import IsotonicCalibration, ReliabilityCounts
 from tree_attn_backend.drafting.drafter import Drafter
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
@@ -26,9 +27,11 @@ from tree_attn_backend.drafting.suffix_drafter import SuffixCache
 from tree_attn_backend.drafting.tree import DraftTree
 from tree_attn_backend.drafting.tree_shape import TreeShape
 from tree_attn_backend.drafting.verify_budget import (
+    DraftingGate,
     OnlineCostFit,
     VerifyCostModel,
     allocate_verify_budget,
+    budget_gain,
     drafts_can_pay,
     min_kept_value,
 )
@@ -90,6 +93,10 @@ class TreeProposer:
         self._warned_no_suffix = False
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
         self.cost_model: VerifyCostModel | OnlineCostFit | None = None
+        # Whether growing the budgeted trees pays for its host time (decided step by step).
+        self.gate = DraftingGate()
+        self.draft_this_step = True
+        self._recording_ms = 0.0
         self.reset_calibration()
         self._batch: BoundBatch | None = None
 
@@ -97,10 +104,13 @@ class TreeProposer:
         """Nothing to load: the drafter reads the requests' own tokens."""
 
     def reset_learned_state(self) -> None:
-        """Forget what serving has taught the budget: the online cost fit back to its prior
-        and the acceptance calibration back to 1 (benchmarks start every mode from here)."""
+        """Forget what serving has taught the budget: the online cost fit back to its prior,
+        the drafting gate open, the acceptance calibration back to 1 (benchmarks start every
+        mode from here)."""
         if isinstance(self.cost_model, OnlineCostFit):
             self.cost_model.reset()
+        self.gate.reset()
+        self.draft_this_step = True
         self.reset_calibration()
         if self.recycle is not None:
             self.recycle.reset()
@@ -108,17 +118,19 @@ class TreeProposer:
             self.suffix.reset()
 
     def reset_calibration(self) -> None:
-        """Every drafter's calibration (accepted over expected tokens: the budget scales path
-        values by it) and the hybrid's per-source factors (one per probability bin) back to 1."""
-        self.calibration = {name: DecayedRatio() for name in DRAFTERS}
-        self.source_calibration = {name: BinnedCalibration() for name in SOURCES_OF["hybrid"]}
+        """Every drafter's calibration (its path values mapped to how often the target accepts
+        such a node: the budget's node values) and the hybrid's per-source calibrations back to
+        the identity."""
+        self.calibration = {name: IsotonicCalibration() for name in DRAFTERS}
+        self.source_calibration = {name: IsotonicCalibration() for name in SOURCES_OF["hybrid"]}
         # Per drafter, the calibrated predictions of every verified node against the outcome.
         self.reliability = {name: ReliabilityCounts() for name in DRAFTERS}
 
     def expected_accepted(self, tree: DraftTree, drafter: str) -> np.ndarray:
-        """float ``[n]``: each draft node's expected acceptance, its path value times the
-        drafter's calibration (at most 1), in the tree's node order (root excluded)."""
-        return np.minimum(tree.path_probs[1:] * self.calibration[drafter].value, 1.0)
+        """float ``[n]``: each draft node's expected acceptance, its path value through the
+        drafter's calibration, in the tree's node order (root excluded; non-increasing when
+        the path values are, the calibration being monotone)."""
+        return self.calibration[drafter].calibrate(tree.path_probs[1:])
 
     def drafting_for(self, config: TreePrunedConfig, verification: Verification) -> RequestDrafting:
         """A request's drafting from its (per-request) config."""
@@ -168,39 +180,58 @@ class TreeProposer:
     def _draft(self, batch: BoundBatch, contexts: list[np.ndarray | None]) -> None:
         """This step's tree of every drafted request into ``self.trees``: grown, pruned and cut
         by the batch budget. ``contexts``: per row, its tokens so far (``None``: not decoding)."""
+        started = time.perf_counter()
         req_ids, drafting = batch.req_ids, batch.drafting
         decoding = {row: context for row, context in enumerate(contexts) if context is not None}
         drafted = [row for row in decoding if drafting[row].verification is not Verification.NONE]
         budgeted = [row for row in drafted if drafting[row].batch_budget]
+        # The budgeted rows draft this step unless the gate closed (then they are not grown).
+        cost = self.cost_model_now if budgeted and self.draft_this_step else None
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
-        best_scale = max((self.calibration[drafting[row].drafter].value for row in budgeted), default=1.0)
-        budget_can_pay = bool(budgeted) and drafts_can_pay(len(decoding), max_budgeted, self.cost_model_now, best_scale)
-        # Nodes the budget would drop anyway are not grown (the budget's choice is the same).
-        floor = min_kept_value(len(decoding), self.cost_model_now) if budget_can_pay else math.inf
+        best_scale = max(
+            (float(self.calibration[drafting[row].drafter].calibrate(1.0)) for row in budgeted), default=1.0
+        )
+        floor = math.inf
+        if cost is not None and drafts_can_pay(len(decoding), max_budgeted, cost, best_scale):
+            # Nodes the budget would drop anyway are not grown (the budget's choice is the same).
+            floor = min_kept_value(len(decoding), cost)
+        grown = []  # the budgeted rows with a tree
         for row in drafted:
+            if self.suffix is not None and "suffix" in SOURCES_OF[drafting[row].drafter]:
+                # Every step, grown or not: the shared cache learns every request's output.
+                self.suffix.follow(req_ids[row], decoding[row], batch.prompt_lengths[row])
             policy = drafting[row].policy
             if drafting[row].batch_budget:
-                scale = self.calibration[drafting[row].drafter].value
-                min_path_prob = floor / scale if scale > 0.0 else math.inf
+                min_path_prob = self.calibration[drafting[row].drafter].min_prob_for(floor)
                 if min_path_prob > 1.0:  # no path value reaches it
                     continue
                 policy = replace(policy, min_path_prob=max(policy.min_path_prob, min_path_prob))
-            self.trees[req_ids[row]] = self._grow(
-                req_ids[row], drafting[row], policy, decoding[row], batch.prompt_lengths[row]
-            )
-        if budget_can_pay:
-            trees = [self.trees[req_ids[row]] for row in budgeted]
-            values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(budgeted, trees)]
-            keep = allocate_verify_budget(values, len(decoding), self.cost_model_now)
-            for row, tree, k in zip(budgeted, trees, keep.tolist()):
+                grown.append(row)
+            self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], policy, decoding[row])
+        gain = 0.0
+        if grown and cost is not None:
+            trees = [self.trees[req_ids[row]] for row in grown]
+            values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(grown, trees)]
+            keep = allocate_verify_budget(values, len(decoding), cost)
+            for row, tree, k in zip(grown, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
+            accepted = sum(float(v[:k].sum()) for v, k in zip(values, keep.tolist()))
+            gain = budget_gain(len(decoding), accepted, int(keep.sum()), cost)
+        if cost is not None:
+            host_ms = (time.perf_counter() - started) * 1e3 + self._recording_ms
+            self.gate.observe(gain, host_ms / float(cost.step_time(len(decoding), 0)))
+        self._recording_ms = 0.0
+        self.draft_this_step = self.gate.draft_next_step()
 
-    def _grow(
-        self, req_id: str, drafting: RequestDrafting, policy: PruningPolicy, tokens: np.ndarray, prompt_length: int
-    ) -> DraftTree:
-        """The request's tree from its drafter, pruned by ``policy`` (its own, or with the
-        budget's floor raised into it)."""
+    def record_host_time(self, ms: float) -> None:
+        """Host time spent this step for the drafters outside :meth:`propose` (recording the
+        target's candidates): part of what the gate weighs against the budget's gain."""
+        self._recording_ms += ms
+
+    def _grow(self, req_id: str, drafting: RequestDrafting, policy: PruningPolicy, tokens: np.ndarray) -> DraftTree:
+        """The request's tree from its drafter (the suffix cache has followed ``tokens``),
+        pruned by ``policy`` (its own, or with the budget's floor raised into it)."""
         index = self.indexes.get(req_id)
         if index is None or len(index) > len(tokens):
             index = self.indexes[req_id] = LookupIndex(
@@ -217,7 +248,6 @@ class TreeProposer:
             elif name == "recycle" and self.recycle is not None:
                 sources[name] = self.recycle
             elif name == "suffix" and self.suffix is not None:
-                self.suffix.follow(req_id, tokens, prompt_length)
                 max_nodes = policy.max_nodes or self.num_speculative_tokens
                 sources[name] = self.suffix.tree_drafter(req_id, tokens, max_nodes)
             elif not (name == "suffix" and drafting.drafter == "hybrid"):
@@ -240,31 +270,28 @@ class TreeProposer:
             raise RuntimeError("the batch budget needs a cost model; the TREE_PRUNED runner sets it at start-up")
         return self.cost_model.model() if isinstance(self.cost_model, OnlineCostFit) else self.cost_model
 
-    def record_acceptance(
-        self, req_ids: Sequence[str], num_verified: np.ndarray, num_accepted: np.ndarray, accepted_nodes: np.ndarray
-    ) -> None:
-        """After verification: calibrates each drafter's path values (expected accepted
-        tokens) against what the target accepted, records the calibrated predictions of the
-        verified nodes with their outcome, and fits the hybrid's sources on the nodes the
-        target tested. ``num_verified`` / ``num_accepted``: int ``[len(req_ids)]`` draft nodes
-        verified and accepted per request; ``accepted_nodes``: int ``[len(req_ids), D+1]`` the
-        accepted paths' nodes, root first, ``-1`` padded."""
-        expected = dict.fromkeys(DRAFTERS, 0.0)
-        accepted = dict.fromkeys(DRAFTERS, 0.0)
+    def record_acceptance(self, req_ids: Sequence[str], num_verified: np.ndarray, accepted_nodes: np.ndarray) -> None:
+        """After verification: records the calibrated predictions of the verified nodes with
+        their outcome, fits each drafter's calibration on its verified nodes' path values and
+        outcomes, and the hybrid's sources on the nodes the target tested. ``num_verified``:
+        int ``[len(req_ids)]`` draft nodes verified per request; ``accepted_nodes``: int
+        ``[len(req_ids), D+1]`` the accepted paths' nodes, root first, ``-1`` padded."""
+        path_values: dict[str, list[np.ndarray]] = {}
+        outcomes: dict[str, list[np.ndarray]] = {}
         for i, req_id in enumerate(req_ids):
             tree, name = self.trees.get(req_id), self.drafter_of.get(req_id)
             if tree is None or name is None:  # no tree, or one no drafter grew (a benchmark's synthetic tree)
                 continue
             verified = int(num_verified[i])
-            expected[name] += float(tree.path_probs[1 : verified + 1].sum())
-            accepted[name] += float(num_accepted[i])
-            nodes = np.arange(1, verified + 1)
-            self.reliability[name].add(self.expected_accepted(tree, name)[:verified], np.isin(nodes, accepted_nodes[i]))
+            hit = np.isin(np.arange(1, verified + 1), accepted_nodes[i])
+            self.reliability[name].add(self.expected_accepted(tree, name)[:verified], hit)
+            path_values.setdefault(name, []).append(tree.path_probs[1 : verified + 1])
+            outcomes.setdefault(name, []).append(hit)
             if name == "hybrid":
                 self.hybrids[req_id].observe(tree, verified, accepted_nodes[i])
-        for name, total in expected.items():
-            if total > 0.0:
-                self.calibration[name].update(accepted[name], total)
+        # After the reliability counts, which hold the predictions the budget used.
+        for name, values in path_values.items():
+            self.calibration[name].update(np.concatenate(values), np.concatenate(outcomes[name]))
 
     def tree_for(self, req_id: str, scheduled: Sequence[int]) -> DraftTree | None:
         """The tree behind a request's scheduled drafts (a prefix of its node list), or

@@ -10,11 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tree_attn_backend.drafting.verify_budget import (
-    DraftingGate,
     OnlineCostFit,
     VerifyCostModel,
     allocate_verify_budget,
-    budget_gain,
     min_kept_value,
 )
 
@@ -106,30 +104,3 @@ def test_online_fit_recovers_the_served_cost_and_starts_at_the_prior():
         assert getattr(got, name) == pytest.approx(getattr(truth, name), rel=0.05, abs=0.5), name
     with pytest.raises(ValueError, match="decay = 0"):
         OnlineCostFit(prior, decay=0)
-
-
-def test_budget_gain_is_the_expected_throughput_ratio():
-    cost = VerifyCostModel(step_ms=40.0, token_ms=2.0, draft_token_ms=2.0, draft_step_ms=1.0)
-    no_draft = 4 / (40.0 + 8.0)
-    assert budget_gain(4, 1.5, 3, cost) == pytest.approx((5.5 / (48.0 + 6.0 + 1.0)) / no_draft - 1.0)
-    assert budget_gain(4, 0.0, 0, cost) == 0.0
-    assert budget_gain(4, 0.1, 3, cost) < 0.0  # drafts that cost more than they yield
-
-
-def test_drafting_gate_closes_while_the_gain_is_below_the_host_time_and_probes():
-    gate = DraftingGate(probe_every=4, decay=0.5)
-    assert gate.draft_next_step()  # nothing observed: drafting is on
-    gate.observe(gain=0.01, overhead=0.05)
-    decisions = [gate.draft_next_step() for _ in range(8)]
-    assert decisions == [False, False, False, True] * 2  # every 4th step probes
-    gate.observe(gain=0.08, overhead=0.05)  # this probe pays: open at once (means 0.045 vs 0.05)
-    assert gate.draft_next_step() and gate.draft_next_step()
-    gate.observe(gain=0.0, overhead=0.05)  # neither the last step nor the means pay
-    assert not gate.draft_next_step()
-    gate.observe(gain=0.3, overhead=0.05)
-    gate.observe(gain=0.0, overhead=0.05)  # the last did not pay, but the means do
-    assert gate.draft_next_step()
-    gate.reset()
-    assert gate.gain is None and gate.draft_next_step()
-    with pytest.raises(ValueError, match="probe_every = 0"):
-        DraftingGate(probe_every=0)

@@ -278,8 +278,7 @@ class TreeRunnerHooks(_RunnerBase):
     def _sample(self, logits: torch.Tensor, spec_decode_metadata: Any) -> Any:
         self._discarded_states = _discarded_sample_states(self)
         step, self._step_trees = self._step_trees, None
-        # A request uses the recycle table, and the proposer drafts after this step.
-        if self.tree is not None and self.tree.proposer.recycle is not None and self.tree.proposer.draft_this_step:
+        if self.tree is not None and self.tree.proposer.recycle is not None:  # a request uses it
             num_reqs = self.input_batch.num_reqs
             cu_num_sampled = (
                 np.arange(1, num_reqs + 1)

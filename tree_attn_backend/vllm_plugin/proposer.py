@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,11 +26,9 @@ from tree_attn_backend.drafting.suffix_drafter import SuffixCache
 from tree_attn_backend.drafting.tree import DraftTree
 from tree_attn_backend.drafting.tree_shape import TreeShape
 from tree_attn_backend.drafting.verify_budget import (
-    DraftingGate,
     OnlineCostFit,
     VerifyCostModel,
     allocate_verify_budget,
-    budget_gain,
     drafts_can_pay,
     min_kept_value,
 )
@@ -93,10 +90,6 @@ class TreeProposer:
         self._warned_no_suffix = False
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
         self.cost_model: VerifyCostModel | OnlineCostFit | None = None
-        # Whether growing the budgeted trees pays for its host time (decided step by step).
-        self.gate = DraftingGate()
-        self.draft_this_step = True
-        self._recording_ms = 0.0
         self.reset_calibration()
         self._batch: BoundBatch | None = None
 
@@ -104,13 +97,11 @@ class TreeProposer:
         """Nothing to load: the drafter reads the requests' own tokens."""
 
     def reset_learned_state(self) -> None:
-        """Forget what serving has taught the budget: the online cost fit back to its prior,
-        the drafting gate open, the acceptance calibration back to 1 (benchmarks start every
-        mode from here)."""
+        """Forget what serving has taught the budget: the online cost fit back to its prior
+        and the acceptance calibration back to the identity (benchmarks start every mode from
+        here)."""
         if isinstance(self.cost_model, OnlineCostFit):
             self.cost_model.reset()
-        self.gate.reset()
-        self.draft_this_step = True
         self.reset_calibration()
         if self.recycle is not None:
             self.recycle.reset()
@@ -180,13 +171,11 @@ class TreeProposer:
     def _draft(self, batch: BoundBatch, contexts: list[np.ndarray | None]) -> None:
         """This step's tree of every drafted request into ``self.trees``: grown, pruned and cut
         by the batch budget. ``contexts``: per row, its tokens so far (``None``: not decoding)."""
-        started = time.perf_counter()
         req_ids, drafting = batch.req_ids, batch.drafting
         decoding = {row: context for row, context in enumerate(contexts) if context is not None}
         drafted = [row for row in decoding if drafting[row].verification is not Verification.NONE]
         budgeted = [row for row in drafted if drafting[row].batch_budget]
-        # The budgeted rows draft this step unless the gate closed (then they are not grown).
-        cost = self.cost_model_now if budgeted and self.draft_this_step else None
+        cost = self.cost_model_now if budgeted else None
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
         best_scale = max(
@@ -209,25 +198,12 @@ class TreeProposer:
                 policy = replace(policy, min_path_prob=max(policy.min_path_prob, min_path_prob))
                 grown.append(row)
             self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], policy, decoding[row])
-        gain = 0.0
         if grown and cost is not None:
             trees = [self.trees[req_ids[row]] for row in grown]
             values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(grown, trees)]
             keep = allocate_verify_budget(values, len(decoding), cost)
             for row, tree, k in zip(grown, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
-            accepted = sum(float(v[:k].sum()) for v, k in zip(values, keep.tolist()))
-            gain = budget_gain(len(decoding), accepted, int(keep.sum()), cost)
-        if cost is not None:
-            host_ms = (time.perf_counter() - started) * 1e3 + self._recording_ms
-            self.gate.observe(gain, host_ms / float(cost.step_time(len(decoding), 0)))
-        self._recording_ms = 0.0
-        self.draft_this_step = self.gate.draft_next_step()
-
-    def record_host_time(self, ms: float) -> None:
-        """Host time spent this step for the drafters outside :meth:`propose` (recording the
-        target's candidates): part of what the gate weighs against the budget's gain."""
-        self._recording_ms += ms
 
     def _grow(self, req_id: str, drafting: RequestDrafting, policy: PruningPolicy, tokens: np.ndarray) -> DraftTree:
         """The request's tree from its drafter (the suffix cache has followed ``tokens``),

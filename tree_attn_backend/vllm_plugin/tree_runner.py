@@ -175,7 +175,7 @@ class TreeRunnerCore:
     ) -> None:
         """Feed the target's next-token distributions of this step to the recycle table (which
         exists once a request uses it): row ``b``'s sampled positions are its last ``count_b``
-        query tokens. Its host time counts toward the proposer's drafting gate.
+        query tokens.
 
         Args:
             query_start: int ``[B+1]`` query token offsets of the batch rows.
@@ -186,11 +186,9 @@ class TreeRunnerCore:
         recycle = self.proposer.recycle
         if recycle is None:
             raise RuntimeError("no recycle table: no request has asked for the recycle or hybrid drafter")
-        started = time.perf_counter()
         counts = np.diff(cu_num_sampled, prepend=0).astype(np.int64)
         positions = segment_arange(query_start[1:] - counts, counts)
         recycle.record(input_ids[torch.from_numpy(positions)], logits[: positions.shape[0]])
-        self.proposer.record_host_time((time.perf_counter() - started) * 1e3)
 
     def verify(
         self,
@@ -289,12 +287,6 @@ class _TreeStats:
             )
             if proposer.cost_model is not None:
                 logger.info("tree_pruned: budget cost model %s", proposer.cost_model_now)
-            if proposer.gate.gain is not None:
-                logger.info(
-                    "tree_pruned: drafting gate: expected gain %.3f vs drafting host time %.3f of a step",
-                    proposer.gate.gain,
-                    proposer.gate.overhead,
-                )
             for name, counts in proposer.reliability.items():
                 if counts.nodes.any():
                     logger.info(

@@ -13,6 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def probability_bins(probs: np.ndarray, num_bins: int) -> np.ndarray:
+    """int64 bin of each probability in ``[0, 1]`` among ``num_bins`` equal bins (1 falls in
+    the last)."""
+    return np.minimum((probs * num_bins).astype(np.int64), num_bins - 1)
+
+
 class IsotonicCalibration:
     """A drafter's probability mapped to how often the target accepts: a non-decreasing,
     piecewise-linear map fit online.
@@ -88,8 +94,8 @@ class IsotonicCalibration:
         probs = np.asarray(probs, dtype=np.float64)
         if probs.size == 0:
             return
-        bins = np.minimum((probs * self.nodes.size).astype(np.int64), self.nodes.size - 1)
         n = self.nodes.size
+        bins = probability_bins(probs, n)
         self.nodes = self.decay * self.nodes + np.bincount(bins, minlength=n)
         self.predicted = self.decay * self.predicted + np.bincount(bins, weights=probs, minlength=n)
         hits = np.asarray(accepted, dtype=np.float64)
@@ -119,7 +125,7 @@ class ReliabilityCounts:
             raise ValueError(f"predicted {predicted.shape} and accepted {accepted.shape} must be equal 1-D shapes")
         if predicted.size and not (predicted.min() >= 0.0 and predicted.max() <= 1.0):
             raise ValueError(f"predicted values in [{predicted.min()}, {predicted.max()}]: must lie in [0, 1]")
-        buckets = np.minimum((predicted * self.nodes.size).astype(np.int64), self.nodes.size - 1)
+        buckets = probability_bins(predicted, self.nodes.size)
         self.nodes += np.bincount(buckets, minlength=self.nodes.size)
         self.predicted += np.bincount(buckets, weights=predicted, minlength=self.nodes.size)
         self.accepted += np.bincount(buckets, weights=accepted, minlength=self.nodes.size).astype(np.int64)

@@ -177,14 +177,15 @@ class TreeProposer:
         budgeted = [row for row in drafted if drafting[row].batch_budget]
         cost = self.cost_model_now if budgeted else None
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
+        budgeted_drafters = {drafting[row].drafter for row in budgeted}
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
-        best_scale = max(
-            (float(self.calibration[drafting[row].drafter].calibrate(1.0)) for row in budgeted), default=1.0
-        )
+        best_scale = max((float(self.calibration[name].calibrate(1.0)) for name in budgeted_drafters), default=1.0)
         floor = math.inf
         if cost is not None and drafts_can_pay(len(decoding), max_budgeted, cost, best_scale):
             # Nodes the budget would drop anyway are not grown (the budget's choice is the same).
             floor = min_kept_value(len(decoding), cost)
+        # Per drafter, the path value whose calibrated value reaches the floor (inf: none does).
+        min_path_prob_of = {name: self.calibration[name].min_prob_for(floor) for name in budgeted_drafters}
         grown = []  # the budgeted rows with a tree
         for row in drafted:
             if self.suffix is not None and "suffix" in SOURCES_OF[drafting[row].drafter]:
@@ -192,7 +193,7 @@ class TreeProposer:
                 self.suffix.follow(req_ids[row], decoding[row], batch.prompt_lengths[row])
             policy = drafting[row].policy
             if drafting[row].batch_budget:
-                min_path_prob = self.calibration[drafting[row].drafter].min_prob_for(floor)
+                min_path_prob = min_path_prob_of[drafting[row].drafter]
                 if min_path_prob > 1.0:  # no path value reaches it
                     continue
                 policy = replace(policy, min_path_prob=max(policy.min_path_prob, min_path_prob))

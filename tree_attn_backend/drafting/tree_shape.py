@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -74,13 +75,20 @@ class TreeShape:
         index = {p: i for i, p in enumerate(ordered)}
         parents = np.array([-1] + [index[p[:-1]] for p in ordered[1:]], dtype=np.int32)
         ranks = np.array([0] + [p[-1] for p in ordered[1:]], dtype=np.int32)
-        return cls(paths=tuple(ordered), parents=parents, ranks=ranks, depths=depths_from_parents(parents))
+        depths = depths_from_parents(parents)
+        for array in (parents, ranks, depths):  # shapes are shared (parse caches them): immutable
+            array.setflags(write=False)
+        return cls(paths=tuple(ordered), parents=parents, ranks=ranks, depths=depths)
 
     @classmethod
     def parse(cls, text: str) -> TreeShape:
         """Parse vLLM's ``speculative_token_tree`` string. Only literals are read (no eval)."""
         if not isinstance(text, str):
             raise ValueError(f"speculative_token_tree must be a string, got {type(text).__name__}")
+        return _parse_cached(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> TreeShape:
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError) as exc:
@@ -111,3 +119,9 @@ class TreeShape:
     def to_text(self) -> str:
         """The ``speculative_token_tree`` string for this shape."""
         return "[" + ", ".join(repr(p) for p in self.paths[1:]) + "]"
+
+
+@lru_cache(maxsize=64)
+def _parse_cached(text: str) -> TreeShape:
+    """Every request's config parses its shape text; the same text gives the same shape."""
+    return TreeShape._parse(text)

@@ -186,6 +186,7 @@ class TreeProposer:
             floor = min_kept_value(len(decoding), cost)
         # Per drafter, the path value whose calibrated value reaches the floor (inf: none does).
         min_path_prob_of = {name: self.calibration[name].min_prob_for(floor) for name in budgeted_drafters}
+        raised: dict[tuple[PruningPolicy, float], PruningPolicy] = {}  # built once per step, not per row
         grown = []  # the budgeted rows with a tree
         for row in drafted:
             if self.suffix is not None and "suffix" in SOURCES_OF[drafting[row].drafter]:
@@ -196,7 +197,10 @@ class TreeProposer:
                 min_path_prob = min_path_prob_of[drafting[row].drafter]
                 if min_path_prob > 1.0:  # no path value reaches it
                     continue
-                policy = replace(policy, min_path_prob=max(policy.min_path_prob, min_path_prob))
+                key = (policy, min_path_prob)
+                if key not in raised:
+                    raised[key] = replace(policy, min_path_prob=max(policy.min_path_prob, min_path_prob))
+                policy = raised[key]
                 grown.append(row)
             self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], policy, decoding[row])
         if grown and cost is not None:

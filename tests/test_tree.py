@@ -25,7 +25,13 @@ def test_depths_and_path_probs():
 def test_every_prefix_is_a_tree():
     t = tree([-1, 0, 0, 1, 3, 2])
     for n in range(1, t.num_nodes + 1):
-        assert t.truncate(n).num_nodes == n
+        prefix = t.truncate(n)
+        checked = DraftTree(parents=t.parents[:n], tokens=t.tokens[:n], probs=t.probs[:n])  # validated
+        for name in ("parents", "tokens", "probs", "depths"):
+            assert np.array_equal(getattr(prefix, name), getattr(checked, name))
+            assert getattr(prefix, name).dtype == getattr(checked, name).dtype
+            assert not getattr(prefix, name).flags.writeable
+        assert np.array_equal(prefix.path_probs, t.path_probs[:n])
     with pytest.raises(ValueError, match="num_nodes = 0"):
         t.truncate(0)
 
@@ -63,6 +69,25 @@ def test_forest_depths_and_flat_trees():
     flat = FlatTrees.from_trees([tree([-1, 0]), tree([-1, 0, 0])])
     assert flat.global_parents().tolist() == [-1, 0, -1, 2, 2]
     assert flat.num_reqs == 2 and flat.num_nodes == 5
+
+
+@pytest.mark.parametrize("branching", [[1], [3, 2, 2, 1, 1], [2, 3], [4, 1, 2]])
+def test_shape_children_in_rank_order(branching):
+    shape = TreeShape.full(branching)
+    for node in range(shape.num_nodes):
+        kids = [k for k in range(shape.num_nodes) if shape.parents[k] == node]
+        expected = sorted(kids, key=lambda k: shape.ranks[k])
+        assert list(shape.child_lists[node]) == expected
+        assert [int(shape.ranks[k]) for k in expected] == list(range(len(expected)))  # rank r at r
+        assert shape.children(node).tolist() == expected
+
+
+def test_parse_is_shared_and_read_only():
+    text = "[(0,), (1,), (0, 0)]"
+    shape = TreeShape.parse(text)
+    assert TreeShape.parse(text) is shape
+    for array in (shape.parents, shape.ranks, shape.depths):
+        assert not array.flags.writeable
 
 
 def test_parse_vllm_token_tree_syntax():

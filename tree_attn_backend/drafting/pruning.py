@@ -89,19 +89,16 @@ def expand_and_prune(
     # Heap of admitted but not yet chosen nodes: (-path value, shape index, parent, token, prob).
     heap: list[tuple[float, int, int, int, float]] = []
     context = list(context)
+    child_lists, depths = shape.child_lists, shape.depths.tolist()
 
     def push_children(node: int) -> None:
-        kids = shape.children(shape_index[node])
-        if kids.size == 0:
+        kids = child_lists[shape_index[node]]  # the child of rank r is kids[r]
+        if not kids:
             return
-        ranks = shape.ranks[kids]
-        candidates = drafter.propose_children(context + paths[node], int(ranks.max()) + 1)
-        for kid, rank in zip(kids.tolist(), ranks.tolist()):
-            if rank >= len(candidates):
-                continue
-            token, prob = candidates[rank]
+        candidates = drafter.propose_children(context + paths[node], len(kids))
+        for kid, (token, prob) in zip(kids, candidates):
             value = values[node] * prob
-            if policy.admits(prob, value, int(shape.depths[kid])):
+            if policy.admits(prob, value, depths[kid]):
                 heapq.heappush(heap, (-value, kid, node, int(token), float(prob)))
 
     push_children(0)

@@ -111,10 +111,14 @@ class DraftTree:
         return out
 
     def truncate(self, num_nodes: int) -> DraftTree:
-        """The first ``num_nodes`` nodes: always a valid tree (topological order)."""
+        """The first ``num_nodes`` nodes: always a valid tree (topological order), so it shares
+        this tree's (read-only) arrays without checking them again."""
         if not 1 <= num_nodes <= self.num_nodes:
             raise ValueError(f"num_nodes = {num_nodes} must be in [1, {self.num_nodes}]")
-        return DraftTree(parents=self.parents[:num_nodes], tokens=self.tokens[:num_nodes], probs=self.probs[:num_nodes])
+        prefix = object.__new__(DraftTree)
+        for name in ("parents", "tokens", "probs", "depths"):
+            object.__setattr__(prefix, name, getattr(self, name)[:num_nodes])
+        return prefix
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to ``node`` inclusive."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -41,9 +41,18 @@ class TreeShape:
         return int(self.depths.max())
 
     def children(self, node: int) -> np.ndarray:
-        """Indices of the children of ``node`` in rank order."""
-        kids = np.flatnonzero(self.parents == node)
-        return kids[np.argsort(self.ranks[kids], kind="stable")]
+        """Indices of the children of ``node`` in rank order (int64)."""
+        return np.array(self.child_lists[node], dtype=np.int64)
+
+    @cached_property
+    def child_lists(self) -> tuple[tuple[int, ...], ...]:
+        """Per node, its children's indices in rank order: the child of rank ``r`` is at
+        ``r`` (ranks have no gaps). Plain tuples: tree growth reads them once per node."""
+        lists: list[list[int]] = [[] for _ in self.paths]
+        for kid, parent in enumerate(self.parents.tolist()[1:], start=1):
+            lists[parent].append(kid)
+        ranks = self.ranks.tolist()
+        return tuple(tuple(sorted(kids, key=ranks.__getitem__)) for kids in lists)
 
     @classmethod
     def from_paths(cls, paths: list[tuple[int, ...]] | tuple[tuple[int, ...], ...]) -> TreeShape:

@@ -37,12 +37,13 @@ from tree_attn_backend.vllm_plugin.step_trees import STEP_TREES
 class TreeRowsAttention:
     """The tree rows of one step, shared by all layers.
 
-    token_index: int64 ``[T]`` the tree rows' query tokens in the step's token order;
+    token_index: int64 ``[T]`` the tree rows' query tokens in the step's token order, or
+    ``None`` when they are all of the step's tokens (every row has a tree: no gather, no scatter);
     plan: the CPU attention plan of the sub-batch made of those rows only (its token ``i`` is
     ``token_index[i]``).
     """
 
-    token_index: torch.Tensor
+    token_index: torch.Tensor | None
     plan: CpuAttentionPlan
 
 
@@ -95,11 +96,11 @@ class TreePrunedMetadataBuilder(CPUAttentionMetadataBuilder):
             block_size=self.block_size,
         )
         tree = build_tree_attention_metadata(batch, self.workspace)
+        plain = np.setdiff1d(np.arange(num_reqs), rows)
         metadata.tree_rows = TreeRowsAttention(
-            token_index=torch.from_numpy(step.tokens_of(rows)),
+            token_index=torch.from_numpy(step.tokens_of(rows)) if plain.size else None,
             plan=plan_cpu_attention(tree),
         )
-        plain = np.setdiff1d(np.arange(num_reqs), rows)
         if plain.size:
             metadata.plain_rows = self._plain_rows(cm, plain, qsl, query_lens)
         return metadata
@@ -213,6 +214,11 @@ class TreePrunedImpl(CPUAttentionBackendImpl):
             output.index_copy_(0, index, plain_out)
         tree_rows = attn_metadata.tree_rows
         index = tree_rows.token_index
+        if index is None:  # the step's tokens are all tree rows, in order: straight in and out
+            n = tree_rows.plan.num_tokens
+            shape = (n, self.num_heads, self.head_size)
+            run_cpu_attention(tree_rows.plan, query[:n].view(shape), kv_cache, self.scale, out=output[:n].view(shape))
+            return output
         q = query.index_select(0, index).view(-1, self.num_heads, self.head_size)
         out = run_cpu_attention(tree_rows.plan, q, kv_cache, self.scale)
         output.view(output.shape[0], -1).index_copy_(0, index, out.view(index.shape[0], -1).to(output.dtype))

@@ -213,15 +213,15 @@ class TreePrunedImpl(CPUAttentionBackendImpl):
             )
             output.index_copy_(0, index, plain_out)
         tree_rows = attn_metadata.tree_rows
-        index = tree_rows.token_index
-        if index is None:  # the step's tokens are all tree rows, in order: straight in and out
+        tree_index = tree_rows.token_index
+        if tree_index is None:  # the step's tokens are all tree rows, in order: straight in and out
             n = tree_rows.plan.num_tokens
             shape = (n, self.num_heads, self.head_size)
             run_cpu_attention(tree_rows.plan, query[:n].view(shape), kv_cache, self.scale, out=output[:n].view(shape))
             return output
-        q = query.index_select(0, index).view(-1, self.num_heads, self.head_size)
+        q = query.index_select(0, tree_index).view(-1, self.num_heads, self.head_size)
         out = run_cpu_attention(tree_rows.plan, q, kv_cache, self.scale)
-        output.view(output.shape[0], -1).index_copy_(0, index, out.view(index.shape[0], -1).to(output.dtype))
+        output.view(output.shape[0], -1).index_copy_(0, tree_index, out.view(tree_index.shape[0], -1).to(output.dtype))
         return output
 
 

@@ -225,6 +225,21 @@ def test_batch_budget_keeps_trees_when_tokens_are_cheap_and_drops_them_when_cost
     assert "r0" not in proposer.trees  # ... so no tree is grown at all
 
 
+def test_a_shut_budget_explores_the_nodes_that_pay_their_own_cost():
+    from tree_attn_backend.drafting.verify_budget import VerifyCostModel
+    from tree_attn_backend.vllm_plugin.proposer import EXPLORE_AFTER_IDLE_STEPS
+
+    proposer = _proposer()
+    # Each node pays its own token cost; the fixed cost of a drafting step never pays.
+    proposer.cost_model = VerifyCostModel(step_ms=40.0, token_ms=0.5, draft_token_ms=0.5, draft_step_ms=200.0)
+    drafts = [_propose(proposer, [True])[0] for _ in range(2 * EXPLORE_AFTER_IDLE_STEPS)]
+    explored = [step for step, d in enumerate(drafts) if d]
+    assert explored == [EXPLORE_AFTER_IDLE_STEPS - 1, 2 * EXPLORE_AFTER_IDLE_STEPS - 1]
+    assert drafts[explored[0]] == _propose(proposer, [False])[0]  # the whole pruned tree pays its tokens
+    proposer.reset_learned_state()
+    assert proposer.idle_budget_steps == 0
+
+
 def test_acceptance_calibration_moves_toward_what_the_target_accepted():
     proposer = _proposer()
     drafts = _propose(proposer, [False])

@@ -37,6 +37,14 @@ from tree_attn_backend.vllm_plugin.verification_kind import Verification
 
 logger = logging.getLogger("vllm.tree_pruned")
 
+# The calibration and the cost fit learn only from verified drafts, so a budget that keeps
+# nothing stops them learning and can stay shut: measured on the shipped prompts at one request,
+# a cold calibration shut drafting off for 100 to 250 of a run's ~620 steps. After this many
+# consecutive steps in which trees had nodes but the budget kept none, one step keeps what
+# pays for its own marginal cost, the fixed cost of a drafting step taken as sunk: at most
+# that fixed cost once per this many steps, and the verdicts reach the calibration.
+EXPLORE_AFTER_IDLE_STEPS = 8
+
 # The sources each drafter grows its trees from (``hybrid`` merges them).
 SOURCES_OF = {
     "lookup": ("lookup",),
@@ -111,7 +119,8 @@ class TreeProposer:
     def reset_calibration(self) -> None:
         """Every drafter's calibration (its path values mapped to how often the target accepts
         such a node: the budget's node values) and the hybrid's per-source calibrations back to
-        the identity."""
+        the identity; the budget's count of steps that kept nothing back to 0."""
+        self.idle_budget_steps = 0
         self.calibration = {name: IsotonicCalibration() for name in DRAFTERS}
         self.source_calibration = {name: IsotonicCalibration() for name in SOURCES_OF["hybrid"]}
         # Per drafter, the calibrated predictions of every verified node against the outcome.
@@ -207,6 +216,13 @@ class TreeProposer:
             trees = [self.trees[req_ids[row]] for row in grown]
             values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(grown, trees)]
             keep = allocate_verify_budget(values, len(decoding), cost)
+            if keep.any() or not any(len(v) for v in values):
+                self.idle_budget_steps = 0
+            else:
+                self.idle_budget_steps += 1
+                if self.idle_budget_steps >= EXPLORE_AFTER_IDLE_STEPS:  # see EXPLORE_AFTER_IDLE_STEPS
+                    keep = allocate_verify_budget(values, len(decoding), replace(cost, draft_step_ms=0.0))
+                    self.idle_budget_steps = 0
             for row, tree, k in zip(grown, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
 

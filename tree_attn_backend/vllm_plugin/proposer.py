@@ -39,7 +39,7 @@ logger = logging.getLogger("vllm.tree_pruned")
 
 # The calibration and the cost fit learn only from verified drafts, so a budget that keeps
 # nothing stops them learning and can stay shut: measured on the shipped prompts at one request,
-# a cold calibration shut drafting off for 100 to 250 of a run's ~620 steps. After this many
+# a cold calibration shut drafting off for 100 to 200 of a run's ~620 steps. After this many
 # consecutive steps in which trees had nodes but the budget kept none, one step keeps what
 # pays for its own marginal cost, the fixed cost of a drafting step taken as sunk: at most
 # that fixed cost once per this many steps, and the verdicts reach the calibration.

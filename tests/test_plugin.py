@@ -228,6 +228,7 @@ def test_batch_budget_keeps_trees_when_tokens_are_cheap_and_drops_them_when_cost
 def test_a_shut_budget_explores_the_nodes_that_pay_their_own_cost():
     from tree_attn_backend.drafting.verify_budget import VerifyCostModel
     from tree_attn_backend.vllm_plugin.proposer import EXPLORE_AFTER_IDLE_STEPS
+    from tree_attn_backend.vllm_plugin.verification_kind import Verification
 
     proposer = _proposer()
     # Each node pays its own token cost; the fixed cost of a drafting step never pays.
@@ -236,6 +237,12 @@ def test_a_shut_budget_explores_the_nodes_that_pay_their_own_cost():
     explored = [step for step, d in enumerate(drafts) if d]
     assert explored == [EXPLORE_AFTER_IDLE_STEPS - 1, 2 * EXPLORE_AFTER_IDLE_STEPS - 1]
     assert drafts[explored[0]] == _propose(proposer, [False])[0]  # the whole pruned tree pays its tokens
+    # A step whose trees have no node (nothing ever followed token 31) leaves the count alone.
+    _propose(proposer, [True])
+    budgeted = proposer.drafting_for(proposer.config.for_request({"batch_budget": True}), Verification.TREE)
+    proposer.bind_batch(["unseen"], [budgeted], [1])
+    assert proposer.propose([[31]], np.array([2]), np.array([[30, 31]])) == [[]]
+    assert proposer.idle_budget_steps == 1
     proposer.reset_learned_state()
     assert proposer.idle_budget_steps == 0
 

@@ -216,9 +216,9 @@ class TreeProposer:
             trees = [self.trees[req_ids[row]] for row in grown]
             values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(grown, trees)]
             keep = allocate_verify_budget(values, len(decoding), cost)
-            if keep.any() or not any(len(v) for v in values):
+            if keep.any():
                 self.idle_budget_steps = 0
-            else:
+            elif any(len(v) for v in values):  # a step without any node tells nothing either way
                 self.idle_budget_steps += 1
                 if self.idle_budget_steps >= EXPLORE_AFTER_IDLE_STEPS:  # see EXPLORE_AFTER_IDLE_STEPS
                     keep = allocate_verify_budget(values, len(decoding), replace(cost, draft_step_ms=0.0))

@@ -17,7 +17,7 @@ def _full_expansion(shape, drafter, context):
         if parent not in nodes:
             continue
         tokens, _, value = nodes[parent]
-        kids = shape.children(parent)
+        kids = np.flatnonzero(shape.parents == parent)  # scanned here, not the shape's child lists
         candidates = drafter.propose_children(list(context) + tokens, int(shape.ranks[kids].max()) + 1)
         rank = int(shape.ranks[i])
         if rank < len(candidates):

@@ -40,10 +40,6 @@ class TreeShape:
     def max_depth(self) -> int:
         return int(self.depths.max())
 
-    def children(self, node: int) -> np.ndarray:
-        """Indices of the children of ``node`` in rank order (int64)."""
-        return np.array(self.child_lists[node], dtype=np.int64)
-
     @cached_property
     def child_lists(self) -> tuple[tuple[int, ...], ...]:
         """Per node, its children's indices in rank order: the child of rank ``r`` is at

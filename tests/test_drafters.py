@@ -69,9 +69,10 @@ def test_hybrid_merges_by_token_with_noisy_or_and_keeps_children_a_distribution(
     children = hybrid.propose_children([1], 3)
     assert children[0] == (5, pytest.approx(1 - 0.5 * 0.6))  # proposed by both: more likely than either
     assert dict(children[1:]) == {6: pytest.approx(0.1), 9: pytest.approx(0.1)}
-    confident = HybridDrafter({"a": _Fixed([(5, 0.9)]), "b": _Fixed([(6, 0.9)])}, calibration)
+    confident = HybridDrafter({"a": _Fixed([(5, 0.95)]), "b": _Fixed([(6, 0.9), (7, 0.5)])}, calibration)
     confident.start_tree([1])
-    assert sum(p for _, p in confident.propose_children([1], 2)) == pytest.approx(1.0)  # scaled down
+    # The most likely child keeps its value; the next gets what is left, the last nothing.
+    assert confident.propose_children([1], 3) == [(5, pytest.approx(0.95)), (6, pytest.approx(0.05))]
 
 
 def recycle_prob(token: int) -> float:
@@ -80,7 +81,8 @@ def recycle_prob(token: int) -> float:
 
 def test_hybrid_observe_fits_each_source_on_the_nodes_the_target_tested():
     calibration = {"lookup": IsotonicCalibration(prior=1.0), "recycle": IsotonicCalibration(prior=1.0)}
-    index = LookupIndex(1, 2, smoothing=0.0)
+    # 2 after (3, 1) seen once: p = 1 / 1.5; 3 after (1, 2) twice: p = 2 / 2.5.
+    index = LookupIndex(1, 2, smoothing=0.5)
     index.extend([1, 2, 3, 1, 2, 3, 1])
     recycle = RecycleTable(vocab_size=10, k=2)
     recycle.record(torch.tensor([1]), _logits(10, {4: 1.0, 2: 0.0}).unsqueeze(0))
@@ -95,8 +97,9 @@ def test_hybrid_observe_fits_each_source_on_the_nodes_the_target_tested():
     # the lookup is right once on two tested nodes, the recycle table once on two (2 and 4).
     two = root_children[2]
     hybrid.observe(tree, tree.num_nodes - 1, np.array([0, two, -1]))
-    lookup = calibration["lookup"]  # 2 and 3, each p = 1: the top bin, one accepted
-    assert lookup.nodes[-1] == 2 and lookup.accepted[-1] == 1 and lookup.nodes[:-1].sum() == 0
+    lookup = calibration["lookup"]  # 2 accepted (bin 6), 3 not (bin 8)
+    assert lookup.nodes[[6, 8]].tolist() == [1, 1] and lookup.accepted[[6, 8]].tolist() == [1, 0]
+    assert lookup.nodes.sum() == 2
     recycle = calibration["recycle"]  # 2 accepted, 4 not, each in its own bin
     bin_of = {token: int(recycle_prob(token) * 10) for token in (2, 4)}
     assert bin_of[2] != bin_of[4]

@@ -9,7 +9,10 @@ independent evidence that the target picks the token (noisy-OR):
     p = 1 - prod_s (1 - c_s(p_s))
 
 A token both sources propose is thus more likely than either alone says. The target accepts at
-most one child, so the children are scaled down together when they sum above 1. After each
+most one child, so the children's probabilities may not sum above 1: taken most likely first,
+each keeps its value up to the mass its elder siblings left. A confident child thus keeps its
+value and its unlikely siblings give way (scaling all children down together would instead cut
+the confident child's whole subtree, which is what a long repeated answer looks like). After each
 verification, :meth:`HybridDrafter.observe` feeds every tested node back to the factors of the
 sources that proposed it, so the combination is fit online from what the target accepted.
 """
@@ -61,10 +64,15 @@ class HybridDrafter:
                 miss *= 1.0 - float(self.calibration[name].calibrate(prob))
             combined[token] = 1.0 - miss
             self._proposed[(*path, token)] = probs
-        total = sum(combined.values())
-        scale = 1.0 / total if total > 1.0 else 1.0
-        ranked = sorted(combined.items(), key=lambda item: -item[1])[:num_children]
-        return [(token, prob * scale) for token, prob in ranked if prob > 0.0]
+        children = []
+        left = 1.0  # probability mass the elder siblings left
+        for token, prob in sorted(combined.items(), key=lambda item: -item[1])[:num_children]:
+            prob = min(prob, left)
+            if prob <= 0.0:
+                break
+            children.append((token, prob))
+            left -= prob
+        return children
 
     def observe(self, tree: DraftTree, num_verified: int, accepted_nodes: np.ndarray) -> None:
         """After verification of ``tree``'s first ``num_verified`` draft nodes, with

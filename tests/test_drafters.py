@@ -81,8 +81,8 @@ def recycle_prob(token: int) -> float:
 
 def test_hybrid_observe_fits_each_source_on_the_nodes_the_target_tested():
     calibration = {"lookup": IsotonicCalibration(prior=1.0), "recycle": IsotonicCalibration(prior=1.0)}
-    # 2 after (3, 1) seen once: p = 1 / 1.5; 3 after (1, 2) twice: p = 2 / 2.5.
-    index = LookupIndex(1, 2, smoothing=0.5)
+    # Two-token matches, smoothing 1 / 2: 2 after (3, 1) seen once, p = 1 / 1.5; 3 after (1, 2) twice, 2 / 2.5.
+    index = LookupIndex(1, 2, smoothing=1.0)
     index.extend([1, 2, 3, 1, 2, 3, 1])
     recycle = RecycleTable(vocab_size=10, k=2)
     recycle.record(torch.tensor([1]), _logits(10, {4: 1.0, 2: 0.0}).unsqueeze(0))

@@ -6,12 +6,14 @@ from tree_attn_backend.drafting.tree_shape import TreeShape
 
 
 def test_counts_and_longest_suffix_wins():
-    index = LookupIndex(min_n=1, max_n=3)
+    index = LookupIndex(min_n=1, max_n=3, smoothing=2.0)
     index.extend([1, 2, 3, 1, 2, 4, 1, 2, 3])
-    # "1 2" was followed by 3 twice and 4 once; smoothing 1 -> 2/4, 1/4.
+    # "1 2" was followed by 3 twice and 4 once; a two-token match: smoothing 2 / 2 -> 2/4, 1/4.
     assert index.propose_children([7, 1, 2], 2) == [(3, 0.5), (4, 0.25)]
-    # "3 1 2" (length 3) was followed only by 4.
-    assert index.propose_children([3, 1, 2], 2) == [(4, 0.5)]
+    # "3 1 2" (length 3) was followed only by 4: smoothing 2 / 4 -> 1/1.5.
+    assert index.propose_children([3, 1, 2], 2) == [(4, pytest.approx(2 / 3))]
+    # "2" alone was followed by 3 twice and 4 once: smoothing 2 -> 2/5, 1/5.
+    assert index.propose_children([9, 2], 2) == [(3, pytest.approx(0.4)), (4, pytest.approx(0.2))]
     assert index.propose_children([99], 3) == []
     assert len(index) == 9
 

@@ -90,7 +90,8 @@ class TreePrunedConfig:
         suffix_max_cached_requests: the ``suffix`` drafter's global cache holds the outputs of
             at most this many earlier requests (0: only each request's own tokens).
         drafter_min_ngram, drafter_max_ngram: n-gram lengths of the lookup drafter.
-        drafter_smoothing: added to a context's continuation count total.
+        drafter_smoothing: added to a one-token context's continuation count total, halved
+            for every further token of the matched context.
         log_every_steps: a tree-size log line every this many verify steps (0 = never).
         batch_budget: allocate verified draft tokens batch-wide by marginal value against the
             step cost model (:mod:`tree_attn_backend.drafting.verify_budget`); off = every request
@@ -111,7 +112,7 @@ class TreePrunedConfig:
     suffix_max_cached_requests: int = 1000
     drafter_min_ngram: int = 1
     drafter_max_ngram: int = 4
-    drafter_smoothing: float = 0.5
+    drafter_smoothing: float = 2.0
     log_every_steps: int = 50
     batch_budget: bool = True
     cost_model: dict | None = None

@@ -252,33 +252,14 @@ def test_acceptance_calibration_moves_toward_what_the_target_accepted():
     drafts = _propose(proposer, [False])
     calibration = proposer.calibration["lookup"]
     tree = proposer.trees["r0"]
-    before = proposer.expected_accepted("r0", tree, "lookup")
+    before = proposer.expected_accepted(tree, "lookup")
     np.testing.assert_allclose(before, tree.path_probs[1:])  # nothing observed: the identity
     for _ in range(20):
         proposer.record_acceptance(["r0"], [len(drafts[0])], np.array([[0, -1]]))
-    assert np.all(proposer.expected_accepted("r0", tree, "lookup") < before / 2)
+    assert np.all(proposer.expected_accepted(tree, "lookup") < before / 2)
     assert calibration.accepted.sum() == 0 and calibration.nodes.sum() > 0
     reliability = proposer.reliability["lookup"]
     assert reliability.nodes.sum() == 20 * len(drafts[0]) and reliability.num_accepted == 0
-
-
-def test_a_request_that_accepts_more_than_calibrated_is_worth_more_than_a_new_one():
-    proposer = _proposer()
-    _propose(proposer, [False, False])  # the same tree for r0 and r1
-    tree = proposer.trees["r0"]
-    calibrated = proposer.calibration["lookup"].calibrate(tree.path_probs[1:])
-    first = int(np.flatnonzero(tree.parents == 0)[0])
-    proposer.record_acceptance(["r0", "r1"], [1, 1], np.array([[0, first], [0, -1]]))
-    # r0's node was accepted (1 for about 0.67 expected), r1's was not (0 for about 0.67).
-    factor = {r: proposer.request_acceptance.factor(r) for r in ("r0", "r1")}
-    assert factor["r0"] > 1.0 > factor["r1"]
-    assert factor["r0"] == pytest.approx((1 + 2) / (calibrated[first - 1] + 2))
-    values = {r: proposer.expected_accepted(r, tree, "lookup") for r in ("r0", "r1", "new")}
-    assert np.all(values["r1"] < values["new"]) and np.all(values["new"] <= values["r0"])
-    parents = tree.parents[1:]  # every node worth at most its parent: the budget keeps prefixes
-    assert values["r0"].max() <= 1.0 and np.all(values["r0"][parents > 0] <= values["r0"][parents[parents > 0] - 1])
-    proposer.forget("r0")
-    assert proposer.request_acceptance.factor("r0") == 1.0 and len(proposer.request_acceptance) == 1
 
 
 @pytest.mark.parametrize("drafter", ["recycle", "suffix", "hybrid"])

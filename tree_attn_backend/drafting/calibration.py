@@ -10,8 +10,6 @@ predictions of verified nodes against the outcome, expected and accepted tokens 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 
@@ -103,38 +101,6 @@ class IsotonicCalibration:
         hits = np.asarray(accepted, dtype=np.float64)
         self.accepted = self.decay * self.accepted + np.bincount(bins, weights=hits, minlength=n)
         self._fit()
-
-
-class RequestAcceptance:
-    """Per request, how its verified nodes fared against the drafter's calibration: the factor
-    ``(accepted + prior) / (expected + prior)`` over the request's verified nodes so far, with
-    ``expected`` the sum of their calibrated values before this factor. Acceptance differs far
-    more between requests (a summary quoting its input, a poem) than a calibration shared by
-    every request follows: the calibration says what a path value is worth on average, the
-    factor how this request compares. It starts at 1, ``prior`` expected tokens of shrinkage.
-    State: two floats per request, dropped by :meth:`forget`."""
-
-    def __init__(self, prior: float = 2.0) -> None:
-        if not 0.0 < prior < math.inf:
-            raise ValueError(f"prior = {prior}: must be a finite number > 0")
-        self.prior = prior
-        self._sums: dict[str, tuple[float, float]] = {}  # request -> (expected, accepted)
-
-    def factor(self, req_id: str) -> float:
-        expected, accepted = self._sums.get(req_id, (0.0, 0.0))
-        return (accepted + self.prior) / (expected + self.prior)
-
-    def add(self, req_id: str, expected: float, accepted: float) -> None:
-        """The request's verified nodes of one step: their calibrated values' sum and how many
-        the target accepted."""
-        old_expected, old_accepted = self._sums.get(req_id, (0.0, 0.0))
-        self._sums[req_id] = (old_expected + float(expected), old_accepted + float(accepted))
-
-    def forget(self, req_id: str) -> None:
-        self._sums.pop(req_id, None)
-
-    def __len__(self) -> int:
-        return len(self._sums)
 
 
 class ReliabilityCounts:

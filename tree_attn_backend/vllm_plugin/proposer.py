@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tree_attn_backend.drafting.calibration import IsotonicCalibration, ReliabilityCounts, RequestAcceptance
+from tree_attn_backend.drafting.calibration import IsotonicCalibration, ReliabilityCounts
 from tree_attn_backend.drafting.drafter import Drafter
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
@@ -118,23 +118,19 @@ class TreeProposer:
 
     def reset_calibration(self) -> None:
         """Every drafter's calibration (its path values mapped to how often the target accepts
-        such a node: the budget's node values), the hybrid's per-source calibrations and the
-        requests' acceptance factors back to the identity; the budget's count of steps that
-        kept nothing back to 0."""
+        such a node: the budget's node values) and the hybrid's per-source calibrations back to
+        the identity; the budget's count of steps that kept nothing back to 0."""
         self.idle_budget_steps = 0
         self.calibration = {name: IsotonicCalibration() for name in DRAFTERS}
-        self.request_acceptance = RequestAcceptance()
         self.source_calibration = {name: IsotonicCalibration() for name in SOURCES_OF["hybrid"]}
         # Per drafter, the calibrated predictions of every verified node against the outcome.
         self.reliability = {name: ReliabilityCounts() for name in DRAFTERS}
 
-    def expected_accepted(self, req_id: str, tree: DraftTree, drafter: str) -> np.ndarray:
-        """float ``[n]`` in ``[0, 1]``: each draft node of the request's tree, its expected
-        acceptance: its path value through the drafter's calibration, times the request's
-        acceptance factor, at most 1; in the tree's node order (root excluded; non-increasing
-        when the path values are, the calibration being monotone)."""
-        values = self.calibration[drafter].calibrate(tree.path_probs[1:])
-        return np.minimum(values * self.request_acceptance.factor(req_id), 1.0)
+    def expected_accepted(self, tree: DraftTree, drafter: str) -> np.ndarray:
+        """float ``[n]``: each draft node's expected acceptance, its path value through the
+        drafter's calibration, in the tree's node order (root excluded; non-increasing when
+        the path values are, the calibration being monotone)."""
+        return self.calibration[drafter].calibrate(tree.path_probs[1:])
 
     def drafting_for(self, config: TreePrunedConfig, verification: Verification) -> RequestDrafting:
         """A request's drafting from its (per-request) config."""
@@ -191,20 +187,14 @@ class TreeProposer:
         cost = self.cost_model_now if budgeted else None
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
         budgeted_drafters = {drafting[row].drafter for row in budgeted}
-        # The largest acceptance factor of the budgeted requests: no node is worth more than
-        # its calibrated value times it, so it bounds what drafts can pay and the floor below.
-        top_factor = max((self.request_acceptance.factor(req_ids[row]) for row in budgeted), default=1.0)
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
         best_scale = max((float(self.calibration[name].calibrate(1.0)) for name in budgeted_drafters), default=1.0)
         floor = math.inf
-        if cost is not None and drafts_can_pay(len(decoding), max_budgeted, cost, min(best_scale * top_factor, 1.0)):
+        if cost is not None and drafts_can_pay(len(decoding), max_budgeted, cost, best_scale):
             # Nodes the budget would drop anyway are not grown (the budget's choice is the same).
             floor = min_kept_value(len(decoding), cost)
-        # Per drafter, the path value whose calibrated value times the largest factor reaches
-        # the floor (inf: none does).
-        min_path_prob_of = {
-            name: self.calibration[name].min_prob_for(floor / top_factor) for name in budgeted_drafters
-        }
+        # Per drafter, the path value whose calibrated value reaches the floor (inf: none does).
+        min_path_prob_of = {name: self.calibration[name].min_prob_for(floor) for name in budgeted_drafters}
         raised: dict[tuple[PruningPolicy, float], PruningPolicy] = {}  # built once per step, not per row
         grown = []  # the budgeted rows with a tree
         for row in drafted:
@@ -224,9 +214,7 @@ class TreeProposer:
             self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], policy, decoding[row])
         if grown and cost is not None:
             trees = [self.trees[req_ids[row]] for row in grown]
-            values = [
-                self.expected_accepted(req_ids[row], t, drafting[row].drafter) for row, t in zip(grown, trees)
-            ]
+            values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(grown, trees)]
             keep = allocate_verify_budget(values, len(decoding), cost)
             if keep.any():
                 self.idle_budget_steps = 0
@@ -280,10 +268,9 @@ class TreeProposer:
         return self.cost_model.model() if isinstance(self.cost_model, OnlineCostFit) else self.cost_model
 
     def record_acceptance(self, req_ids: Sequence[str], num_verified: np.ndarray, accepted_nodes: np.ndarray) -> None:
-        """After verification: records the predictions of the verified nodes with their
-        outcome, fits each drafter's calibration on its verified nodes' path values and
-        outcomes, each request's acceptance factor on its calibrated values and outcomes, and
-        the hybrid's sources on the nodes the target tested. ``num_verified``:
+        """After verification: records the calibrated predictions of the verified nodes with
+        their outcome, fits each drafter's calibration on its verified nodes' path values and
+        outcomes, and the hybrid's sources on the nodes the target tested. ``num_verified``:
         int ``[len(req_ids)]`` draft nodes verified per request; ``accepted_nodes``: int
         ``[len(req_ids), D+1]`` the accepted paths' nodes, root first, ``-1`` padded."""
         path_values: dict[str, list[np.ndarray]] = {}
@@ -294,9 +281,7 @@ class TreeProposer:
                 continue
             verified = int(num_verified[i])
             hit = np.isin(np.arange(1, verified + 1), accepted_nodes[i])
-            self.reliability[name].add(self.expected_accepted(req_id, tree, name)[:verified], hit)
-            calibrated = self.calibration[name].calibrate(tree.path_probs[1 : verified + 1])
-            self.request_acceptance.add(req_id, float(calibrated.sum()), int(hit.sum()))
+            self.reliability[name].add(self.expected_accepted(tree, name)[:verified], hit)
             path_values.setdefault(name, []).append(tree.path_probs[1 : verified + 1])
             outcomes.setdefault(name, []).append(hit)
             if name == "hybrid":
@@ -320,6 +305,5 @@ class TreeProposer:
         self.trees.pop(req_id, None)
         self.hybrids.pop(req_id, None)
         self.drafter_of.pop(req_id, None)
-        self.request_acceptance.forget(req_id)
         if self.suffix is not None:
             self.suffix.stop(req_id)

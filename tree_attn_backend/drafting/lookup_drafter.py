@@ -5,9 +5,9 @@ so far. A node's children are the continuations of the longest suffix of its con
 was seen before, most frequent first, with probability ``count / (total + s_n)``. The
 smoothing ``s_n = smoothing / 2 ** (n - 1)`` halves with every token of the matched context,
 because a longer match predicts better: with the default 2, a continuation seen once after one
-matching token gets 1/3, after four matching tokens 0.8. (On held-out greedy continuations
-this ranks drafts better than one smoothing for every length: 5-9% more accepted tokens for
-the same number of drafts.) Repetitive text
+matching token gets 1/3, after four matching tokens 0.8. (Replayed over the tuning prompts'
+greedy continuations, this ranks drafts better than one smoothing for every length: 5-9% more
+accepted tokens for the same number of drafts.) Repetitive text
 (summaries, RAG answers quoting their input) gives confident, deep drafts; varied text gives
 wider, shallower ones; an unseen context gives no draft at all.
 """

@@ -354,13 +354,25 @@ def test_tree_sampling_preserves_the_target_distribution(tree_platform, stock_pl
 @pytest.fixture(scope="module")
 def server(model: str, tmp_path_factory):
     port = free_port()
-    # 48 blocks of 32 tokens (1536) while the 16 prompts together need about 3x that: running
-    # requests keep crossing block boundaries and the scheduler has to preempt.
+    # 48 blocks of 32 tokens (1536) while the 16 prompts together need about 3x that. vLLM
+    # admits a request only when its whole scheduled chunk fits, so whole-prompt prefills would
+    # leave preemption to decode growth alone (not forced with 48-token answers); prefilling
+    # long prompts 64 tokens a step side by side admits many against the same free blocks, and
+    # their growth has to preempt.
     argv, env = server_command(
         model,
         port,
         {"log_every_steps": 0, "batch_budget": False},
-        ["--block-size", "32", "--num-gpu-blocks-override", "48", "--max-model-len", "1024"],
+        [
+            "--block-size",
+            "32",
+            "--num-gpu-blocks-override",
+            "48",
+            "--max-model-len",
+            "1024",
+            "--long-prefill-token-threshold",
+            "64",
+        ],
     )
     with running_server(argv, env, port, tmp_path_factory.mktemp("server") / "server.log"):
         yield f"http://127.0.0.1:{port}", model

@@ -1,5 +1,6 @@
 """Every drafter's trees are valid tries with probabilities in (0, 1] whose path values never
-increase along a path, and each node's children form a sub-distribution."""
+increase along a path, and each node's children form a sub-distribution; the recycle table's
+blocked top-k selects what ``torch.topk`` does."""
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from tree_attn_backend.drafting.calibration import IsotonicCalibration
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
-from tree_attn_backend.drafting.recycle_drafter import RecycleTable
+from tree_attn_backend.drafting.recycle_drafter import TOP_K_BLOCK, RecycleTable, top_k_by_blocks
 from tree_attn_backend.drafting.suffix_drafter import SuffixCache
 from tree_attn_backend.drafting.tree_shape import TreeShape
 
@@ -64,3 +65,23 @@ def test_drafter_trees_are_tries_of_sub_distributions(case, max_nodes):
     for node in range(tree.num_nodes):
         children = tree.parents == node
         assert tree.probs[children].sum() <= 1.0 + 1e-9
+
+
+@given(
+    rows=st.integers(1, 4),
+    columns=st.integers(1, 5 * TOP_K_BLOCK + 7),
+    padding=st.integers(0, 3),
+    levels=st.integers(1, 50),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
+def test_top_k_by_blocks_selects_the_values_of_torch_topk(rows, columns, padding, levels, seed, data):
+    k = data.draw(st.integers(1, min(columns, 64)))
+    # Few distinct levels make ties, across and within blocks; padding makes rows non-contiguous.
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (rows, columns + padding), generator=generator).float()[:, :columns]
+    values, indices = top_k_by_blocks(logits, k)
+    expected, _ = torch.topk(logits, k, dim=-1)
+    assert torch.equal(values, expected)
+    assert torch.equal(logits.gather(1, indices), values)
+    assert all(len(set(row.tolist())) == k for row in indices)  # k distinct columns

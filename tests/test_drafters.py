@@ -8,7 +8,7 @@ from tree_attn_backend.drafting.calibration import IsotonicCalibration, Reliabil
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
-from tree_attn_backend.drafting.recycle_drafter import RecycleTable
+from tree_attn_backend.drafting.recycle_drafter import RecycleTable, top_k_by_blocks
 from tree_attn_backend.drafting.suffix_drafter import SuffixCache, SuffixTreeDrafter
 from tree_attn_backend.drafting.tree_shape import TreeShape
 
@@ -42,7 +42,11 @@ def test_recycle_table_rejects_bad_input_and_ignores_padding_columns():
     with pytest.raises(ValueError, match="vocab_size = 0"):
         RecycleTable(0)
     with pytest.raises(ValueError, match="k = 65"):
-        RecycleTable(10, k=65)
+        RecycleTable(100, k=65)
+    with pytest.raises(ValueError, match=r"k = 11: .*vocab_size = 10"):
+        RecycleTable(10, k=11)
+    with pytest.raises(ValueError, match=r"k = 5: must be in \[1, 4\]"):
+        top_k_by_blocks(torch.zeros(2, 4), 5)
     table = RecycleTable(vocab_size=4, k=2)
     with pytest.raises(ValueError, match="do not match"):
         table.record(torch.tensor([1, 2]), torch.zeros(3, 4))

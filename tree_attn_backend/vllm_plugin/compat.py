@@ -125,6 +125,19 @@ def build_worker_model_runner(worker: Any, runner_cls: type) -> None:
         cpu_worker.CPUModelRunner = original
 
 
+def _plain_sampling_suffices(spec_decode_metadata: Any, input_batch: Any) -> bool:
+    """Whether vLLM's plain sampler gives this step's tokens: no row has drafts, and no logprobs
+    are asked for. vLLM 0.32 runs its rejection sampler on every step of a speculative engine;
+    with no drafts it samples each row's bonus token with the same sampler, generators and
+    penalties (a row's drafts, none, are added to its output tokens), after copying the logits,
+    and draws no other random number; the plain sampler is what vLLM without speculation runs.
+    Logprobs are left to vLLM's path: it computes them apart, in its own layout."""
+    if spec_decode_metadata is None or spec_decode_metadata.max_spec_len != 0:
+        return False
+    metadata = input_batch.sampling_metadata
+    return metadata.max_num_logprobs is None and not metadata.logprob_token_ids
+
+
 def _discarded_sample_states(runner: Any) -> dict[int, torch.Tensor]:
     """Generator states, by batch row, of the seeded requests whose sample this step is
     discarded (a prefill chunk that does not end the prompt), taken before sampling."""
@@ -288,6 +301,8 @@ class TreeRunnerHooks(_RunnerBase):
             query_start = self.query_start_loc.np[: num_reqs + 1].astype(np.int64)
             self.tree.record_target_candidates(query_start, cu_num_sampled, self.input_ids.cpu, logits)
         if self.tree is None or step is None or spec_decode_metadata is None:
+            if self.tree is not None and _plain_sampling_suffices(spec_decode_metadata, self.input_batch):
+                return super()._sample(logits, None)
             return super()._sample(logits, spec_decode_metadata)
         from vllm.v1.outputs import SamplerOutput
 

@@ -1,6 +1,6 @@
 """Every drafter's trees are valid tries with probabilities in (0, 1] whose path values never
 increase along a path, and each node's children form a sub-distribution; the recycle table's
-blocked top-k selects what ``torch.topk`` does."""
+native top-k probabilities are ``torch.topk``'s values under a float64 softmax."""
 
 import numpy as np
 import torch
@@ -11,9 +11,10 @@ from tree_attn_backend.drafting.calibration import IsotonicCalibration
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
-from tree_attn_backend.drafting.recycle_drafter import TOP_K_BLOCK, RecycleTable, top_k_by_blocks
+from tree_attn_backend.drafting.recycle_drafter import RecycleTable
 from tree_attn_backend.drafting.suffix_drafter import SuffixCache
 from tree_attn_backend.drafting.tree_shape import TreeShape
+from tree_attn_backend.ops.native import native_op
 
 SHAPE = TreeShape.parse("[(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]")
 VOCAB = 12
@@ -68,20 +69,30 @@ def test_drafter_trees_are_tries_of_sub_distributions(case, max_nodes):
 
 
 @given(
-    rows=st.integers(1, 4),
-    columns=st.integers(1, 5 * TOP_K_BLOCK + 7),
+    rows=st.integers(0, 4),
+    columns=st.integers(1, 300),
     padding=st.integers(0, 3),
-    levels=st.integers(1, 50),
+    levels=st.integers(1, 40),
+    scale=st.floats(0.01, 30.0),
     seed=st.integers(0, 2**31 - 1),
     data=st.data(),
 )
-def test_top_k_by_blocks_selects_the_values_of_torch_topk(rows, columns, padding, levels, seed, data):
+def test_native_top_k_probs_match_topk_and_softmax(rows, columns, padding, levels, scale, seed, data):
+    op = native_op("top_k_probs")
+    assert op is not None, "csrc/ is not built: run `make setup`"
     k = data.draw(st.integers(1, min(columns, 64)))
-    # Few distinct levels make ties, across and within blocks; padding makes rows non-contiguous.
+    # Few distinct levels make ties, inside a 16-logit step and across; padding strides the rows.
     generator = torch.Generator().manual_seed(seed)
-    logits = torch.randint(0, levels, (rows, columns + padding), generator=generator).float()[:, :columns]
-    values, indices = top_k_by_blocks(logits, k)
-    expected, _ = torch.topk(logits, k, dim=-1)
-    assert torch.equal(values, expected)
-    assert torch.equal(logits.gather(1, indices), values)
-    assert all(len(set(row.tolist())) == k for row in indices)  # k distinct columns
+    levels_drawn = torch.randint(0, levels, (rows, columns + padding), generator=generator)
+    logits = (levels_drawn.double() * scale - 10.0).float()[:, :columns]
+    probs, ids = op(logits, k)
+    expected_values, _ = torch.topk(logits, k, dim=-1)
+    assert torch.equal(logits.gather(1, ids), expected_values)  # the k largest, largest first
+    assert all(len(set(row)) == k for row in ids.tolist())
+    # Among equal logits the lower column comes first, and a tie at the k-th keeps the lowest.
+    for r in range(rows):
+        for value in expected_values[r].unique().tolist():
+            chosen = ids[r][logits[r, ids[r]] == value].tolist()
+            assert chosen == torch.nonzero(logits[r] == value).flatten()[: len(chosen)].tolist()
+    softmax = torch.softmax(logits.double(), dim=-1).gather(1, ids)
+    torch.testing.assert_close(probs.double(), softmax, rtol=2e-5, atol=1e-30)

@@ -215,7 +215,7 @@ def _rejects(entry: Entry, x: Inputs, arrays: dict[str, torch.Tensor], message: 
 
 def test_every_op_is_built():
     """Without the library the properties below would test nothing."""
-    for name in ("tree_paged_attention", "build_tree_masks", "tree_token_layout"):
+    for name in ("tree_paged_attention", "build_tree_masks", "tree_token_layout", "top_k_probs"):
         assert native_op(name) is not None, f"{name}: run `python -m tree_attn_backend.ops.csrc_build cpu`"
 
 
@@ -386,3 +386,20 @@ def test_cuda_wrappers_validate_before_any_launch(spec, data):
         if name != "tree_pruned_tree_mask":
             with pytest.raises(RuntimeError, match=re.escape(f"{name}: mask_indptr[1] = ")):
                 bounded(lambda: function(bad_kv, "cuda"), name)  # noqa: B023 (called before the loop moves on)
+
+
+@pytest.mark.parametrize(
+    ("logits", "k", "message"),
+    [
+        (torch.zeros(2, 8, dtype=torch.float64), 2, "logits must be a 2-D float32 CPU tensor, got Double [2, 8]"),
+        (torch.zeros(8), 2, "logits must be a 2-D float32 CPU tensor, got Float [8]"),
+        (torch.zeros(8, 2).t(), 2, "logits rows must be contiguous, got strides [1, 2]"),
+        (torch.zeros(2, 8), 0, "k = 0 (must be in [1, min(8 columns, 64)])"),
+        (torch.zeros(2, 8), 9, "k = 9 (must be in [1, min(8 columns, 64)])"),
+        (torch.zeros(2, 100), 65, "k = 65 (must be in [1, min(100 columns, 64)])"),
+    ],
+)
+def test_top_k_probs_rejects_bad_logits_and_k(logits, k, message):
+    """The recycle table's op reads rows by stride and writes k entries per row."""
+    with pytest.raises(RuntimeError, match=re.escape(f"top_k_probs: {message}")):
+        native_op("top_k_probs")(logits, k)

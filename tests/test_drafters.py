@@ -8,7 +8,7 @@ from tree_attn_backend.drafting.calibration import IsotonicCalibration, Reliabil
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
-from tree_attn_backend.drafting.recycle_drafter import RecycleTable, top_k_by_blocks
+from tree_attn_backend.drafting.recycle_drafter import RecycleTable
 from tree_attn_backend.drafting.suffix_drafter import SuffixCache, SuffixTreeDrafter
 from tree_attn_backend.drafting.tree_shape import TreeShape
 
@@ -45,8 +45,6 @@ def test_recycle_table_rejects_bad_input_and_ignores_padding_columns():
         RecycleTable(100, k=65)
     with pytest.raises(ValueError, match=r"k = 11: .*vocab_size = 10"):
         RecycleTable(10, k=11)
-    with pytest.raises(ValueError, match=r"k = 5: must be in \[1, 4\]"):
-        top_k_by_blocks(torch.zeros(2, 4), 5)
     table = RecycleTable(vocab_size=4, k=2)
     with pytest.raises(ValueError, match="do not match"):
         table.record(torch.tensor([1, 2]), torch.zeros(3, 4))
@@ -107,7 +105,8 @@ def test_hybrid_observe_fits_each_source_on_the_nodes_the_target_tested():
     recycle = calibration["recycle"]  # 2 accepted, 4 not, each in its own bin
     bin_of = {token: int(recycle_prob(token) * 10) for token in (2, 4)}
     assert bin_of[2] != bin_of[4]
-    np.testing.assert_allclose(recycle.predicted[[bin_of[2], bin_of[4]]], [recycle_prob(2), recycle_prob(4)])
+    # The native record computes its own float32 softmax: a few ulp from torch's.
+    np.testing.assert_allclose(recycle.predicted[[bin_of[2], bin_of[4]]], [recycle_prob(2), recycle_prob(4)], rtol=1e-6)
     assert recycle.accepted[bin_of[2]] == 1 and recycle.accepted[bin_of[4]] == 0 and recycle.nodes.sum() == 2
 
 

@@ -89,7 +89,7 @@ def check_targets(
                         ratio >= factor,
                     )
                 )
-        if reuse and budget and suffix and c == 1:
+        if workload is not None and reuse and budget and suffix and c == 1:
             ratio = budget["tokens_per_s"] / suffix["tokens_per_s"]
             checks.append(
                 (

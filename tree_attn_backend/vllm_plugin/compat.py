@@ -212,7 +212,8 @@ class TreeRunnerHooks(_RunnerBase):
       ``positions``, ``input_ids`` and the block table's ``slot_mapping``, lays the trees out,
       rewrites positions and publishes the step for the attention builder.
     * ``_sample(logits, spec_decode_metadata)`` (private): verifies the trees; vLLM's sampler
-      runs only when some row has no tree, and keeps those rows.
+      runs only when some row has no tree, and keeps those rows (a step without any drafts
+      goes to vLLM's plain sampler, see :func:`_plain_sampling_suffices`).
     * ``_bookkeeping_sync`` (private): see :func:`_rewind_discarded_samples`.
     * ``sample_tokens``: stops the step timer.
     * ``_dummy_run(num_tokens)`` (private): the forward passes timed for the cost model (with

@@ -25,7 +25,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 #include "fast_math.h"
@@ -35,9 +34,9 @@ namespace {
 constexpr int64_t kLanes = 16;  // logits per vectorised step
 constexpr int64_t kMaxK = 64;
 
-// The k largest values of row[0..n) and their columns, largest first (ties: lower column first).
-// Returns the number found, min(k, n).
-int64_t top_k_row(const float* row, int64_t n, int64_t k, float* values, int64_t* columns) {
+// The k <= n largest values of row[0..n) and their columns, largest first (ties: lower column
+// first).
+void top_k_row(const float* row, int64_t n, int64_t k, float* values, int64_t* columns) {
   int64_t found = 0;
   auto insert = [&](float x, int64_t column) {
     int64_t at = std::min(found, k - 1);    // full: the k-th is dropped
@@ -63,7 +62,6 @@ int64_t top_k_row(const float* row, int64_t n, int64_t k, float* values, int64_t
   for (; j < n; ++j) {
     if (admits(row[j])) insert(row[j], j);
   }
-  return found;
 }
 
 // sum over row[0..n) of exp(row[j] - max_value), max_value >= every row[j].
@@ -99,7 +97,7 @@ std::vector<at::Tensor> top_k_probs(const at::Tensor& logits, int64_t k) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = data + r * row_stride;
       float* values = p + r * k;
-      top_k_row(row, num_columns, k, values, c + r * k);  // k <= num_columns: all k found
+      top_k_row(row, num_columns, k, values, c + r * k);
       const float max_value = values[0];
       const float log_sum = std::log(sum_exp_below(row, num_columns, max_value));
       for (int64_t i = 0; i < k; ++i) values[i] = std::exp(values[i] - max_value - log_sum);

@@ -243,3 +243,6 @@ def test_replay_by_hand():
     # "7 7" the drafter guesses "7 7 7" (3 drafted), whose first token matches but the output ends
     # there, so nothing is kept: 3 steps, 6 drafts, 0 accepted.
     assert replay(TreeShape.chain(3), setting, [[1, 2, 3, 1, 2]], [[3, 7, 7, 7]]) == (2.0, 0.0)
+    # With max_tokens 3 the request stops after "3 1 2": after "3" two tokens are left, so the
+    # chain stops at "1 2" (2 drafted, 1 kept: "2" is the last token the request emits).
+    assert replay(TreeShape.chain(3), setting, [[1, 2, 3, 1, 2]], [[3, 1, 2]], max_tokens=3) == (2.0, 1.0)

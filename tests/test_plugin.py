@@ -225,6 +225,23 @@ def test_batch_budget_keeps_trees_when_tokens_are_cheap_and_drops_them_when_cost
     assert "r0" not in proposer.trees  # ... so no tree is grown at all
 
 
+def test_trees_stop_at_the_tokens_a_request_has_left():
+    import numpy as np
+
+    from tree_attn_backend.vllm_plugin.verification_kind import Verification
+
+    proposer = _proposer()
+    drafting = proposer.drafting_for(proposer.config.for_request({"batch_budget": False}), Verification.TREE)
+    tokens = np.array([[1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3, 4, 1, 2, 3]])  # 15 tokens, a prompt of 8
+    depths = {}
+    for max_length in (None, 100, 17, 16, 15):
+        proposer.bind_batch(["r0"], [drafting], [8], [max_length])
+        proposer.propose([[3]], np.array([15]), tokens)
+        depths[max_length] = int(proposer.trees["r0"].depths.max())
+    # The step emits at most max_length - 15 tokens: no node deeper is verified.
+    assert depths[None] == depths[100] > 2 and (depths[17], depths[16], depths[15]) == (2, 1, 0)
+
+
 def test_a_shut_budget_explores_the_nodes_that_pay_their_own_cost():
     from tree_attn_backend.drafting.verify_budget import VerifyCostModel
     from tree_attn_backend.vllm_plugin.proposer import EXPLORE_AFTER_IDLE_STEPS

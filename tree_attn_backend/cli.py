@@ -186,7 +186,7 @@ def _bench_replay(args: argparse.Namespace) -> int:
     prompts = e2e.tokenize_prompts(config)
     (run,) = e2e.run_engines(config, prompts)
     ordered = [prompts[r["index"] % len(prompts)]["prompt_token_ids"] for r in run["requests"]]
-    rows = replay.replay_rows(ordered, [r["tokens"] for r in run["requests"]], settings)
+    rows = replay.replay_rows(ordered, [r["tokens"] for r in run["requests"]], settings, config.max_tokens)
     if args.json:
         print(json.dumps({"rows": rows}))
     else:

@@ -33,10 +33,15 @@ class ReplaySetting:
 
 
 def replay(
-    shape: TreeShape, setting: ReplaySetting, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+    shape: TreeShape,
+    setting: ReplaySetting,
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    max_tokens: int | None = None,
 ) -> tuple[float, float]:
     """``(draft tokens per step, accepted tokens per step)`` over every request's decode steps
-    (steps after its first output token, which the prefill produces)."""
+    (steps after its first output token, which the prefill produces). ``max_tokens``: the
+    requests' limit, which stops their trees as in the engine (``None``: none)."""
     drafted = accepted = steps = 0
     for prompt, output in zip(prompts, outputs):
         output = list(output)
@@ -44,7 +49,10 @@ def replay(
         index.extend(list(prompt) + output[:1])
         pos = 1
         while pos < len(output):
-            tree, _ = expand_and_prune(shape, index, index.tokens, setting.policy)
+            policy = setting.policy.within_tokens_left(
+                None if max_tokens is None else max_tokens - pos, shape.max_depth
+            )
+            tree, _ = expand_and_prune(shape, index, index.tokens, policy)
             node, matched = 0, 0
             while pos + matched < len(output):
                 children = np.flatnonzero(tree.parents == node)
@@ -82,15 +90,19 @@ def replay_settings(path_probs: Sequence[float]) -> list[ReplaySetting]:
 
 
 def replay_rows(
-    prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], settings: Sequence[ReplaySetting]
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    settings: Sequence[ReplaySetting],
+    max_tokens: int | None = None,
 ) -> list[dict]:
-    """One row per setting; the first setting is the reference of the ``fewer_*`` columns."""
+    """One row per setting (``max_tokens``: see :func:`replay`); the first setting is the
+    reference of the ``fewer_*`` columns."""
     from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
 
     shape = TreePrunedConfig().shape
     rows: list[dict[str, Any]] = []
     for setting in settings:
-        drafted, accepted = replay(shape, setting, prompts, outputs)
+        drafted, accepted = replay(shape, setting, prompts, outputs, max_tokens)
         rows.append(
             {
                 "setting": setting.name,

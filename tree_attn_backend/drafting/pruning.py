@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +47,16 @@ class PruningPolicy:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} = {value!r} must be an integer >= 0 or None")
+
+    def within_tokens_left(self, tokens_left: int | None, shape_depth: int) -> PruningPolicy:
+        """This policy for a request that stops after ``tokens_left`` more tokens (``None``: no
+        known limit): a step emits at most that many, so deeper nodes would never be emitted and
+        are dropped. ``self`` when the limit is no tighter than the depth (``shape_depth`` when
+        ``max_depth`` is ``None``)."""
+        depth = self.max_depth if self.max_depth is not None else shape_depth
+        if tokens_left is None or tokens_left >= depth:
+            return self
+        return replace(self, max_depth=max(tokens_left, 0))
 
     def admits(self, prob: float, path_value: float, depth: int) -> bool:
         """Whether a node passes the thresholds (the budget is applied separately)."""

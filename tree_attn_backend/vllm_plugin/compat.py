@@ -256,7 +256,11 @@ class TreeRunnerHooks(_RunnerBase):
             req_ids = list(self.input_batch.req_ids)
             drafting = [self.tree.drafting(r, self.requests[r].sampling_params) for r in req_ids]
             prompt_lengths = [self.requests[r].num_prompt_tokens for r in req_ids]
-            self.tree.proposer.bind_batch(req_ids, drafting, prompt_lengths)
+            params = [self.requests[r].sampling_params for r in req_ids]
+            max_lengths = [
+                None if p is None or p.max_tokens is None else n + p.max_tokens for n, p in zip(prompt_lengths, params)
+            ]
+            self.tree.proposer.bind_batch(req_ids, drafting, prompt_lengths, max_lengths)
         return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:

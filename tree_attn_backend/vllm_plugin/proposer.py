@@ -69,12 +69,13 @@ class RequestDrafting:
 @dataclass(frozen=True)
 class BoundBatch:
     """What the runner tells the proposer before each ``propose``, per batch row in vLLM's
-    order: the request id, how it is drafted, and its prompt length (the rest of its tokens
-    are its output)."""
+    order: the request id, how it is drafted, its prompt length (the rest of its tokens are its
+    output) and its length when it stops (prompt + ``max_tokens``; ``None``: unknown)."""
 
     req_ids: list[str]
     drafting: list[RequestDrafting]
     prompt_lengths: list[int]
+    max_lengths: list[int | None]
 
 
 class TreeProposer:
@@ -148,11 +149,17 @@ class TreeProposer:
         )
 
     def bind_batch(
-        self, req_ids: Sequence[str], drafting: Sequence[RequestDrafting], prompt_lengths: Sequence[int]
+        self,
+        req_ids: Sequence[str],
+        drafting: Sequence[RequestDrafting],
+        prompt_lengths: Sequence[int],
+        max_lengths: Sequence[int | None] | None = None,
     ) -> None:
         """Called by the tree model runner before each ``propose``: the batch order, how each
-        request is drafted and its prompt length (the rest of its tokens are its output)."""
-        self._batch = BoundBatch(list(req_ids), list(drafting), list(prompt_lengths))
+        request is drafted, its prompt length (the rest of its tokens are its output) and its
+        length when it stops (prompt + ``max_tokens``; ``None`` or omitted: unknown)."""
+        stops: list[int | None] = list(max_lengths) if max_lengths is not None else [None] * len(req_ids)
+        self._batch = BoundBatch(list(req_ids), list(drafting), list(prompt_lengths), stops)
 
     def propose(
         self,
@@ -202,6 +209,10 @@ class TreeProposer:
                 # Every step, grown or not: the shared cache learns every request's output.
                 self.suffix.follow(req_ids[row], decoding[row], batch.prompt_lengths[row])
             policy = drafting[row].policy
+            max_length = batch.max_lengths[row]
+            policy = policy.within_tokens_left(
+                None if max_length is None else max_length - len(decoding[row]), self.shape.max_depth
+            )
             if drafting[row].batch_budget:
                 min_path_prob = min_path_prob_of[drafting[row].drafter]
                 if min_path_prob > 1.0:  # no path value reaches it

@@ -254,11 +254,14 @@ class TreeRunnerHooks(_RunnerBase):
     def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, *args: Any, **kwargs: Any) -> Any:
         if self.tree is not None:
             req_ids = list(self.input_batch.req_ids)
-            drafting = [self.tree.drafting(r, self.requests[r].sampling_params) for r in req_ids]
-            prompt_lengths = [self.requests[r].num_prompt_tokens for r in req_ids]
-            params = [self.requests[r].sampling_params for r in req_ids]
+            states = [self.requests[r] for r in req_ids]
+            drafting = [self.tree.drafting(r, s.sampling_params) for r, s in zip(req_ids, states)]
+            prompt_lengths = [s.num_prompt_tokens for s in states]
             max_lengths = [
-                None if p is None or p.max_tokens is None else n + p.max_tokens for n, p in zip(prompt_lengths, params)
+                None
+                if s.sampling_params is None or s.sampling_params.max_tokens is None
+                else s.num_prompt_tokens + s.sampling_params.max_tokens
+                for s in states
             ]
             self.tree.proposer.bind_batch(req_ids, drafting, prompt_lengths, max_lengths)
         return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)

@@ -150,27 +150,63 @@ def test_reliability_counts_bucket_predictions_with_their_outcomes():
 HISTORY = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 6, 1, 2, 3, 4, 9, 9, 1, 2]
 
 
-def test_suffix_tree_drafter_gives_each_child_its_probability_given_the_parent():
+def _weight(matched: int) -> float:
+    """The evidence weight of a continuation counted after ``matched`` tokens (smoothing 2)."""
+    return 1.0 / (1.0 + 2.0 * 2.0 ** (1 - matched))
+
+
+def test_suffix_tree_drafter_gives_each_child_its_frequency_given_the_parent_weighed_by_the_match():
     cache = SuffixCache(max_cached_requests=4, max_spec_factor=4.0)
     cache.follow("a", np.array(HISTORY), prompt_length=len(HISTORY))
     drafter = cache.tree_drafter("a", np.array(HISTORY), max_nodes=8)
-    # "1 2" is followed by 3 three times, 5 once, and by the end once; "1 2 3" by 4 twice, 6 once.
-    assert drafter.propose_children(HISTORY, 4) == [(3, pytest.approx(0.6))]
-    assert drafter.propose_children([*HISTORY, 3], 4) == [(4, pytest.approx(2 / 3)), (6, pytest.approx(1 / 3))]
-    assert drafter.propose_children([*HISTORY, 3], 1) == [(4, pytest.approx(2 / 3))]
+    # "1 2" (matched: 2 tokens) is followed by 3 three times, 5 once, and by the end once;
+    # "1 2 3" (3 tokens) by 4 twice, 6 once.
+    assert drafter.propose_children(HISTORY, 4) == [(3, pytest.approx(0.6 * _weight(2)))]
+    expected = [(4, pytest.approx(2 / 3 * _weight(3))), (6, pytest.approx(1 / 3 * _weight(3)))]
+    assert drafter.propose_children([*HISTORY, 3], 4) == expected
+    assert drafter.propose_children([*HISTORY, 3], 1) == expected[:1]
     assert drafter.propose_children([*HISTORY, 5], 4) == []  # not in the tree
 
 
+def test_suffix_tree_drafter_trusts_a_long_match_more_than_a_short_one():
+    short = SuffixTreeDrafter(0, [7, 8], [-1, 0], [1.0, 1.0], match_length=1)
+    long = SuffixTreeDrafter(0, [7, 8], [-1, 0], [1.0, 1.0], match_length=12)
+    assert short.propose_children([], 2) == [(7, pytest.approx(1 / 3))]
+    assert short.propose_children([7], 2) == [(8, pytest.approx(0.5))]  # the draft extends the match
+    assert long.propose_children([], 2) == [(7, pytest.approx(_weight(12)))] and _weight(12) > 0.999
+
+
 def test_suffix_cache_drafts_from_earlier_requests_outputs_only_when_it_caches_them():
-    for cached, expected in ((4, [(2, 1.0)]), (0, [])):
+    # "1" is followed by 2 in a's output and ends b's own (half each), after a one-token match.
+    for cached, expected in ((4, [(2, pytest.approx(0.5 * _weight(1)))]), (0, [])):
         cache = SuffixCache(max_cached_requests=cached)
         cache.follow("a", np.array([5, 6, 7]), prompt_length=1)  # output "6 7"
         cache.follow("a", np.array([5, 6, 7, 1, 2]), prompt_length=1)  # output "6 7 1 2"
         cache.stop("a")
         assert cache.seen == {}
         later = np.array([8, 9, 1])
-        cache.follow("b", later, prompt_length=3)
+        cache.follow("b", later, prompt_length=2)  # output "1"
         assert cache.tree_drafter("b", later, max_nodes=4).propose_children(later, 4) == expected
+
+
+def test_suffix_cache_drafts_an_earlier_answer_to_the_same_prompt_from_its_first_token():
+    prompt, answer = list(range(100, 140)), [1, 2, 3, 4, 5, 6, 7, 8]
+    cache = SuffixCache(max_cached_requests=4)
+    cache.follow("first", np.array(prompt + answer), prompt_length=len(prompt))
+    cache.stop("first")
+    cache.follow("again", np.array(prompt), prompt_length=len(prompt))
+    drafter = cache.tree_drafter("again", np.array(prompt), max_nodes=8)
+    context, drafted = list(prompt), []
+    while children := drafter.propose_children(context, 2):
+        (token, prob), *others = children
+        assert others == [] and prob > 0.49  # the request's own prompt, ending here, is the other half
+        drafted.append(token)
+        context.append(token)
+    assert drafted == answer
+    # Without the earlier request in the global cache, the prompt's end continues nowhere.
+    cold = SuffixCache(max_cached_requests=4)
+    cold.follow("again", np.array(prompt), prompt_length=len(prompt))
+    assert cold.tree_drafter("again", np.array(prompt), max_nodes=8).propose_children(prompt, 2) == []
 
 
 def test_suffix_cache_restarts_a_request_whose_tokens_were_rolled_back():
@@ -198,4 +234,6 @@ def test_suffix_cache_rejects_bad_settings(kwargs, message):
 
 def test_suffix_tree_drafter_rejects_a_parent_after_its_child():
     with pytest.raises(ValueError, match="node 0: parent 1 must come before it"):
-        SuffixTreeDrafter(0, [5, 6], [1, -1], [0.5, 0.5])
+        SuffixTreeDrafter(0, [5, 6], [1, -1], [0.5, 0.5], match_length=1)
+    with pytest.raises(ValueError, match="match_length = -1"):
+        SuffixTreeDrafter(0, [5], [-1], [0.5], match_length=-1)

@@ -10,9 +10,16 @@ ids, parents, and each node's path probability from continuation counts). vLLM's
 :meth:`SuffixCache.tree_drafter` asks it once per draft tree and answers the expansion's child
 queries from that tree, with each child's probability conditional on its parent.
 
+Unlike vLLM's, the global tree holds each output after the last ``max_depth`` tokens of its
+prompt, so a request whose prompt ends as an earlier one's did (a regeneration, a retried agent
+step) drafts that earlier answer from its first token instead of from a few matched tokens of
+it; and a node's probability weighs SuffixDecoding's frequency by how long the match behind it
+is (:class:`SuffixTreeDrafter`).
+
 Memory: each active request's suffix tree is linear in its tokens (at most ``max_depth`` nodes
 per token) and freed when the request leaves; the global tree holds the outputs of at most
-``max_cached_requests`` requests (the oldest evicted first).
+``max_cached_requests`` requests (the oldest evicted first), each with ``max_depth`` prompt
+tokens before it.
 """
 
 from __future__ import annotations
@@ -57,7 +64,14 @@ class SuffixCache:
             seen = None
         if seen is None:
             seen = min(max(prompt_length, 1), len(tokens))
-            self.cache.start_request(req_id, np.ascontiguousarray(tokens[:seen], dtype=np.int32))
+            # The prompt's last max_depth tokens go in as the start of the "response": the
+            # local tree still holds the whole prompt, and the global tree holds each output
+            # after the end of its prompt, so a request whose prompt ends as an earlier one's
+            # did (a regeneration, a retried agent step) matches it in full from its first
+            # token and drafts that output at once.
+            tail = min(self.max_depth, seen)
+            self.cache.start_request(req_id, np.ascontiguousarray(tokens[: seen - tail], dtype=np.int32))
+            self.cache.add_active_response(req_id, np.ascontiguousarray(tokens[seen - tail : seen], dtype=np.int32))
         if len(tokens) > seen:
             self.cache.add_active_response(req_id, np.ascontiguousarray(tokens[seen:], dtype=np.int32))
         self.seen[req_id] = len(tokens)
@@ -78,19 +92,36 @@ class SuffixCache:
             min_token_prob=0.0,  # pruning is the policy's job
             use_tree_spec=True,
         )
-        return SuffixTreeDrafter(len(context), draft.token_ids, draft.parents, draft.probs)
+        return SuffixTreeDrafter(len(context), draft.token_ids, draft.parents, draft.probs, draft.match_len)
 
 
 class SuffixTreeDrafter:
     """One SuffixDecoding tree, answering :class:`~tree_attn_backend.drafting.drafter.Drafter`
     queries: the children of the node reached by the tokens after the first ``root_length``
-    of the context, most likely first, each with its probability given its parent."""
+    of the context, most likely first, each with its probability given its parent.
+
+    A child's probability is its continuation frequency (SuffixDecoding's) shrunk by how
+    little context it was counted after, as the lookup drafter smooths its counts:
+    ``f / (1 + match_smoothing * 2 ** (1 - m))``, ``m`` the matched suffix plus the draft
+    tokens above the child. One continuation seen after a one-token match says little (1/3
+    with the default smoothing 2), after eight matching tokens it nearly settles it (0.98); a
+    regenerated answer, matched in full, keeps its path values near its frequencies.
+    """
 
     def __init__(
-        self, root_length: int, token_ids: Sequence[int], parents: Sequence[int], path_probs: Sequence[float]
+        self,
+        root_length: int,
+        token_ids: Sequence[int],
+        parents: Sequence[int],
+        path_probs: Sequence[float],
+        match_length: int,
+        match_smoothing: float = 2.0,
     ) -> None:
         """``token_ids``, ``parents`` (index into the same lists; -1: a child of the root) and
-        ``path_probs`` per node, parents before children, as SuffixDecoding returns them."""
+        ``path_probs`` per node, parents before children, as SuffixDecoding returns them, with
+        ``match_length``, the context suffix they continue."""
+        if match_length < 0 or not match_smoothing >= 0.0:
+            raise ValueError(f"match_length = {match_length}, match_smoothing = {match_smoothing}: must be >= 0")
         self.root_length = root_length
         self.children: dict[tuple[int, ...], list[tuple[int, float]]] = {}
         paths: list[tuple[int, ...]] = []
@@ -99,8 +130,10 @@ class SuffixTreeDrafter:
                 raise ValueError(f"node {i}: parent {parent} must come before it (or be -1)")
             parent_path, parent_prob = ((), 1.0) if parent < 0 else (paths[parent], float(path_probs[parent]))
             paths.append((*parent_path, int(token)))
-            prob = min(1.0, float(path_probs[i]) / parent_prob) if parent_prob > 0.0 else 0.0
-            self.children.setdefault(parent_path, []).append((int(token), prob))
+            frequency = min(1.0, float(path_probs[i]) / parent_prob) if parent_prob > 0.0 else 0.0
+            matched = match_length + len(parent_path)
+            weight = 1.0 / (1.0 + match_smoothing * 2.0 ** (1 - matched)) if matched > 0 else 0.0
+            self.children.setdefault(parent_path, []).append((int(token), frequency * weight))
         for options in self.children.values():
             options.sort(key=lambda item: -item[1])
 

@@ -254,14 +254,32 @@ def test_a_shut_budget_explores_the_nodes_that_pay_their_own_cost():
     explored = [step for step, d in enumerate(drafts) if d]
     assert explored == [EXPLORE_AFTER_IDLE_STEPS - 1, 2 * EXPLORE_AFTER_IDLE_STEPS - 1]
     assert drafts[explored[0]] == _propose(proposer, [False])[0]  # the whole pruned tree pays its tokens
-    # A step whose trees have no node (nothing ever followed token 31) leaves the count alone.
-    _propose(proposer, [True])
+    # Steps whose trees have no node (nothing ever followed token 31) count, but an exploring
+    # step waits for a node: the next step with one explores.
     budgeted = proposer.drafting_for(proposer.config.for_request({"batch_budget": True}), Verification.TREE)
-    proposer.bind_batch(["unseen"], [budgeted], [1])
-    assert proposer.propose([[31]], np.array([2]), np.array([[30, 31]])) == [[]]
-    assert proposer.idle_budget_steps == 1
+    for _ in range(EXPLORE_AFTER_IDLE_STEPS):
+        proposer.bind_batch(["unseen"], [budgeted], [1])
+        assert proposer.propose([[31]], np.array([2]), np.array([[30, 31]])) == [[]]
+    assert proposer.idle_budget_steps == EXPLORE_AFTER_IDLE_STEPS
+    assert _propose(proposer, [True])[0] == drafts[explored[0]]
+    assert proposer.idle_budget_steps == 0
+    _propose(proposer, [True])
     proposer.reset_learned_state()
     assert proposer.idle_budget_steps == 0
+
+
+def test_a_budget_too_shut_to_grow_trees_still_explores_its_best_node():
+    from tree_attn_backend.drafting.verify_budget import VerifyCostModel
+    from tree_attn_backend.vllm_plugin.proposer import EXPLORE_AFTER_IDLE_STEPS
+
+    proposer = _proposer()
+    best = _propose(proposer, [False])[0][:1]
+    # Not even certain tokens pay: no tree is grown, and no node would pay its own cost either.
+    proposer.cost_model = VerifyCostModel(1.0, 10.0, 10.0, draft_step_ms=50.0)
+    for _ in range(EXPLORE_AFTER_IDLE_STEPS - 1):
+        assert _propose(proposer, [True]) == [[]] and "r0" not in proposer.trees
+    assert _propose(proposer, [True]) == [best]  # the best node, so the calibration keeps learning
+    assert _propose(proposer, [True]) == [[]] and proposer.idle_budget_steps == 1
 
 
 def test_acceptance_calibration_moves_toward_what_the_target_accepted():

@@ -39,10 +39,13 @@ logger = logging.getLogger("vllm.tree_pruned")
 
 # The calibration and the cost fit learn only from verified drafts, so a budget that keeps
 # nothing stops them learning and can stay shut: measured on the shipped prompts at one request,
-# a cold calibration shut drafting off for 100 to 200 of a run's ~620 steps. After this many
-# consecutive steps in which trees had nodes but the budget kept none, one step keeps what
-# pays for its own marginal cost, the fixed cost of a drafting step taken as sunk: at most
-# that fixed cost once per this many steps, and the verdicts reach the calibration.
+# a cold calibration shut drafting off for 100 to 200 of a run's ~620 steps, and on the tuning
+# prompts at four requests one rejected exploration lowered the calibration below the budget's
+# floor for good (no tree was grown again, so nothing could reopen it). After this many
+# consecutive steps in which the budget kept nothing, the next step with a candidate grows whole
+# pruned trees and keeps what pays for its own marginal cost, the fixed cost of a drafting step
+# taken as sunk, or else the best node: at most that fixed cost and one token's once per this
+# many steps, and the verdicts reach the calibration.
 EXPLORE_AFTER_IDLE_STEPS = 8
 
 # The sources each drafter grows its trees from (``hybrid`` merges them).
@@ -194,10 +197,15 @@ class TreeProposer:
         cost = self.cost_model_now if budgeted else None
         max_budgeted = sum(drafting[row].policy.max_nodes or 0 for row in budgeted)
         budgeted_drafters = {drafting[row].drafter for row in budgeted}
+        # This step explores when it is the EXPLORE_AFTER_IDLE_STEPS-th in a row that the budget
+        # keeps nothing (see there).
+        explore = cost is not None and self.idle_budget_steps + 1 >= EXPLORE_AFTER_IDLE_STEPS
         # When not even certain drafts could pay, do not grow the trees the budget would drop.
         best_scale = max((float(self.calibration[name].calibrate(1.0)) for name in budgeted_drafters), default=1.0)
         floor = math.inf
-        if cost is not None and drafts_can_pay(len(decoding), max_budgeted, cost, best_scale):
+        if explore:
+            floor = 0.0  # whole pruned trees: the budget's floor is what keeps it shut
+        elif cost is not None and drafts_can_pay(len(decoding), max_budgeted, cost, best_scale):
             # Nodes the budget would drop anyway are not grown (the budget's choice is the same).
             floor = min_kept_value(len(decoding), cost)
         # Per drafter, the path value whose calibrated value reaches the floor (inf: none does).
@@ -223,17 +231,17 @@ class TreeProposer:
                 policy = raised[key]
                 grown.append(row)
             self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], policy, decoding[row])
-        if grown and cost is not None:
+        if cost is not None:
             trees = [self.trees[req_ids[row]] for row in grown]
             values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(grown, trees)]
             keep = allocate_verify_budget(values, len(decoding), cost)
-            if keep.any():
-                self.idle_budget_steps = 0
-            elif any(len(v) for v in values):  # a step without any node tells nothing either way
-                self.idle_budget_steps += 1
-                if self.idle_budget_steps >= EXPLORE_AFTER_IDLE_STEPS:  # see EXPLORE_AFTER_IDLE_STEPS
-                    keep = allocate_verify_budget(values, len(decoding), replace(cost, draft_step_ms=0.0))
-                    self.idle_budget_steps = 0
+            if explore and not keep.any() and any(len(v) for v in values):
+                keep = allocate_verify_budget(values, len(decoding), replace(cost, draft_step_ms=0.0))
+                if not keep.any():  # the best node batch-wide: the calibration hears of the trees
+                    keep[int(np.argmax([v[0] if len(v) else -1.0 for v in values]))] = 1
+            # Counted without nodes too (a shut budget grows no tree); an exploring step without
+            # any node leaves the count up, so the next step with one explores.
+            self.idle_budget_steps = 0 if keep.any() else self.idle_budget_steps + 1
             for row, tree, k in zip(grown, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
 

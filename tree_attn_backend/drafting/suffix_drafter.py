@@ -28,6 +28,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# The smoothing of a SuffixDecoding frequency after a one-token match, halved with every
+# further matched token (the lookup drafter's default, ``drafter_smoothing``).
+MATCH_SMOOTHING = 2.0
+
 
 class SuffixCache:
     """The engine's SuffixDecoding cache and how far it has seen each request's tokens."""
@@ -101,11 +105,12 @@ class SuffixTreeDrafter:
     of the context, most likely first, each with its probability given its parent.
 
     A child's probability is its continuation frequency (SuffixDecoding's) shrunk by how
-    little context it was counted after, as the lookup drafter smooths its counts:
-    ``f / (1 + match_smoothing * 2 ** (1 - m))``, ``m`` the matched suffix plus the draft
-    tokens above the child. One continuation seen after a one-token match says little (1/3
-    with the default smoothing 2), after eight matching tokens it nearly settles it (0.98); a
-    regenerated answer, matched in full, keeps its path values near its frequencies.
+    little context it was counted after: ``f / (1 + MATCH_SMOOTHING * 2 ** (1 - m))``, ``m``
+    the matched suffix plus the draft tokens above the child. SuffixDecoding returns
+    frequencies, not counts, so this is the lookup drafter's smoothing taken at a total count
+    of one, the most it can shrink. One continuation seen after a one-token match says little
+    (1/3), after eight matching tokens it nearly settles it (0.98); a regenerated answer,
+    matched in full, keeps its path values near its frequencies.
     """
 
     def __init__(
@@ -115,13 +120,12 @@ class SuffixTreeDrafter:
         parents: Sequence[int],
         path_probs: Sequence[float],
         match_length: int,
-        match_smoothing: float = 2.0,
     ) -> None:
         """``token_ids``, ``parents`` (index into the same lists; -1: a child of the root) and
         ``path_probs`` per node, parents before children, as SuffixDecoding returns them, with
         ``match_length``, the context suffix they continue."""
-        if match_length < 0 or not match_smoothing >= 0.0:
-            raise ValueError(f"match_length = {match_length}, match_smoothing = {match_smoothing}: must be >= 0")
+        if match_length < 0:
+            raise ValueError(f"match_length = {match_length}: must be >= 0")
         self.root_length = root_length
         self.children: dict[tuple[int, ...], list[tuple[int, float]]] = {}
         paths: list[tuple[int, ...]] = []
@@ -132,7 +136,7 @@ class SuffixTreeDrafter:
             paths.append((*parent_path, int(token)))
             frequency = min(1.0, float(path_probs[i]) / parent_prob) if parent_prob > 0.0 else 0.0
             matched = match_length + len(parent_path)
-            weight = 1.0 / (1.0 + match_smoothing * 2.0 ** (1 - matched)) if matched > 0 else 0.0
+            weight = 1.0 / (1.0 + MATCH_SMOOTHING * 2.0 ** (1 - matched)) if matched > 0 else 0.0
             self.children.setdefault(parent_path, []).append((int(token), frequency * weight))
         for options in self.children.values():
             options.sort(key=lambda item: -item[1])

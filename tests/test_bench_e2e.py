@@ -11,7 +11,7 @@ import pytest
 
 from tree_attn_backend.bench.e2e import METRICS, MODES, E2EConfig, load_prompts, summarize
 from tree_attn_backend.bench.e2e_report import calibration_totals, check_targets, format_table
-from tree_attn_backend.bench.replay import ReplaySetting, replay
+from tree_attn_backend.bench.replay import ReplaySetting, replay, replay_settings
 from tree_attn_backend.cli import main
 from tree_attn_backend.drafting.pruning import PruningPolicy
 from tree_attn_backend.drafting.tree_shape import TreeShape
@@ -32,32 +32,32 @@ def _cli_json(*args: str) -> list[dict]:
 def e2e_run(tmp_path_factory) -> tuple[list[dict], object]:
     plots = tmp_path_factory.mktemp("plots")
     return _cli_json(
-        # the lookup drafter: replay (below) replays it without the target
+        # SuffixDecoding's trees: replay (below) replays them without the target at one request
         "e2e",
         "--quick",
         "--repeat",
         "2",
         "--concurrency",
-        "2",
+        "1,2",
         "--max-tokens",
         "8",
         "--plot",
         str(plots),
         "--drafter",
-        "lookup",
+        "suffix",
     ), plots
 
 
 @pytest.mark.engine
 def test_bench_e2e_all_modes_through_real_engines(e2e_run):
     rows, plots = e2e_run
-    overall = {r["mode"]: r for r in rows if r["category"] == "all"}
+    overall = {r["mode"]: r for r in rows if r["category"] == "all" and r["concurrency"] == 2}
     assert sorted(overall) == sorted(MODES)
     categories = {r["category"] for r in rows} - {"all"}
     assert {"summarization", "rag", "translation", "writing"} <= categories
     for r in rows:
         assert set(r) == {"mode", "concurrency", "category", "requests", "repeats", "spread", *METRICS}
-        assert r["concurrency"] == 2 and r["tokens_per_s"] > 0 and r["repeats"] == 2
+        assert r["concurrency"] in (1, 2) and r["tokens_per_s"] > 0 and r["repeats"] == 2
         low, high = r["spread"]["tokens_per_s"]
         assert low <= r["tokens_per_s"] <= high
         assert r["identical_to_baseline"] is True, r  # greedy speculation never changes tokens
@@ -78,15 +78,21 @@ def test_bench_e2e_all_modes_through_real_engines(e2e_run):
 @pytest.mark.engine
 def test_replay_reproduces_the_engines_draft_and_accepted_counts(e2e_run):
     """Offline replay on the stock engine's greedy outputs gives exactly the tree engine's
-    per-step draft and accepted tokens (same prompts, same drafter and pruning)."""
+    per-step draft and accepted tokens at one request (same prompts, same drafter and pruning,
+    SuffixDecoding's cache carried from request to request)."""
     rows, _ = e2e_run
-    overall = {r["mode"]: r for r in rows if r["category"] == "all"}
+    engine = {r["mode"]: r for r in rows if r["category"] == "all" and r["concurrency"] == 1}
     replayed = {
-        r["setting"]: r for r in _cli_json("replay", "--per-category", "1", "--max-tokens", "8", "--path-probs", "0.1")
+        r["setting"]: r
+        for r in _cli_json(
+            "replay", "--per-category", "1", "--max-tokens", "8", "--path-probs", "0.1", "--drafter", "suffix"
+        )
     }
+    assert engine["pruned_tree"]["draft_tokens_per_step"] > 0
     for setting, mode in (("static_tree", "static_tree"), ("defaults", "pruned_tree")):
+        assert replayed[setting]["drafter"] == "suffix"
         for key in ("draft_tokens_per_step", "accepted_tokens_per_step"):
-            assert replayed[setting][key] == overall[mode][key], (setting, key)
+            assert replayed[setting][key] == engine[mode][key], (setting, key)
 
 
 def _request(i: int, category: str, tokens: list[int], steps: int, t0: float) -> dict:
@@ -237,12 +243,38 @@ def test_prompts_keep_their_next_turns_and_the_workload_sizes_the_runs(tmp_path)
 def test_replay_by_hand():
     # Prompt "1 2 3 1 2", greedy output "3 1 2 3 9": after "3" the drafter has seen 3 -> 1 -> 2 -> 3,
     # so a depth-3 chain drafts "1 2 3", all accepted, and 9 is the bonus token: one step.
-    setting = ReplaySetting("chain", PruningPolicy(0.0, 0.0, 16), smoothing=0.5)
-    assert replay(TreeShape.chain(3), setting, [[1, 2, 3, 1, 2]], [[3, 1, 2, 3, 9]]) == (3.0, 3.0)
+    chain = {"speculative_token_tree": TreeShape.chain(3).to_text(), "prune_min_prob": 0.0, "prune_path_prob": 0.0}
+    setting = ReplaySetting("chain", {**chain, "drafter": "lookup", "drafter_smoothing": 0.5})
+    assert replay(setting, [[1, 2, 3, 1, 2]], [[3, 1, 2, 3, 9]]) == (3.0, 3.0)
     # Output "3 7 7 7": "1 2 3" fails (3 drafted); after "7" nothing was ever seen (0 drafted); after
     # "7 7" the drafter guesses "7 7 7" (3 drafted), whose first token matches but the output ends
     # there, so nothing is kept: 3 steps, 6 drafts, 0 accepted.
-    assert replay(TreeShape.chain(3), setting, [[1, 2, 3, 1, 2]], [[3, 7, 7, 7]]) == (2.0, 0.0)
+    assert replay(setting, [[1, 2, 3, 1, 2]], [[3, 7, 7, 7]]) == (2.0, 0.0)
     # With max_tokens 3 the request stops after "3 1 2": after "3" two tokens are left, so the
     # chain stops at "1 2" (2 drafted, 1 kept: "2" is the last token the request emits).
-    assert replay(TreeShape.chain(3), setting, [[1, 2, 3, 1, 2]], [[3, 1, 2]], max_tokens=3) == (2.0, 1.0)
+    assert replay(setting, [[1, 2, 3, 1, 2]], [[3, 1, 2]], max_tokens=3) == (2.0, 1.0)
+
+
+def test_replay_carries_the_suffix_cache_from_request_to_request():
+    prompt, output = [5, 6, 7, 8], [10, 11, 12, 13, 14, 15, 16, 17]
+    unpruned = {"prune_min_prob": 0.0, "prune_path_prob": 0.0}
+    suffix = ReplaySetting("suffix", {**unpruned, "drafter": "suffix"})
+    # Alone, nothing in the output repeats: 7 decode steps without a draft.
+    assert replay(suffix, [prompt], [output]) == (0.0, 0.0)
+    # Sent again, it matches the first answer after its first token ("5 6 7 8 10", 5 tokens):
+    # 5 drafts, all accepted, and 16 as the bonus; then "17", the last token, is drafted with no
+    # room left to keep it. 7 + 2 steps, 6 drafts, 5 accepted.
+    assert replay(suffix, [prompt, prompt], [output, output]) == (6 / 9, 5 / 9)
+    # The lookup drafter sees each request's own tokens only.
+    assert replay(ReplaySetting("lookup", {**unpruned, "drafter": "lookup"}), [prompt] * 2, [output] * 2) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("drafters", "message"),
+    [(["hybrid"], "drafter 'hybrid' cannot be replayed"), (["lookups"], "drafter = 'lookups'")],
+)
+def test_replay_names_a_drafter_it_cannot_replay(drafters, message):
+    with pytest.raises(ValueError, match=message):
+        replay_settings([0.1], drafters)
+    with pytest.raises(ValueError, match=r"prune_path_prob = 2\.0"):
+        replay_settings([2.0])

@@ -9,8 +9,8 @@ tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]
 tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE] [--drafter D]
     [--turns 2] [--repeat-prompts K]
     modes x concurrency in vLLM
-tree-pruned bench replay [--prompts FILE] [--path-probs P,...]
-    pruning scored offline on greedy outputs
+tree-pruned bench replay [--prompts FILE] [--path-probs P,...] [--drafter D,...]
+    drafters and pruning scored offline on greedy outputs
 tree-pruned bench load [--quick] [--json] [--check] [--clients N] [--requests N]
     the tree server under streaming load
 tree-pruned bench step-cost [--quick] [--repeat N] [--json] [--check]
@@ -176,12 +176,16 @@ def _bench_e2e(args: argparse.Namespace) -> int:
 def _bench_replay(args: argparse.Namespace) -> int:
     from tree_attn_backend.bench import e2e, replay
 
-    # Every prompt runs exactly once (concurrency None).
-    config = _bench_config(args, None, modes=("none",), concurrency=None, max_tokens=args.max_tokens)
     try:
-        settings = replay.replay_settings([float(x) for x in args.path_probs.split(",")] if args.path_probs else [])
+        path_probs = [float(x) for x in args.path_probs.split(",")] if args.path_probs else []
     except ValueError as exc:
         raise SystemExit(f"tree-pruned bench replay: --path-probs {args.path_probs!r}: {exc}") from None
+    try:
+        settings = replay.replay_settings(path_probs, args.drafter.split(","))
+    except ValueError as exc:  # names the option and its value
+        raise SystemExit(f"tree-pruned bench replay: {exc}") from None
+    # Every prompt runs exactly once (concurrency None).
+    config = _bench_config(args, None, modes=("none",), concurrency=None, max_tokens=args.max_tokens)
     print(f"greedy outputs of {len(config.prompts)} prompts from the stock engine...", file=sys.stderr)
     prompts = e2e.tokenize_prompts(config)
     (run,) = e2e.run_engines(config, prompts)
@@ -360,12 +364,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     e2e_p.set_defaults(func=_bench_e2e)
     replay_p = bench_sub.add_parser(
-        "replay", help="score pruning settings offline on greedy outputs (exact for greedy)"
+        "replay", help="score drafters and pruning settings offline on greedy outputs (exact for greedy)"
     )
     _add_prompt_arguments(replay_p, per_category=True)
     replay_p.add_argument("--max-tokens", type=int, default=128, help="greedy output tokens per prompt (default 128)")
     replay_p.add_argument(
         "--path-probs", default="0.02,0.05,0.08,0.12", help="path thresholds to score besides the defaults"
+    )
+    replay_p.add_argument(
+        "--drafter", default="lookup", help="the drafters to replay, comma-separated: lookup (default), suffix"
     )
     replay_p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]}')
     replay_p.set_defaults(func=_bench_replay)

@@ -13,7 +13,6 @@ from tree_attn_backend.bench.e2e import METRICS, MODES, E2EConfig, load_prompts,
 from tree_attn_backend.bench.e2e_report import calibration_totals, check_targets, format_table
 from tree_attn_backend.bench.replay import ReplaySetting, replay, replay_settings
 from tree_attn_backend.cli import main
-from tree_attn_backend.drafting.pruning import PruningPolicy
 from tree_attn_backend.drafting.tree_shape import TreeShape
 
 

@@ -275,5 +275,12 @@ def test_replay_carries_the_suffix_cache_from_request_to_request():
 def test_replay_names_a_drafter_it_cannot_replay(drafters, message):
     with pytest.raises(ValueError, match=message):
         replay_settings([0.1], drafters)
+    with pytest.raises(SystemExit, match=message):  # before any engine starts
+        main(["bench", "replay", "--drafter", ",".join(["lookup", *drafters])])
+
+
+def test_replay_argument_errors():
     with pytest.raises(ValueError, match=r"prune_path_prob = 2\.0"):
         replay_settings([2.0])
+    with pytest.raises(SystemExit, match="--path-probs '0.1,x'"):
+        main(["bench", "replay", "--path-probs", "0.1,x"])

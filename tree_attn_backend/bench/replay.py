@@ -22,9 +22,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tree_attn_backend.drafting.tree import DraftTree
+    from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
 # Drafters whose trees depend only on the requests' tokens.
 REPLAYABLE_DRAFTERS = ("lookup", "suffix")
@@ -40,7 +44,7 @@ class ReplaySetting:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _proposer(setting: ReplaySetting) -> Any:
+def _proposer(setting: ReplaySetting) -> TreeProposer:
     """The engine's proposer with the setting's options, as vLLM would build it."""
     from tree_attn_backend.vllm_plugin import DEFAULT_NUM_SPECULATIVE_TOKENS
     from tree_attn_backend.vllm_plugin.proposer import TreeProposer
@@ -59,7 +63,7 @@ def _proposer(setting: ReplaySetting) -> Any:
     return proposer
 
 
-def _matched_path(tree: Any, continuation: Sequence[int]) -> list[int]:
+def _matched_path(tree: DraftTree, continuation: Sequence[int]) -> list[int]:
     """The nodes of ``tree``'s longest path from the root that spells ``continuation``'s start,
     root first (greedy verification's accepted path)."""
     path = [0]

@@ -200,14 +200,15 @@ class TreeProposer:
         # This step explores when it is the EXPLORE_AFTER_IDLE_STEPS-th in a row that the budget
         # keeps nothing (see there).
         explore = cost is not None and self.idle_budget_steps + 1 >= EXPLORE_AFTER_IDLE_STEPS
-        # When not even certain drafts could pay, do not grow the trees the budget would drop.
-        best_scale = max((float(self.calibration[name].calibrate(1.0)) for name in budgeted_drafters), default=1.0)
         floor = math.inf
         if explore:
             floor = 0.0  # whole pruned trees: the budget's floor is what keeps it shut
-        elif cost is not None and drafts_can_pay(len(decoding), max_budgeted, cost, best_scale):
-            # Nodes the budget would drop anyway are not grown (the budget's choice is the same).
-            floor = min_kept_value(len(decoding), cost)
+        elif cost is not None:
+            # When not even certain drafts could pay, do not grow the trees the budget would drop.
+            best_scale = max(float(self.calibration[name].calibrate(1.0)) for name in budgeted_drafters)
+            if drafts_can_pay(len(decoding), max_budgeted, cost, best_scale):
+                # Nodes the budget would drop anyway are not grown (the budget's choice is the same).
+                floor = min_kept_value(len(decoding), cost)
         # Per drafter, the path value whose calibrated value reaches the floor (inf: none does).
         min_path_prob_of = {name: self.calibration[name].min_prob_for(floor) for name in budgeted_drafters}
         raised: dict[tuple[PruningPolicy, float], PruningPolicy] = {}  # built once per step, not per row

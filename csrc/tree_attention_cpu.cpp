@@ -13,20 +13,23 @@
 //   page_indptr:   int32 [R + 1], page_indices: int32 [pages], the request's cache blocks in order
 //
 // Query token i of request r attends to r's context (positions < context_lens[r]) and to its
-// tree ancestors and itself. Online softmax in float32; all query tokens of a request and all
-// query heads sharing a KV head are processed together, so each K/V block is read once per
-// (request, KV head), and the context's scores and probabilities x V are BLAS GEMMs. The torch
-// path in tree_attn_backend/attention/cpu_attention.py is the fallback and the fuzzed oracle.
+// tree ancestors and itself. Online softmax in float32 over the request's cache blocks, each
+// block's scores and probabilities x V computed as register-tiled products for all query tokens
+// of the request and all query heads sharing a KV head at once (so each K/V block is read once
+// per (request, KV head)); in the blocks holding the new tokens, a token sees only its ancestors'
+// columns (ancestor bitsets). When there are fewer (request, KV head) pairs than threads can share
+// evenly (one request at a time, say), each pair's blocks are split into chunks whose partial
+// softmax states are merged afterwards, so all threads work. The torch path in
+// tree_attn_backend/attention/cpu_attention.py is the fallback and the fuzzed oracle.
 //
 // Every index the op follows is checked first (input_checks.h): both indptrs start at 0, never
 // decrease and end at their arrays' lengths, context_lens >= 0, each request's pages cover its
 // context + new tokens, every page id is in [0, num_blocks), and each request's parents form a
-// tree in topological order (so the ancestor walk below ends and stays inside the request).
+// tree in topological order (so a token's ancestor set is built from its parent's, complete by then).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,6 +45,32 @@
 
 namespace {
 
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// One vector register of float32 lanes (AVX-512: 16, else 8; the library is built for the host
+// CPU). GCC/Clang vector extensions: arithmetic with a scalar broadcasts it.
+#ifdef __AVX512F__
+constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store_lanes(float* p, const Lanes& v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Register tiles of the two block products: eight accumulators, kTileRows / kVectors rows x
+// kVectors vectors of columns, so a tile stays in registers through its inner loop; columns left
+// over after the two-vector tiles take one-vector tiles, then a scalar loop. Rows are padded to
+// kTileRows.
+constexpr int64_t kTileRows = 8;
+// Cache columns per softmax fold at least (several blocks when blocks are smaller), so the fold's
+// per-row work is spread over enough columns.
+constexpr int64_t kSpanColumns = 128;
+
 // The cache block of one KV head as float32: K transposed [D, block_size], then V [block_size, D].
 // A float32 cache is read in place; other dtypes are converted into `scratch` first.
 template <typename scalar_t>
@@ -54,90 +83,199 @@ const float* block_as_float(const scalar_t* block, int64_t count, float* scratch
   }
 }
 
-// Online softmax, one row: folds the row's scores s[0..n) into its running maximum and sum,
-// rescales its accumulator and leaves the probabilities (relative to the new maximum) in s;
-// the caller adds probabilities x V to the accumulator.
+// Tiles of s[r, t] = sum_d qs[r, d] * k_t[d, t], kVectors * kLanes columns each, from column t0
+// while they start before n and fit in ld_k; returns the first column not done.
+template <int64_t kVectors>
+int64_t score_tiles(const float* qs, int64_t rows, int64_t head_dim, const float* k_t, int64_t ld_k, int64_t n,
+                    float* s, int64_t ld_s, int64_t t0) {
+  constexpr int64_t kRows = kTileRows / kVectors;
+  for (; t0 < n && t0 + kVectors * kLanes <= ld_k; t0 += kVectors * kLanes) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      Lanes acc[kRows][kVectors] = {};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        Lanes k[kVectors];
+        for (int64_t j = 0; j < kVectors; ++j) k[j] = load_lanes(k_t + d * ld_k + t0 + j * kLanes);
+#pragma GCC unroll 8
+        for (int64_t i = 0; i < kRows; ++i) {
+          const float b = qs[(r0 + i) * head_dim + d];
+          for (int64_t j = 0; j < kVectors; ++j) acc[i][j] += b * k[j];
+        }
+      }
+      for (int64_t i = 0; i < kRows; ++i)
+        for (int64_t j = 0; j < kVectors; ++j) store_lanes(s + (r0 + i) * ld_s + t0 + j * kLanes, acc[i][j]);
+    }
+  }
+  return t0;
+}
+
+// s[r, t] = sum_d qs[r, d] * k_t[d, t] for r < rows, t < n. rows is a multiple of kTileRows
+// (qs zero-padded); k_t [D, ld_k] and s [rows, ld_s] are row-major, n <= ld_k <= ld_s. Tiles run
+// past n up to ld_k (a block's last columns are there in memory, whatever they hold), so a partly
+// filled block needs no scalar tail; the columns past n are never read.
+void block_scores(const float* qs, int64_t rows, int64_t head_dim, const float* k_t, int64_t ld_k, int64_t n, float* s,
+                  int64_t ld_s) {
+  int64_t t0 = score_tiles<2>(qs, rows, head_dim, k_t, ld_k, n, s, ld_s, 0);
+  t0 = score_tiles<1>(qs, rows, head_dim, k_t, ld_k, n, s, ld_s, t0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = t0; t < n; ++t) {
+      float x = 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d) x += qs[r * head_dim + d] * k_t[d * ld_k + t];
+      s[r * ld_s + t] = x;
+    }
+}
+
+// Tiles of acc[r, d] += sum_t p[r, t] * v[t, d], kVectors * kLanes columns each, from column d0
+// while they fit in head_dim; returns the first column not done.
+template <int64_t kVectors>
+int64_t value_tiles(const float* p, int64_t ld_p, int64_t rows, int64_t n, const float* v, int64_t head_dim, float* acc,
+                    int64_t d0) {
+  constexpr int64_t kRows = kTileRows / kVectors;
+  for (; d0 + kVectors * kLanes <= head_dim; d0 += kVectors * kLanes) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      Lanes a[kRows][kVectors];
+      for (int64_t i = 0; i < kRows; ++i)
+        for (int64_t j = 0; j < kVectors; ++j) a[i][j] = load_lanes(acc + (r0 + i) * head_dim + d0 + j * kLanes);
+      for (int64_t t = 0; t < n; ++t) {
+        Lanes vt[kVectors];
+        for (int64_t j = 0; j < kVectors; ++j) vt[j] = load_lanes(v + t * head_dim + d0 + j * kLanes);
+#pragma GCC unroll 8
+        for (int64_t i = 0; i < kRows; ++i) {
+          const float b = p[(r0 + i) * ld_p + t];
+          for (int64_t j = 0; j < kVectors; ++j) a[i][j] += b * vt[j];
+        }
+      }
+      for (int64_t i = 0; i < kRows; ++i)
+        for (int64_t j = 0; j < kVectors; ++j) store_lanes(acc + (r0 + i) * head_dim + d0 + j * kLanes, a[i][j]);
+    }
+  }
+  return d0;
+}
+
+// acc[r, d] += sum_t p[r, t] * v[t, d] for r < rows (a multiple of kTileRows), t < n, d < head_dim;
+// p has leading dimension ld_p, v and acc head_dim.
+void block_values(const float* p, int64_t ld_p, int64_t rows, int64_t n, const float* v, int64_t head_dim, float* acc) {
+  int64_t d0 = value_tiles<2>(p, ld_p, rows, n, v, head_dim, acc, 0);
+  d0 = value_tiles<1>(p, ld_p, rows, n, v, head_dim, acc, d0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = d0; d < head_dim; ++d) {
+      float x = acc[r * head_dim + d];
+      for (int64_t t = 0; t < n; ++t) x += p[r * ld_p + t] * v[t * head_dim + d];
+      acc[r * head_dim + d] = x;
+    }
+}
+
+// Online softmax, one row: folds the row's scores s[0..n) (-inf where the row may not look)
+// into its running maximum and sum, rescales its accumulator and leaves the probabilities
+// (relative to the new maximum; 0 where masked) in s; the caller adds probabilities x V.
 inline void softmax_fold(float* s, int64_t n, float* acc_row, int64_t head_dim, float& max_score, float& sum) {
-  float block_max = max_score;
-  for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
-  const float rescale = std::exp(max_score - block_max);  // 0 on the first fold
+  // Per-lane maxima and sums (kLanes independent chains), so both loops vectorise.
+  float lane_max[kLanes], lane_sum[kLanes] = {};
+  std::fill(lane_max, lane_max + kLanes, max_score);
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = std::max(lane_max[l], s[t + l]);
+  float block_max = *std::max_element(lane_max, lane_max + kLanes);
+  for (; t < n; ++t) block_max = std::max(block_max, s[t]);
+  if (block_max == kNegInf) {  // nothing visible to this row yet
+    std::fill(s, s + n, 0.0f);
+    return;
+  }
+  const float rescale = std::exp(max_score - block_max);  // 0 on the row's first visible fold
+  auto prob = [block_max](float score) {
+    const float e = tree_pruned::exp_nonpositive(score - block_max);
+    return score == kNegInf ? 0.0f : e;
+  };
+  for (t = 0; t + kLanes <= n; t += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      s[t + l] = prob(s[t + l]);
+      lane_sum[l] += s[t + l];
+    }
   float total = sum * rescale;
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = tree_pruned::exp_nonpositive(s[t] - block_max);
+  for (; t < n; ++t) {
+    s[t] = prob(s[t]);
     total += s[t];
   }
+  for (int64_t l = 0; l < kLanes; ++l) total += lane_sum[l];
   for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= rescale;
   sum = total;
   max_score = block_max;
 }
 
-// One request, one KV head: rows = its query tokens x the query heads of that KV head, so each
-// K/V block is read once for all of them. Per context block, scores = Q [rows, D] x K^T [D, n]
-// (K is stored transposed) and acc += P [rows, n] x V [n, D] are two row-major GEMMs
-// (ATen's brgemm: oneDNN's small-matrix kernels).
+// One work item: request r, one KV head, cache blocks [first_block, end_block) of the request.
+struct WorkItem {
+  int64_t request;
+  int64_t kv_head;
+  int64_t first_block;
+  int64_t end_block;
+  int64_t state_offset;  // its partial state in the shared buffer (acc [rows_p, D], max, sum [rows_p]); -1: none
+};
+
+inline int64_t padded_rows(int64_t rows) { return (rows + kTileRows - 1) / kTileRows * kTileRows; }
+
+// The partial softmax state of one item: rows = its request's query tokens x the query heads of
+// its KV head, row (i, g) = query token i, head kv_head * group + g; rows_p of them, padded.
+// ancestors: the request's [num_queries, words] bitsets (bit j of token i: j is i or an ancestor).
 template <typename scalar_t>
-void attend_request(const scalar_t* q, const scalar_t* cache, scalar_t* out, int64_t num_queries, int64_t group,
-                    int64_t num_heads, int64_t head_dim, int64_t block_size, int64_t block_stride, const int32_t* pages,
-                    int64_t context_len, const int32_t* parents, float scale, std::vector<float>& work) {
+void attend_blocks(const scalar_t* q, const scalar_t* cache, int64_t num_queries, int64_t group, int64_t num_heads,
+                   int64_t head_dim, int64_t block_size, int64_t block_stride, const int32_t* pages,
+                   int64_t context_len, const uint64_t* ancestors, int64_t words, int64_t first_block,
+                   int64_t end_block, float scale, float* state, std::vector<float>& work) {
   const int64_t rows = num_queries * group;
+  const int64_t rows_p = padded_rows(rows);
   const int64_t block_floats = 2 * head_dim * block_size;
-  work.resize(rows * (2 * head_dim + 2 + block_size) + block_floats + num_queries);
-  float* qs = work.data();            // [rows, D] scaled queries
-  float* acc = qs + rows * head_dim;  // [rows, D]
-  float* max_score = acc + rows * head_dim;
-  float* sum = max_score + rows;
-  float* scores = sum + rows;                        // [rows, block_size]
-  float* block = scores + rows * block_size;         // one converted cache block (non-float32 caches)
-  float* path_scores = block + block_floats;         // [num_queries] one row's scores over a token's path
-  std::vector<int64_t> path_positions(num_queries);  // the path's linear cache positions
-  // Row (i, g) is query token i, head kv_head * group + g: q[(i * num_heads + g) * D].
+  const int64_t kv_len = context_len + num_queries;
+  float* acc = state;
+  float* max_score = acc + rows_p * head_dim;
+  float* sum = max_score + rows_p;
+  // Blocks are taken kSpanColumns columns at a time: one softmax fold per row per span.
+  const int64_t span_blocks = std::max<int64_t>(1, kSpanColumns / block_size), ld_s = span_blocks * block_size;
+  work.resize(rows_p * (head_dim + ld_s) + (std::is_same_v<scalar_t, float> ? 0 : span_blocks * block_floats));
+  float* qs = work.data();                  // [rows_p, D] scaled queries, zero padding rows
+  float* scores = qs + rows_p * head_dim;   // [rows_p, ld_s]
+  float* scratch = scores + rows_p * ld_s;  // the span's blocks as float32 (non-float32 caches)
+  std::vector<const float*> span(span_blocks);
   for (int64_t i = 0; i < num_queries; ++i)
     for (int64_t g = 0; g < group; ++g)
       for (int64_t d = 0; d < head_dim; ++d)
         qs[(i * group + g) * head_dim + d] = static_cast<float>(q[(i * num_heads + g) * head_dim + d]) * scale;
-  std::fill(acc, acc + rows * head_dim, 0.0f);
-  std::fill(max_score, max_score + rows, -std::numeric_limits<float>::infinity());
-  std::fill(sum, sum + rows, 0.0f);
+  std::fill(qs + rows * head_dim, qs + rows_p * head_dim, 0.0f);
+  std::fill(acc, acc + rows_p * head_dim, 0.0f);
+  std::fill(max_score, max_score + rows_p, kNegInf);
+  std::fill(sum, sum + rows_p, 0.0f);
 
-  const int64_t num_context_blocks = (context_len + block_size - 1) / block_size;
-  for (int64_t b = 0; b < num_context_blocks; ++b) {
-    const float* k_t = block_as_float(cache + static_cast<int64_t>(pages[b]) * block_stride, block_floats, block);
-    const float* v = k_t + head_dim * block_size;
-    const int64_t n = std::min(block_size, context_len - b * block_size);
-    at::native::cpublas::brgemm(rows, n, head_dim, head_dim, block_size, block_size, false, qs, k_t, scores);
-    for (int64_t row = 0; row < rows; ++row)
-      softmax_fold(scores + row * block_size, n, acc + row * head_dim, head_dim, max_score[row], sum[row]);
-    at::native::cpublas::brgemm(rows, head_dim, n, block_size, head_dim, head_dim, true, scores, v, acc);
-  }
-  // The tree part: each token's ancestors and itself (at most num_queries of them), read in place.
-  for (int64_t i = 0; i < num_queries; ++i) {
-    int64_t depth = 0;
-    for (int64_t node = i; node >= 0; node = parents[node]) path_positions[depth++] = context_len + node;
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t row = i * group + g;
-      const float* qr = qs + row * head_dim;
-      for (int64_t j = 0; j < depth; ++j) {
-        const int64_t pos = path_positions[j];
-        const scalar_t* k_t = cache + static_cast<int64_t>(pages[pos / block_size]) * block_stride + pos % block_size;
-        float s = 0.0f;
-        for (int64_t d = 0; d < head_dim; ++d) s += qr[d] * static_cast<float>(k_t[d * block_size]);
-        path_scores[j] = s;
-      }
-      float* a = acc + row * head_dim;
-      softmax_fold(path_scores, depth, a, head_dim, max_score[row], sum[row]);
-      for (int64_t j = 0; j < depth; ++j) {
-        const int64_t pos = path_positions[j];
-        const scalar_t* v = cache + static_cast<int64_t>(pages[pos / block_size]) * block_stride +
-                            head_dim * block_size + (pos % block_size) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) a[d] += path_scores[j] * static_cast<float>(v[d]);
-      }
+  for (int64_t b0 = first_block; b0 < end_block; b0 += span_blocks) {
+    const int64_t count = std::min(span_blocks, end_block - b0);
+    const int64_t start = b0 * block_size;
+    const int64_t n = std::min(count * block_size, kv_len - start);  // the span's columns in use
+    auto columns_of = [&](int64_t i) { return std::min(block_size, n - i * block_size); };
+    for (int64_t i = 0; i < count; ++i) {
+      span[i] = block_as_float(cache + static_cast<int64_t>(pages[b0 + i]) * block_stride, block_floats,
+                               scratch + i * block_floats);
+      block_scores(qs, rows_p, head_dim, span[i], block_size, columns_of(i), scores + i * block_size, ld_s);
     }
+    // Columns at or past the context are new tokens: each row sees only its token's ancestors.
+    const int64_t first_new = std::max<int64_t>(0, context_len - start);
+    for (int64_t row = 0; row < rows; ++row) {
+      float* s = scores + row * ld_s;
+      const uint64_t* bits = ancestors + (row / group) * words;
+      for (int64_t t = first_new; t < n; ++t) {
+        const int64_t node = start + t - context_len;
+        if (!((bits[node >> 6] >> (node & 63)) & 1)) s[t] = kNegInf;
+      }
+      softmax_fold(s, n, acc + row * head_dim, head_dim, max_score[row], sum[row]);
+    }
+    for (int64_t i = 0; i < count; ++i)
+      block_values(scores + i * block_size, ld_s, rows_p, columns_of(i), span[i] + head_dim * block_size, head_dim,
+                   acc);
   }
-  for (int64_t i = 0; i < num_queries; ++i)
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t d = 0; d < head_dim; ++d)
-        out[(i * num_heads + g) * head_dim + d] =
-            static_cast<scalar_t>(acc[(i * group + g) * head_dim + d] / sum[i * group + g]);
+}
+
+// Blocks per work item: whole (request, KV head) pairs when there are enough pairs to share
+// evenly among the threads; else chunks sized for about four items per thread.
+int64_t blocks_per_item(int64_t pairs, int64_t pair_blocks) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (pairs >= 4 * threads) return std::numeric_limits<int64_t>::max();
+  return std::max<int64_t>(1, (pair_blocks + 4 * threads - 1) / (4 * threads));
 }
 
 void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& qo_indptr,
@@ -191,18 +329,100 @@ void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, c
   }
   const int64_t group = num_heads / num_kv_heads;
   const int64_t block_stride = num_kv_heads * block_size * 2 * head_dim;
+
+  // Ancestor bitsets per request (parents are topological, so a parent's set is complete first).
+  std::vector<int64_t> words(num_reqs), ancestor_offset(num_reqs + 1, 0);
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    words[r] = (qo[r + 1] - qo[r] + 63) / 64;
+    ancestor_offset[r + 1] = ancestor_offset[r] + (qo[r + 1] - qo[r]) * words[r];
+  }
+  std::vector<uint64_t> ancestors(ancestor_offset[num_reqs], 0);
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    uint64_t* bits = ancestors.data() + ancestor_offset[r];
+    for (int64_t i = 0; i < qo[r + 1] - qo[r]; ++i) {
+      const int32_t parent = par[qo[r] + i];
+      if (parent >= 0) std::copy_n(bits + parent * words[r], words[r], bits + i * words[r]);
+      bits[i * words[r] + i / 64] |= uint64_t{1} << (i % 64);
+    }
+  }
+
+  // Work items, in (request, KV head, block) order. The items of a pair split into several keep
+  // their partial softmax states for the merge below; a pair of one item writes its rows directly.
+  auto blocks_of = [&](int64_t r) { return (ctx[r] + qo[r + 1] - qo[r] + block_size - 1) / block_size; };
+  int64_t pair_blocks = 0;
+  for (int64_t r = 0; r < num_reqs; ++r) pair_blocks += blocks_of(r) * num_kv_heads;
+  const int64_t chunk = blocks_per_item(num_reqs * num_kv_heads, pair_blocks);
+  std::vector<WorkItem> items;
+  std::vector<int64_t> pair_items(num_reqs * num_kv_heads + 1, 0);  // items of pair p: pair_items[p]..[p+1]
+  int64_t state_floats = 0;
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    const int64_t nb = blocks_of(r), state_size = padded_rows((qo[r + 1] - qo[r]) * group) * (head_dim + 2);
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const size_t first = items.size();
+      for (int64_t b = 0;; b += chunk) {  // at least one item, also for a request without blocks
+        const bool last = nb - b <= chunk;
+        items.push_back({r, h, b, last ? nb : b + chunk, -1});
+        if (last) break;
+      }
+      if (items.size() - first > 1)
+        for (size_t k = first; k < items.size(); ++k, state_floats += state_size) items[k].state_offset = state_floats;
+      pair_items[r * num_kv_heads + h + 1] = static_cast<int64_t>(items.size());
+    }
+  }
+  std::vector<float> states(state_floats);
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "tree_paged_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    // Output row of (request r, KV head, row (i, g)): token qo[r] + i, head kv_head * group + g.
+    auto out_row = [&](int64_t r, int64_t kv_head, int64_t row) {
+      return o + ((qo[r] + row / group) * num_heads + kv_head * group + row % group) * head_dim;
+    };
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> work, whole;
+      for (int64_t k = begin; k < end; ++k) {
+        const WorkItem& item = items[k];
+        const int64_t r = item.request, rows = (qo[r + 1] - qo[r]) * group, rows_p = padded_rows(rows);
+        if (item.state_offset < 0) whole.resize(rows_p * (head_dim + 2));
+        float* state = item.state_offset < 0 ? whole.data() : states.data() + item.state_offset;
+        attend_blocks<scalar_t>(q + (qo[r] * num_heads + item.kv_head * group) * head_dim,
+                                cache + item.kv_head * block_size * 2 * head_dim, qo[r + 1] - qo[r], group, num_heads,
+                                head_dim, block_size, block_stride, pages + pip[r], ctx[r],
+                                ancestors.data() + ancestor_offset[r], words[r], item.first_block, item.end_block,
+                                static_cast<float>(scale), state, work);
+        if (item.state_offset >= 0) continue;
+        const float* sum = state + rows_p * (head_dim + 1);
+        for (int64_t row = 0; row < rows; ++row) {
+          scalar_t* dst = out_row(r, item.kv_head, row);
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(state[row * head_dim + d] / sum[row]);
+        }
+      }
+    });
+    // Merge a split pair's items c (maximum m_c, sum l_c, accumulator acc_c per row):
+    // out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M), M = max_c m_c (finite: every row
+    // sees at least its own token).
     at::parallel_for(0, num_reqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> work;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t r = item / num_kv_heads, kv_head = item % num_kv_heads;
-        const int64_t head_offset = (qo[r] * num_heads + kv_head * group) * head_dim;
-        attend_request<scalar_t>(q + head_offset, cache + kv_head * block_size * 2 * head_dim, o + head_offset,
-                                 qo[r + 1] - qo[r], group, num_heads, head_dim, block_size, block_stride,
-                                 pages + pip[r], ctx[r], par + qo[r], static_cast<float>(scale), work);
+      std::vector<float> merged(head_dim);
+      for (int64_t pair = begin; pair < end; ++pair) {
+        if (pair_items[pair + 1] - pair_items[pair] == 1) continue;  // written above
+        const int64_t r = pair / num_kv_heads, kv_head = pair % num_kv_heads;
+        const int64_t rows = (qo[r + 1] - qo[r]) * group, rows_p = padded_rows(rows);
+        for (int64_t row = 0; row < rows; ++row) {
+          float top = kNegInf;
+          for (int64_t k = pair_items[pair]; k < pair_items[pair + 1]; ++k)
+            top = std::max(top, states[items[k].state_offset + rows_p * head_dim + row]);
+          float total = 0.0f;
+          std::fill(merged.begin(), merged.end(), 0.0f);
+          for (int64_t k = pair_items[pair]; k < pair_items[pair + 1]; ++k) {
+            const float* state = states.data() + items[k].state_offset;
+            const float weight = std::exp(state[rows_p * head_dim + row] - top);  // 0 for an item it saw nothing of
+            total += state[rows_p * (head_dim + 1) + row] * weight;
+            for (int64_t d = 0; d < head_dim; ++d) merged[d] += state[row * head_dim + d] * weight;
+          }
+          scalar_t* dst = out_row(r, kv_head, row);
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(merged[d] / total);
+        }
       }
     });
   });

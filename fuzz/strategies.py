@@ -105,10 +105,11 @@ def batch_specs(
     max_context: int = 4096,
     max_chunk: int = 300,
     head_sizes: tuple[int, ...] = (64, 128, 256),
+    block_sizes: tuple[int, ...] = FUZZ_BLOCK_SIZES,
 ) -> BatchSpec:
     """A mixed batch: prefill chunks, decodes and trees; contexts across page boundaries; GQA."""
     n = draw(st.integers(1, max_reqs))
-    block_size = draw(st.sampled_from(FUZZ_BLOCK_SIZES))
+    block_size = draw(st.sampled_from(block_sizes))
     contexts = tuple(
         draw(st.one_of(st.integers(0, max_context), st.sampled_from([0, block_size - 1, block_size, block_size + 1])))
         for _ in range(n)

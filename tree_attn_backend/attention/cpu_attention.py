@@ -5,8 +5,9 @@ once per layer:
 
 * when no request is a long linear chunk and the native op ``tree_paged_attention``
   (``csrc/tree_attention_cpu.cpp``) is built, it runs the whole step: online softmax over the
-  paged context and each token's ancestors, every K/V block read once per (request, KV head)
-  with the context's scores and probabilities x V as GEMMs; no gathers, no masks;
+  paged cache, every K/V block read once per (request, KV head) for all of the request's tokens,
+  scores and probabilities x V as register-tiled products, the new tokens' columns masked by
+  ancestor bitsets; no gathers;
 * otherwise requests with a tree, or with at most ``short_query_max`` new tokens, are padded into
   groups and run as one grouped-query masked attention per group (context + tree
   ancestors), in float32, reading K in its stored transposed layout (no transpose copy, no

@@ -83,84 +83,47 @@ const float* block_as_float(const scalar_t* block, int64_t count, float* scratch
   }
 }
 
-// Tiles of s[r, t] = sum_d qs[r, d] * k_t[d, t], kVectors * kLanes columns each, from column t0
-// while they start before n and fit in ld_k; returns the first column not done.
+// Tiles of C[r, j] (+)= sum_k A[r, k] B[k, j], kVectors * kLanes columns each, from column j0
+// while a tile starts before `cols` and fits in `room`; returns the first column not done.
 template <int64_t kVectors>
-int64_t score_tiles(const float* qs, int64_t rows, int64_t head_dim, const float* k_t, int64_t ld_k, int64_t n,
-                    float* s, int64_t ld_s, int64_t t0) {
-  constexpr int64_t kRows = kTileRows / kVectors;
-  for (; t0 < n && t0 + kVectors * kLanes <= ld_k; t0 += kVectors * kLanes) {
+int64_t product_tiles(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+                      int64_t depth, int64_t cols, int64_t room, bool accumulate, int64_t j0) {
+  constexpr int64_t kRows = kTileRows / kVectors, kWidth = kVectors * kLanes;
+  for (; j0 < cols && j0 + kWidth <= room; j0 += kWidth) {
     for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-      Lanes acc[kRows][kVectors] = {};
-      for (int64_t d = 0; d < head_dim; ++d) {
-        Lanes k[kVectors];
-        for (int64_t j = 0; j < kVectors; ++j) k[j] = load_lanes(k_t + d * ld_k + t0 + j * kLanes);
+      Lanes tile[kRows][kVectors] = {};
+      if (accumulate)
+        for (int64_t i = 0; i < kRows; ++i)
+          for (int64_t v = 0; v < kVectors; ++v) tile[i][v] = load_lanes(c + (r0 + i) * ldc + j0 + v * kLanes);
+      for (int64_t k = 0; k < depth; ++k) {
+        Lanes row_k[kVectors];
+        for (int64_t v = 0; v < kVectors; ++v) row_k[v] = load_lanes(b + k * ldb + j0 + v * kLanes);
 #pragma GCC unroll 8
         for (int64_t i = 0; i < kRows; ++i) {
-          const float b = qs[(r0 + i) * head_dim + d];
-          for (int64_t j = 0; j < kVectors; ++j) acc[i][j] += b * k[j];
+          const float x = a[(r0 + i) * lda + k];
+          for (int64_t v = 0; v < kVectors; ++v) tile[i][v] += x * row_k[v];
         }
       }
       for (int64_t i = 0; i < kRows; ++i)
-        for (int64_t j = 0; j < kVectors; ++j) store_lanes(s + (r0 + i) * ld_s + t0 + j * kLanes, acc[i][j]);
+        for (int64_t v = 0; v < kVectors; ++v) store_lanes(c + (r0 + i) * ldc + j0 + v * kLanes, tile[i][v]);
     }
   }
-  return t0;
+  return j0;
 }
 
-// s[r, t] = sum_d qs[r, d] * k_t[d, t] for r < rows, t < n. rows is a multiple of kTileRows
-// (qs zero-padded); k_t [D, ld_k] and s [rows, ld_s] are row-major, n <= ld_k <= ld_s. Tiles run
-// past n up to ld_k (a block's last columns are there in memory, whatever they hold), so a partly
-// filled block needs no scalar tail; the columns past n are never read.
-void block_scores(const float* qs, int64_t rows, int64_t head_dim, const float* k_t, int64_t ld_k, int64_t n, float* s,
-                  int64_t ld_s) {
-  int64_t t0 = score_tiles<2>(qs, rows, head_dim, k_t, ld_k, n, s, ld_s, 0);
-  t0 = score_tiles<1>(qs, rows, head_dim, k_t, ld_k, n, s, ld_s, t0);
+// C[r, j] (+)= sum_k A[r, k] B[k, j] (added to C when `accumulate`) for r < rows (a multiple of
+// kTileRows), j < cols, k < depth; A [rows, lda], B [depth, ldb] and C [rows, ldc] row-major.
+// Tiles may run past cols up to `room` columns, which B must hold and C may take (their values
+// there are never read), so a partly filled cache block needs no scalar tail.
+void tile_product(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+                  int64_t depth, int64_t cols, int64_t room, bool accumulate) {
+  int64_t j0 = product_tiles<2>(a, lda, b, ldb, c, ldc, rows, depth, cols, room, accumulate, 0);
+  j0 = product_tiles<1>(a, lda, b, ldb, c, ldc, rows, depth, cols, room, accumulate, j0);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t t = t0; t < n; ++t) {
-      float x = 0.0f;
-      for (int64_t d = 0; d < head_dim; ++d) x += qs[r * head_dim + d] * k_t[d * ld_k + t];
-      s[r * ld_s + t] = x;
-    }
-}
-
-// Tiles of acc[r, d] += sum_t p[r, t] * v[t, d], kVectors * kLanes columns each, from column d0
-// while they fit in head_dim; returns the first column not done.
-template <int64_t kVectors>
-int64_t value_tiles(const float* p, int64_t ld_p, int64_t rows, int64_t n, const float* v, int64_t head_dim, float* acc,
-                    int64_t d0) {
-  constexpr int64_t kRows = kTileRows / kVectors;
-  for (; d0 + kVectors * kLanes <= head_dim; d0 += kVectors * kLanes) {
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-      Lanes a[kRows][kVectors];
-      for (int64_t i = 0; i < kRows; ++i)
-        for (int64_t j = 0; j < kVectors; ++j) a[i][j] = load_lanes(acc + (r0 + i) * head_dim + d0 + j * kLanes);
-      for (int64_t t = 0; t < n; ++t) {
-        Lanes vt[kVectors];
-        for (int64_t j = 0; j < kVectors; ++j) vt[j] = load_lanes(v + t * head_dim + d0 + j * kLanes);
-#pragma GCC unroll 8
-        for (int64_t i = 0; i < kRows; ++i) {
-          const float b = p[(r0 + i) * ld_p + t];
-          for (int64_t j = 0; j < kVectors; ++j) a[i][j] += b * vt[j];
-        }
-      }
-      for (int64_t i = 0; i < kRows; ++i)
-        for (int64_t j = 0; j < kVectors; ++j) store_lanes(acc + (r0 + i) * head_dim + d0 + j * kLanes, a[i][j]);
-    }
-  }
-  return d0;
-}
-
-// acc[r, d] += sum_t p[r, t] * v[t, d] for r < rows (a multiple of kTileRows), t < n, d < head_dim;
-// p has leading dimension ld_p, v and acc head_dim.
-void block_values(const float* p, int64_t ld_p, int64_t rows, int64_t n, const float* v, int64_t head_dim, float* acc) {
-  int64_t d0 = value_tiles<2>(p, ld_p, rows, n, v, head_dim, acc, 0);
-  d0 = value_tiles<1>(p, ld_p, rows, n, v, head_dim, acc, d0);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = d0; d < head_dim; ++d) {
-      float x = acc[r * head_dim + d];
-      for (int64_t t = 0; t < n; ++t) x += p[r * ld_p + t] * v[t * head_dim + d];
-      acc[r * head_dim + d] = x;
+    for (int64_t j = j0; j < cols; ++j) {
+      float x = accumulate ? c[r * ldc + j] : 0.0f;
+      for (int64_t k = 0; k < depth; ++k) x += a[r * lda + k] * b[k * ldb + j];
+      c[r * ldc + j] = x;
     }
 }
 
@@ -251,7 +214,9 @@ void attend_blocks(const scalar_t* q, const scalar_t* cache, int64_t num_queries
     for (int64_t i = 0; i < count; ++i) {
       span[i] = block_as_float(cache + static_cast<int64_t>(pages[b0 + i]) * block_stride, block_floats,
                                scratch + i * block_floats);
-      block_scores(qs, rows_p, head_dim, span[i], block_size, columns_of(i), scores + i * block_size, ld_s);
+      // scores [rows_p, columns] = Q [rows_p, D] x K^T [D, columns] (K is stored transposed)
+      tile_product(qs, head_dim, span[i], block_size, scores + i * block_size, ld_s, rows_p, head_dim, columns_of(i),
+                   block_size, false);
     }
     // Columns at or past the context are new tokens: each row sees only its token's ancestors.
     const int64_t first_new = std::max<int64_t>(0, context_len - start);
@@ -264,9 +229,9 @@ void attend_blocks(const scalar_t* q, const scalar_t* cache, int64_t num_queries
       }
       softmax_fold(s, n, acc + row * head_dim, head_dim, max_score[row], sum[row]);
     }
-    for (int64_t i = 0; i < count; ++i)
-      block_values(scores + i * block_size, ld_s, rows_p, columns_of(i), span[i] + head_dim * block_size, head_dim,
-                   acc);
+    for (int64_t i = 0; i < count; ++i)  // acc [rows_p, D] += P [rows_p, columns] x V [columns, D]
+      tile_product(scores + i * block_size, ld_s, span[i] + head_dim * block_size, head_dim, acc, head_dim, rows_p,
+                   columns_of(i), head_dim, head_dim, true);
   }
 }
 

@@ -40,6 +40,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ancestors.h"
 #include "fast_math.h"
 #include "input_checks.h"
 
@@ -302,14 +303,9 @@ void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, c
     ancestor_offset[r + 1] = ancestor_offset[r] + (qo[r + 1] - qo[r]) * words[r];
   }
   std::vector<uint64_t> ancestors(ancestor_offset[num_reqs], 0);
-  for (int64_t r = 0; r < num_reqs; ++r) {
-    uint64_t* bits = ancestors.data() + ancestor_offset[r];
-    for (int64_t i = 0; i < qo[r + 1] - qo[r]; ++i) {
-      const int32_t parent = par[qo[r] + i];
-      if (parent >= 0) std::copy_n(bits + parent * words[r], words[r], bits + i * words[r]);
-      bits[i * words[r] + i / 64] |= uint64_t{1} << (i % 64);
-    }
-  }
+  for (int64_t r = 0; r < num_reqs; ++r)
+    for (int64_t i = 0; i < qo[r + 1] - qo[r]; ++i)
+      tree_pruned::fill_ancestor_row(ancestors.data() + ancestor_offset[r], words[r], par + qo[r], i);
 
   // Work items, in (request, KV head, block) order. The items of a pair split into several keep
   // their partial softmax states for the merge below; a pair of one item writes its rows directly.

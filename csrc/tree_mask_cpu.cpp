@@ -27,6 +27,7 @@
 #include <optional>
 #include <vector>
 
+#include "ancestors.h"
 #include "input_checks.h"
 
 namespace {
@@ -154,9 +155,8 @@ std::vector<at::Tensor> build_tree_masks(const at::Tensor& parents, const at::Te
       BitWriter writer(packed_out + byte_ptr[b]);
       bool* tree_seg = tree_out + tree_ptr[b];
       for (int64_t i = 0; i < q; ++i) {
-        uint64_t* row = rows.data() + i * words;
-        if (par[i] >= 0) std::memcpy(row, rows.data() + par[i] * words, static_cast<size_t>(words) * sizeof(uint64_t));
-        row[i >> 6] |= uint64_t(1) << (i & 63);
+        tree_pruned::fill_ancestor_row(rows.data(), words, par, i);
+        const uint64_t* row = rows.data() + i * words;
         writer.put_ones(c);
         writer.put_bitset(row, q);
         bool* tree_row = tree_seg + i * q;

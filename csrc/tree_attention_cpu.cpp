@@ -171,10 +171,21 @@ struct WorkItem {
   int64_t kv_head;
   int64_t first_block;
   int64_t end_block;
-  int64_t state_offset;  // its partial state in the shared buffer (acc [rows_p, D], max, sum [rows_p]); -1: none
+  int64_t state_offset;  // its SoftmaxState in the buffer of split pairs' states; -1: none (a pair of one item)
 };
 
 inline int64_t padded_rows(int64_t rows) { return (rows + kTileRows - 1) / kTileRows * kTileRows; }
+
+// A work item's partial softmax state over rows_p rows, in one float buffer of floats(rows_p, D):
+// accumulators [rows_p, D], then running maxima [rows_p], then running sums [rows_p].
+struct SoftmaxState {
+  float* acc;
+  float* max_score;
+  float* sum;
+  SoftmaxState(float* base, int64_t rows_p, int64_t head_dim)
+      : acc(base), max_score(base + rows_p * head_dim), sum(base + rows_p * (head_dim + 1)) {}
+  static int64_t floats(int64_t rows_p, int64_t head_dim) { return rows_p * (head_dim + 2); }
+};
 
 // The partial softmax state of one item: rows = its request's query tokens x the query heads of
 // its KV head, row (i, g) = query token i, head kv_head * group + g; rows_p of them, padded.
@@ -183,14 +194,12 @@ template <typename scalar_t>
 void attend_blocks(const scalar_t* q, const scalar_t* cache, int64_t num_queries, int64_t group, int64_t num_heads,
                    int64_t head_dim, int64_t block_size, int64_t block_stride, const int32_t* pages,
                    int64_t context_len, const uint64_t* ancestors, int64_t words, int64_t first_block,
-                   int64_t end_block, float scale, float* state, std::vector<float>& work) {
+                   int64_t end_block, float scale, SoftmaxState state, std::vector<float>& work) {
   const int64_t rows = num_queries * group;
   const int64_t rows_p = padded_rows(rows);
   const int64_t block_floats = 2 * head_dim * block_size;
   const int64_t kv_len = context_len + num_queries;
-  float* acc = state;
-  float* max_score = acc + rows_p * head_dim;
-  float* sum = max_score + rows_p;
+  float *acc = state.acc, *max_score = state.max_score, *sum = state.sum;
   // Blocks are taken kSpanColumns columns at a time: one softmax fold per row per span.
   const int64_t span_blocks = std::max<int64_t>(1, kSpanColumns / block_size), ld_s = span_blocks * block_size;
   work.resize(rows_p * (head_dim + ld_s) + (std::is_same_v<scalar_t, float> ? 0 : span_blocks * block_floats));
@@ -317,7 +326,8 @@ void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, c
   std::vector<int64_t> pair_items(num_reqs * num_kv_heads + 1, 0);  // items of pair p: pair_items[p]..[p+1]
   int64_t state_floats = 0;
   for (int64_t r = 0; r < num_reqs; ++r) {
-    const int64_t nb = blocks_of(r), state_size = padded_rows((qo[r + 1] - qo[r]) * group) * (head_dim + 2);
+    const int64_t nb = blocks_of(r),
+                  state_size = SoftmaxState::floats(padded_rows((qo[r + 1] - qo[r]) * group), head_dim);
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       const size_t first = items.size();
       for (int64_t b = 0;; b += chunk) {  // at least one item, also for a request without blocks
@@ -345,18 +355,19 @@ void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, c
       for (int64_t k = begin; k < end; ++k) {
         const WorkItem& item = items[k];
         const int64_t r = item.request, rows = (qo[r + 1] - qo[r]) * group, rows_p = padded_rows(rows);
-        if (item.state_offset < 0) whole.resize(rows_p * (head_dim + 2));
-        float* state = item.state_offset < 0 ? whole.data() : states.data() + item.state_offset;
+        if (item.state_offset < 0) whole.resize(SoftmaxState::floats(rows_p, head_dim));
+        const SoftmaxState state(item.state_offset < 0 ? whole.data() : states.data() + item.state_offset, rows_p,
+                                 head_dim);
         attend_blocks<scalar_t>(q + (qo[r] * num_heads + item.kv_head * group) * head_dim,
                                 cache + item.kv_head * block_size * 2 * head_dim, qo[r + 1] - qo[r], group, num_heads,
                                 head_dim, block_size, block_stride, pages + pip[r], ctx[r],
                                 ancestors.data() + ancestor_offset[r], words[r], item.first_block, item.end_block,
                                 static_cast<float>(scale), state, work);
         if (item.state_offset >= 0) continue;
-        const float* sum = state + rows_p * (head_dim + 1);
         for (int64_t row = 0; row < rows; ++row) {
           scalar_t* dst = out_row(r, item.kv_head, row);
-          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(state[row * head_dim + d] / sum[row]);
+          for (int64_t d = 0; d < head_dim; ++d)
+            dst[d] = static_cast<scalar_t>(state.acc[row * head_dim + d] / state.sum[row]);
         }
       }
     });
@@ -372,14 +383,14 @@ void tree_paged_attention(const at::Tensor& query, const at::Tensor& kv_cache, c
         for (int64_t row = 0; row < rows; ++row) {
           float top = kNegInf;
           for (int64_t k = pair_items[pair]; k < pair_items[pair + 1]; ++k)
-            top = std::max(top, states[items[k].state_offset + rows_p * head_dim + row]);
+            top = std::max(top, SoftmaxState(states.data() + items[k].state_offset, rows_p, head_dim).max_score[row]);
           float total = 0.0f;
           std::fill(merged.begin(), merged.end(), 0.0f);
           for (int64_t k = pair_items[pair]; k < pair_items[pair + 1]; ++k) {
-            const float* state = states.data() + items[k].state_offset;
-            const float weight = std::exp(state[rows_p * head_dim + row] - top);  // 0 for an item it saw nothing of
-            total += state[rows_p * (head_dim + 1) + row] * weight;
-            for (int64_t d = 0; d < head_dim; ++d) merged[d] += state[row * head_dim + d] * weight;
+            const SoftmaxState state(states.data() + items[k].state_offset, rows_p, head_dim);
+            const float weight = std::exp(state.max_score[row] - top);  // 0 for an item it saw nothing of
+            total += state.sum[row] * weight;
+            for (int64_t d = 0; d < head_dim; ++d) merged[d] += state.acc[row * head_dim + d] * weight;
           }
           scalar_t* dst = out_row(r, kv_head, row);
           for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(merged[d] / total);

@@ -215,7 +215,14 @@ def _rejects(entry: Entry, x: Inputs, arrays: dict[str, torch.Tensor], message: 
 
 def test_every_op_is_built():
     """Without the library the properties below would test nothing."""
-    for name in ("tree_paged_attention", "build_tree_masks", "tree_token_layout", "top_k_probs"):
+    for name in (
+        "tree_paged_attention",
+        "build_tree_masks",
+        "tree_token_layout",
+        "top_k_probs",
+        "pack_linear_weight",
+        "packed_linear",
+    ):
         assert native_op(name) is not None, f"{name}: run `python -m tree_attn_backend.ops.csrc_build cpu`"
 
 
@@ -403,3 +410,27 @@ def test_top_k_probs_rejects_bad_logits_and_k(logits, k, message):
     """The recycle table's op reads rows by stride and writes k entries per row."""
     with pytest.raises(RuntimeError, match=re.escape(f"top_k_probs: {message}")):
         native_op("top_k_probs")(logits, k)
+
+
+def test_packed_linear_rejects_inputs_that_do_not_fit_the_packed_weight():
+    """The linear op reads K features per row and out_features columns of the packed blocks."""
+    pack, product = native_op("pack_linear_weight"), native_op("packed_linear")
+    packed = pack(torch.ones(20, 6))  # 20 outputs of 6 features
+    lanes = packed.shape[2]
+    blocks = packed.shape[0]
+    cases = [
+        (pack, (torch.ones(4, 6, dtype=torch.float64),), "pack_linear_weight: weight must be a 2-D float32"),
+        (pack, (torch.ones(0, 6),), "pack_linear_weight: weight must not be empty, got [0, 6]"),
+        (product, (torch.ones(2, 6, dtype=torch.float64), packed, None, 20), "packed_linear: x must be a 2-D float32"),
+        (product, (torch.ones(2, 5), packed, None, 20), "packed_linear: x has 5 features, the packed weight 6"),
+        (product, (torch.ones(2, 6), packed.transpose(1, 2), None, 20), "packed_linear: packed must be"),
+        (
+            product,
+            (torch.ones(2, 6), packed, None, blocks * lanes + 1),
+            f"packed_linear: out_features = {blocks * lanes + 1} does not match the packed weight's {blocks} blocks",
+        ),
+        (product, (torch.ones(2, 6), packed, torch.ones(19), 20), "packed_linear: bias must be a contiguous float32"),
+    ]
+    for op, args, message in cases:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            op(*args)

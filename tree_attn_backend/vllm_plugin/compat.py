@@ -192,6 +192,56 @@ def fix_cpu_kernel_overrides() -> None:
     cpu_triton_utils._expand_kernel_impl = expand_per_request
 
 
+@contextmanager
+def small_batch_linear_layers(max_rows: int, eager: bool) -> Iterator[None]:
+    """While a model loads: every float32 linear layer (and LM head) that vLLM sets up for CPU
+    also gets :class:`~tree_attn_backend.ops.packed_linear.SmallBatchLinear` as its
+    ``cpu_linear``, for calls of at most ``max_rows`` rows; larger calls keep vLLM's product.
+
+    Rebinds ``vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm``, which vLLM's
+    linear and embedding layers import when they process their loaded weights. Does nothing for
+    ``max_rows == 0``, when the model is compiled (``eager`` false: the packed op is not traced)
+    or when the native ops are not built; the last two are logged (they only cost speed).
+    """
+    from tree_attn_backend.ops.packed_linear import SmallBatchLinear, packed_linear_available
+
+    if max_rows == 0 or not eager or not packed_linear_available():
+        if max_rows:
+            why = "the model is compiled (enforce_eager is off)" if not eager else "the native ops are not built"
+            logger.info("tree_pruned: small-batch linear layers off: %s; vLLM's CPU product runs", why)
+        yield
+        return
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    dispatch = utils.dispatch_cpu_unquantized_gemm
+    packed: list[SmallBatchLinear] = []
+
+    def dispatch_with_small_batch(layer: Any, remove_weight: bool) -> None:
+        weight: torch.Tensor = layer.weight  # held: with remove_weight, vLLM replaces the layer's by an empty one
+        dispatch(layer, remove_weight)
+        # An input embedding is looked up, never multiplied (its LM head subclass is).
+        if type(layer) is VocabParallelEmbedding:
+            return
+        if not weight.is_meta and weight.dim() == 2 and weight.dtype == torch.float32:
+            small_batch = SmallBatchLinear(weight, layer.cpu_linear, max_rows)
+            layer.cpu_linear = small_batch
+            packed.append(small_batch)
+
+    utils.dispatch_cpu_unquantized_gemm = dispatch_with_small_batch
+    try:
+        yield
+    finally:
+        utils.dispatch_cpu_unquantized_gemm = dispatch
+    mib = sum(p.packed.numel() * p.packed.element_size() for p in packed) / 2**20
+    logger.info(
+        "tree_pruned: small-batch linear layers: %d float32 weights packed (%.0f MiB more), for calls of <= %d rows",
+        len(packed),
+        mib,
+        max_rows,
+    )
+
+
 _RunnerBase: Any = object  # the mixin's super() is vLLM's runner, untyped here
 
 
@@ -218,6 +268,7 @@ class TreeRunnerHooks(_RunnerBase):
     * ``sample_tokens``: stops the step timer.
     * ``_dummy_run(num_tokens)`` (private): the forward passes timed for the cost model (with
       the logits at every token).
+    * ``load_model``: loads under :func:`small_batch_linear_layers`.
     """
 
     tree: TreeRunnerCore | None = None
@@ -235,6 +286,11 @@ class TreeRunnerHooks(_RunnerBase):
         if isinstance(drafter, TreeProposer):
             self.tree = TreeRunnerCore(TreePrunedConfig.from_additional_config(vllm_config.additional_config), drafter)
             load_builtin_logits_processors(self)  # min_p / logit_bias requests are served without drafts
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        options = TreePrunedConfig.from_additional_config(self.vllm_config.additional_config)
+        with small_batch_linear_layers(options.small_batch_linear_rows, self.model_config.enforce_eager):
+            super().load_model(*args, **kwargs)
 
     def measure_cost_model(self) -> None:
         if self.tree is not None:

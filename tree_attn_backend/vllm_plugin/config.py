@@ -18,6 +18,7 @@ from typing import Any
 from tree_attn_backend.drafting.pruning import PruningPolicy
 from tree_attn_backend.drafting.tree_shape import TreeShape
 from tree_attn_backend.drafting.verify_budget import VerifyCostModel
+from tree_attn_backend.ops.packed_linear import DEFAULT_MAX_ROWS
 
 # Up to 3 candidates at the root, 2 below, then chains as deep as the default 16 draft
 # tokens: 177 nodes, depth 16. Pruning keeps a small part of it; the shape only bounds what
@@ -29,6 +30,8 @@ MAX_TREE_NODES = 1024
 MAX_TREE_DEPTH = 64
 # vLLM's rejection sampler verifies at most 128 tokens per request (drafts + bonus).
 MAX_DRAFT_TOKENS = 127
+# Past a few dozen rows the packed product is slower than vLLM's; the bound only stops typos.
+MAX_SMALL_BATCH_ROWS = 4096
 
 # What a request may set for itself; the rest is engine-wide.
 PER_REQUEST_OPTIONS = ("prune_min_prob", "prune_path_prob", "max_draft_tokens", "batch_budget", "drafter")
@@ -102,6 +105,11 @@ class TreePrunedConfig:
         allow_larger_request_share: let a request raise its own share above the server's
             (``max_draft_tokens`` above this config's, or ``batch_budget`` off); refused
             otherwise, so one request cannot take the verify budget of the others.
+        small_batch_linear_rows: float32 linear layers run the packed small-batch product
+            (:mod:`tree_attn_backend.ops.packed_linear`) for calls of at most this many rows
+            and vLLM's own above; it keeps a second copy of those weights. 0 = vLLM's product
+            for every call. Only with ``enforce_eager`` (the product is not traced by
+            torch.compile); without it, or without the native ops, vLLM's product is used.
     """
 
     speculative_token_tree: str = DEFAULT_TOKEN_TREE
@@ -117,6 +125,7 @@ class TreePrunedConfig:
     batch_budget: bool = True
     cost_model: dict | None = None
     allow_larger_request_share: bool = False
+    small_batch_linear_rows: int = DEFAULT_MAX_ROWS
 
     def __post_init__(self) -> None:
         def require(ok: bool, name: str, allowed: str) -> None:
@@ -140,6 +149,11 @@ class TreePrunedConfig:
             _is_int(self.suffix_max_cached_requests) and 0 <= self.suffix_max_cached_requests < 2**31,
             "suffix_max_cached_requests",
             "an integer in [0, 2**31)",
+        )
+        require(
+            _is_int(self.small_batch_linear_rows) and 0 <= self.small_batch_linear_rows <= MAX_SMALL_BATCH_ROWS,
+            "small_batch_linear_rows",
+            f"an integer in [0, {MAX_SMALL_BATCH_ROWS}]",
         )
         require(
             _is_int(self.drafter_min_ngram) and 1 <= self.drafter_min_ngram <= 16,

@@ -32,3 +32,26 @@ def test_fuzz_command_runs_the_property_suite():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 passed" in proc.stdout
+
+
+def test_bench_linear_times_both_products_per_row_count():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tree_attn_backend.cli", "bench", "linear", "--quick", "--rows", "1,3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["shape"]["layers"] == 2 and report["threads"] >= 1
+    assert [r["rows"] for r in report["rows"]] == [1, 3]
+    for r in report["rows"]:
+        for product in ("vllm", "packed"):
+            low, high = r[f"{product}_ms_range"]
+            assert 0 < low <= r[f"{product}_ms"] <= high
+        assert r["packed_over_vllm"] > 0
+
+
+def test_bench_linear_rejects_a_bad_repeat():
+    with pytest.raises(SystemExit, match="--repeat 0: must be >= 1"):
+        main(["bench", "linear", "--repeat", "0"])

@@ -15,6 +15,8 @@ tree-pruned bench load [--quick] [--json] [--check] [--clients N] [--requests N]
     the tree server under streaming load
 tree-pruned bench step-cost [--quick] [--repeat N] [--json] [--check]
     what a draft token costs: stock chain vs TREE_PRUNED tree
+tree-pruned bench linear [--quick] [--rows N,...] [--repeat N] [--json]
+    a model's linear layers at a few rows: vLLM's CPU product vs the packed one
 tree-pruned serve [--port P] [-- vLLM server args]
     the default model with TREE_PRUNED
 """
@@ -22,6 +24,7 @@ tree-pruned serve [--port P] [-- vLLM server args]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -218,6 +221,28 @@ def _bench_load(args: argparse.Namespace) -> int:
         raise SystemExit(f"tree-pruned bench load: {exc}") from None
     result = load.run_load(config)
     return _report(args, result, load.format_summary(result), load.check_targets(result))
+
+
+def _bench_linear(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from tree_attn_backend.bench import linear
+
+    shape = linear.ModelShape(layers=2) if args.quick else linear.ModelShape()
+    rows = args.rows or ((1, 5) if args.quick else (1, 2, 3, 5, 9, 17, 33))
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    passes = 2 if args.quick else 8
+    if repeat < 1:
+        raise SystemExit(f"tree-pruned bench linear: --repeat {repeat}: must be >= 1")
+    with tqdm(total=len(rows) * 2 * repeat, desc="bench linear", unit="cell", file=sys.stderr) as bar:
+        table = linear.run(shape, tuple(rows), repeat, passes, progress=bar.update)
+    if args.json:
+        print(json.dumps({"shape": dataclasses.asdict(shape), "threads": torch.get_num_threads(), "rows": table}))
+    else:
+        print(f"{shape}, {torch.get_num_threads()} threads; one pass, ms: median (min-max) over {repeat} repetitions")
+        _print_table(table)
+    return 0
 
 
 def _bench_step_cost(args: argparse.Namespace) -> int:
@@ -417,6 +442,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "runs of the three engine processes, fresh each time (default 3, quick 1)",
     )
     step_p.set_defaults(func=_bench_step_cost)
+    linear_p = bench_sub.add_parser(
+        "linear", help="a model's linear layers at a few rows: vLLM's CPU product vs the packed small-batch one"
+    )
+    linear_p.add_argument("--quick", action="store_true", help="2 layers, rows 1 and 5, one repetition")
+    linear_p.add_argument("--rows", type=_int_list, default=None, help="default 1,2,3,5,9,17,33")
+    linear_p.add_argument("--repeat", type=int, default=None, help="repetitions (default 3)")
+    linear_p.add_argument("--json", action="store_true", help='print one JSON object {"shape", "threads", "rows"}')
+    linear_p.set_defaults(func=_bench_linear)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
     serve_p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     serve_p.set_defaults(func=_serve)

@@ -1,0 +1,110 @@
+"""``tree-pruned bench linear``: a model's linear layers at a few rows, vLLM's product vs the packed one.
+
+A pass multiplies ``rows`` input rows through the linear layers of ``layers`` decoder layers
+(fused q/k/v, o, fused gate/up, down) and the LM head, shaped as SmolLM2-135M by default, each
+layer with its own random float32 weights so that a pass streams them from memory as an engine
+step does (the cache holds a layer or two, not the model). Two products run the same passes:
+``vllm``, vLLM's CPU product as its linear layers call it (oneDNN, weights prepacked), and
+``packed``, ``tree_pruned::packed_linear`` (``csrc/packed_linear_cpu.cpp``). Each repetition
+times every (rows, product) cell in a shuffled order, ``passes`` passes after one untimed; a
+cell's figure is the median over repetitions of its per-repetition median, with the min-max.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from tree_attn_backend.ops.native import native_op
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder's linear layers: ``(out_features, in_features)`` per layer, and the LM head's."""
+
+    hidden: int = 576
+    kv_width: int = 192  # KV heads x head size
+    intermediate: int = 1536
+    vocab: int = 49152
+    layers: int = 30
+
+    def layer_weights(self) -> list[tuple[int, int]]:
+        h = self.hidden
+        return [(h + 2 * self.kv_width, h), (h, h), (2 * self.intermediate, h), (h, self.intermediate)]
+
+
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
+PRODUCTS = ("vllm", "packed")
+
+
+def _products(shape: ModelShape) -> Iterator[tuple[int, dict[str, Product]]]:
+    """Per weight of the model, in pass order: its in_features and its product per name of
+    :data:`PRODUCTS`."""
+    from vllm import _custom_ops as vllm_ops  # the product vLLM's CPU linear layers call
+
+    pack, packed_linear = native_op("pack_linear_weight"), native_op("packed_linear")
+    if pack is None or packed_linear is None:
+        raise SystemExit("tree-pruned bench linear: the native ops are not built (make setup)")
+    weights = [w for _ in range(shape.layers) for w in shape.layer_weights()] + [(shape.vocab, shape.hidden)]
+
+    def _packed(packed: torch.Tensor, out_features: int, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, packed, None, out_features)
+
+    for out_features, in_features in weights:
+        weight = torch.randn(out_features, in_features)
+        handler = vllm_ops.create_onednn_mm(weight.t(), 32)
+        packed = pack(weight)
+        yield (
+            in_features,
+            {"vllm": partial(vllm_ops.onednn_mm, handler, bias=None), "packed": partial(_packed, packed, out_features)},
+        )
+
+
+def run(
+    shape: ModelShape, rows: tuple[int, ...], repeat: int, passes: int, progress: Callable[[], None] | None = None
+) -> list[dict]:
+    """One row per row count: ``{"rows", "vllm_ms", "vllm_ms_range", "packed_ms", "packed_ms_range",
+    "packed_over_vllm"}``, times of one pass through the whole model in milliseconds."""
+    layers = list(_products(shape))
+    inputs = {(m, k): torch.randn(m, k) for m in rows for k in {k for k, _ in layers}}
+    times: dict[tuple[int, str], list[float]] = {(m, name): [] for m in rows for name in PRODUCTS}
+    for _ in range(repeat):
+        cells = list(times)
+        random.shuffle(cells)
+        for m, name in cells:
+
+            def one_pass(m: int = m, name: str = name) -> None:
+                for in_features, products in layers:
+                    products[name](inputs[m, in_features])
+
+            one_pass()
+            samples = []
+            for _ in range(passes):
+                start = time.perf_counter()
+                one_pass()
+                samples.append((time.perf_counter() - start) * 1e3)
+            times[m, name].append(statistics.median(samples))
+            if progress is not None:
+                progress()
+    table = []
+    for m in rows:
+        vllm, packed = times[m, "vllm"], times[m, "packed"]
+        table.append(
+            {
+                "rows": m,
+                "vllm_ms": round(statistics.median(vllm), 2),
+                "vllm_ms_range": [round(min(vllm), 2), round(max(vllm), 2)],
+                "packed_ms": round(statistics.median(packed), 2),
+                "packed_ms_range": [round(min(packed), 2), round(max(packed), 2)],
+                "packed_over_vllm": round(statistics.median(packed) / statistics.median(vllm), 3),
+            }
+        )
+    return table

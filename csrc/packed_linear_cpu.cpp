@@ -12,11 +12,11 @@
 //
 // Why: a verify step at one request has 1 + (draft tokens) rows, and on a CPU each row's share
 // of the weights' arithmetic is paid on top of streaming the weights from memory: vLLM's
-// oneDNN products take 21 ms for 1 row of SmolLM2-135M's 30 layers and LM head (float32) and
-// 26 ms for 5, 30 ms for 9. Here every weight vector is loaded once per row tile and used by all
-// the tile's rows, with the weights prefetched ahead so the arithmetic overlaps the stream:
-// 18 ms for 1 row, 19-20 ms for 5, 22-24 ms for 9 (docs/benchmarks.md). Past a few dozen rows
-// oneDNN's blocking wins; the caller picks this op for small batches only.
+// oneDNN products take 19.3 ms for 1 row of SmolLM2-135M's 30 layers and LM head (float32), 24.3
+// for 5, 27.0 for 9. Here every weight vector is loaded once per row tile and used by all the
+// tile's rows, with the weights prefetched ahead so the arithmetic overlaps the stream: 16.0 ms
+// for 1 row, 18.0 for 5, 20.3 for 9 (`tree-pruned bench linear`). Past a few dozen rows oneDNN's
+// blocking wins; the caller picks this op for small batches only.
 //
 // Each output is one float32 fused multiply-add chain over k = 0, 1, ..., K - 1 from zero, then
 // + bias: the same operations whichever rows share the call, how they are tiled and which

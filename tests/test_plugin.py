@@ -73,6 +73,8 @@ def test_defaults_and_valid_options():
         ({"log_every_steps": -1}, r"log_every_steps = -1"),
         ({"drafter": "eagle"}, r"drafter = 'eagle': must be one of \['lookup', 'recycle', 'suffix', 'hybrid'\]"),
         ({"suffix_max_cached_requests": -1}, r"suffix_max_cached_requests = -1: must be an integer in \[0, 2\*\*31\)"),
+        ({"small_batch_linear_rows": -1}, r"small_batch_linear_rows = -1: must be an integer in \[0, 4096\]"),
+        ({"small_batch_linear_rows": 8.0}, r"small_batch_linear_rows = 8.0: must be an integer"),
         ({"max_nodes": 4}, r"unknown tree_pruned option\(s\) \['max_nodes'\]"),
         ({"batch_budget": 1}, r"batch_budget = 1: must be true or false"),
         ({"allow_larger_request_share": "yes"}, r"allow_larger_request_share = 'yes': must be true or false"),

@@ -233,6 +233,9 @@ def small_batch_linear_layers(max_rows: int, eager: bool) -> Iterator[None]:
         yield
     finally:
         utils.dispatch_cpu_unquantized_gemm = dispatch
+    if not packed:
+        logger.warning("tree_pruned: small-batch linear layers: no float32 linear layer was dispatched; none packed")
+        return
     mib = sum(p.packed.numel() * p.packed.element_size() for p in packed) / 2**20
     logger.info(
         "tree_pruned: small-batch linear layers: %d float32 weights packed (%.0f MiB more), for calls of <= %d rows",

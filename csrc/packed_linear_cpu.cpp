@@ -29,18 +29,22 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
+
+#include "lanes.h"
 
 namespace {
 
+using tree_pruned::kLanes;
+using tree_pruned::Lanes;
+using tree_pruned::load_lanes;
+
 #if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;  // float32 lanes of a vector register
-constexpr int kTileRows = 8;    // 8 rows x 3 vectors = 24 of the 32 registers accumulate
+constexpr int kTileRows = 8;  // 8 rows x 3 vectors = 24 of the 32 registers accumulate
 #else
-constexpr int64_t kLanes = 8;
 constexpr int kTileRows = 4;  // 4 rows x 3 vectors = 12 of the 16 registers accumulate
 #endif
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr int kTileBlocks = 3;  // column blocks per tile: kTileBlocks * kLanes output columns
 // Weights are prefetched this many k steps ahead (2 KiB per block stream with 16 lanes): far
 // enough to hide memory latency behind a tile's arithmetic, measured best among 8 to 128.
@@ -52,19 +56,19 @@ constexpr int64_t kPrefetchSteps = 32;
 template <int ROWS, int BLOCKS>
 void tile_product(const float* x, int64_t x_stride, const float* weight_blocks, int64_t K, const float* bias,
                   float* out, int64_t out_stride, int64_t column0, int64_t N) {
-  Vec acc[ROWS][BLOCKS];
+  Lanes acc[ROWS][BLOCKS];
   for (int m = 0; m < ROWS; ++m) {
-    for (int b = 0; b < BLOCKS; ++b) acc[m][b] = Vec{};
+    for (int b = 0; b < BLOCKS; ++b) acc[m][b] = Lanes{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    Vec w[BLOCKS];
+    Lanes w[BLOCKS];
     for (int b = 0; b < BLOCKS; ++b) {
       const float* block = weight_blocks + b * K * kLanes;
       __builtin_prefetch(block + (k + kPrefetchSteps) * kLanes);  // never faults, even past the end
-      __builtin_memcpy(&w[b], block + k * kLanes, sizeof(Vec));
+      w[b] = load_lanes(block + k * kLanes);
     }
     for (int m = 0; m < ROWS; ++m) {
-      const Vec xk = Vec{} + x[m * x_stride + k];
+      const Lanes xk = Lanes{} + x[m * x_stride + k];
       for (int b = 0; b < BLOCKS; ++b) acc[m][b] += xk * w[b];
     }
   }
@@ -76,7 +80,7 @@ void tile_product(const float* x, int64_t x_stride, const float* weight_blocks, 
       if (bias != nullptr) {
         for (int64_t l = 0; l < width; ++l) row[l] = acc[m][b][l] + bias[column + l];
       } else {
-        __builtin_memcpy(row, &acc[m][b], width * sizeof(float));
+        std::memcpy(row, &acc[m][b], width * sizeof(float));
       }
     }
   }

@@ -35,7 +35,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -43,25 +42,16 @@
 #include "ancestors.h"
 #include "fast_math.h"
 #include "input_checks.h"
+#include "lanes.h"
 
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// One vector register of float32 lanes (AVX-512: 16, else 8; the library is built for the host
-// CPU). GCC/Clang vector extensions: arithmetic with a scalar broadcasts it.
-#ifdef __AVX512F__
-constexpr int64_t kLanes = 16;
-#else
-constexpr int64_t kLanes = 8;
-#endif
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store_lanes(float* p, const Lanes& v) { std::memcpy(p, &v, sizeof(v)); }
+using tree_pruned::kLanes;
+using tree_pruned::Lanes;
+using tree_pruned::load_lanes;
+using tree_pruned::store_lanes;
 
 // Register tiles of the two block products: eight accumulators, kTileRows / kVectors rows x
 // kVectors vectors of columns, so a tile stays in registers through its inner loop; columns left

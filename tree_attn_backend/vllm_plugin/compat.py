@@ -275,6 +275,7 @@ class TreeRunnerHooks(_RunnerBase):
     """
 
     tree: TreeRunnerCore | None = None
+    tree_options: TreePrunedConfig  # the server's options, read by init_tree_runner
     kv_layout: PagedKVLayout  # set by the platform's runner class
 
     def init_tree_runner(self, vllm_config: Any) -> None:
@@ -283,16 +284,16 @@ class TreeRunnerHooks(_RunnerBase):
         from tree_attn_backend.vllm_plugin.proposer import TreeProposer
         from tree_attn_backend.vllm_plugin.tree_runner import TreeRunnerCore
 
+        self.tree_options = TreePrunedConfig.from_additional_config(vllm_config.additional_config)
         self._discarded_states: dict[int, torch.Tensor] = {}
         self._step_trees: StepTrees | None = None  # from _prepare_inputs to _sample
         drafter = runner_drafter(self)
         if isinstance(drafter, TreeProposer):
-            self.tree = TreeRunnerCore(TreePrunedConfig.from_additional_config(vllm_config.additional_config), drafter)
+            self.tree = TreeRunnerCore(self.tree_options, drafter)
             load_builtin_logits_processors(self)  # min_p / logit_bias requests are served without drafts
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
-        options = TreePrunedConfig.from_additional_config(self.vllm_config.additional_config)
-        with small_batch_linear_layers(options.small_batch_linear_rows, self.model_config.enforce_eager):
+        with small_batch_linear_layers(self.tree_options.small_batch_linear_rows, self.model_config.enforce_eager):
             super().load_model(*args, **kwargs)
 
     def measure_cost_model(self) -> None:

@@ -209,6 +209,22 @@ def test_suffix_cache_drafts_an_earlier_answer_to_the_same_prompt_from_its_first
     assert cold.tree_drafter("again", np.array(prompt), max_nodes=8).propose_children(prompt, 2) == []
 
 
+@pytest.mark.parametrize("max_depth, longest_draft", [(24, 12), (64, 32)])
+def test_suffix_tree_depth_bounds_the_match_and_the_draft_together(max_depth, longest_draft):
+    # A regenerated 40-token answer: the match behind a draft and the draft share the suffix
+    # tree's depth, so vLLM's default 24 drafts 12 tokens at a time (12 matched) and 64 drafts 32.
+    prompt, answer = list(range(100, 180)), list(range(1, 41))
+    cache = SuffixCache(max_cached_requests=4, max_depth=max_depth)
+    cache.follow("first", np.array(prompt + answer), prompt_length=len(prompt))
+    cache.stop("first")
+    cache.follow("again", np.array(prompt), prompt_length=len(prompt))
+    drafter = cache.tree_drafter("again", np.array(prompt), max_nodes=64)
+    context = list(prompt)
+    while children := drafter.propose_children(context, 1):
+        context.append(children[0][0])
+    assert context[len(prompt) :] == answer[:longest_draft]
+
+
 def test_suffix_cache_restarts_a_request_whose_tokens_were_rolled_back():
     cache = SuffixCache(max_cached_requests=4)
     cache.follow("a", np.array(HISTORY), prompt_length=4)

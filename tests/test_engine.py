@@ -499,7 +499,7 @@ def test_per_request_options_over_http(server):
     for xargs, message in [
         ({"prune_min_prob": 1.5}, "prune_min_prob = 1.5: must be a number in [0, 1]"),
         ({"prune_path_prob": "high"}, "prune_path_prob = 'high': must be a number in [0, 1]"),
-        ({"max_draft_tokens": 64}, "max_draft_tokens = 64: must be an integer in [1, 16]"),
+        ({"max_draft_tokens": 64}, "max_draft_tokens = 64: must be an integer in [1, 32]"),
         ({"max_draft_tokens": 0}, "max_draft_tokens = 0: must be an integer in [1, 127]"),
         ({"batch_budget": 5}, "batch_budget = 5: must be true or false"),
         ({"tree_pruned": "text"}, "tree_pruned = 'text': must be an object"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tree_attn_backend import vllm_plugin
-from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
+from tree_attn_backend.vllm_plugin.config import TreePrunedConfig, suffix_decoding_available
 
 
 def test_without_the_variable_the_plugins_change_nothing(monkeypatch):
@@ -73,6 +73,8 @@ def test_defaults_and_valid_options():
         ({"log_every_steps": -1}, r"log_every_steps = -1"),
         ({"drafter": "eagle"}, r"drafter = 'eagle': must be one of \['lookup', 'recycle', 'suffix', 'hybrid'\]"),
         ({"suffix_max_cached_requests": -1}, r"suffix_max_cached_requests = -1: must be an integer in \[0, 2\*\*31\)"),
+        ({"suffix_max_tree_depth": 0}, r"suffix_max_tree_depth = 0: must be an integer in \[1, 64\]"),
+        ({"suffix_max_tree_depth": 65}, r"suffix_max_tree_depth = 65: must be an integer in \[1, 64\]"),
         ({"small_batch_linear_rows": -1}, r"small_batch_linear_rows = -1: must be an integer in \[0, 4096\]"),
         ({"small_batch_linear_rows": 8.0}, r"small_batch_linear_rows = 8.0: must be an integer"),
         ({"max_nodes": 4}, r"unknown tree_pruned option\(s\) \['max_nodes'\]"),
@@ -342,3 +344,13 @@ def test_cpu_expand_kernel_writes_every_token_in_place(dtype):
     output = torch.full((5,), -5, dtype=dtype)
     expand_per_request(output, values, torch.tensor([2, 5, 5], dtype=torch.int32), 0, 1)
     assert output.tolist() == [1, 1, 7, 7, 7]
+
+
+@pytest.mark.skipif(not suffix_decoding_available(), reason="SuffixDecoding (arctic-inference) is not installed")
+@pytest.mark.parametrize("options, depth", [({}, 64), ({"suffix_max_tree_depth": 24}, 24)])
+def test_suffix_drafter_uses_the_configured_tree_depth(options, depth):
+    from tree_attn_backend.vllm_plugin.verification_kind import Verification
+
+    proposer = _proposer(drafter="suffix", **options)
+    proposer.drafting_for(proposer.config, Verification.TREE)
+    assert proposer.suffix is not None and proposer.suffix.max_depth == depth

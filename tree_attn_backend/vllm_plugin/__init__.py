@@ -21,7 +21,7 @@ SUPPORTED_CPU_VLLM = "0.32.0"
 BACKEND_CLS = "tree_attn_backend.vllm_plugin.backend.TreePrunedBackend"
 PLATFORM_CLS = "tree_attn_backend.vllm_plugin.platform.TreePrunedCpuPlatform"
 TREE_PROPOSER = "tree_attn_backend.vllm_plugin.proposer.TreeProposer"
-DEFAULT_NUM_SPECULATIVE_TOKENS = 16  # the default max_draft_tokens
+DEFAULT_NUM_SPECULATIVE_TOKENS = 32  # the default max_draft_tokens
 
 _registered = False
 

@@ -20,14 +20,16 @@ from tree_attn_backend.drafting.tree_shape import TreeShape
 from tree_attn_backend.drafting.verify_budget import VerifyCostModel
 from tree_attn_backend.ops.packed_linear import DEFAULT_MAX_ROWS
 
-# Up to 3 candidates at the root, 2 below, then chains as deep as the default 16 draft
-# tokens: 177 nodes, depth 16. Pruning keeps a small part of it; the shape only bounds what
+# Up to 3 candidates at the root, 2 below, then chains as deep as the default 32 draft
+# tokens: 369 nodes, depth 32. Pruning keeps a small part of it; the shape only bounds what
 # the drafter may propose (deep chains pay when a whole answer repeats).
-DEFAULT_TOKEN_TREE = TreeShape.full([3, 2, 2] + [1] * 13).to_text()
+DEFAULT_TOKEN_TREE = TreeShape.full([3, 2, 2] + [1] * 29).to_text()
 # Bounds of speculative_token_tree (draft nodes, root excluded; depth of the deepest node):
 # the proposer walks the shape for every request and step, so it must stay small.
 MAX_TREE_NODES = 1024
 MAX_TREE_DEPTH = 64
+# SuffixDecoding's trees (and their memory, linear in this depth) are bounded as the shape is.
+MAX_SUFFIX_TREE_DEPTH = MAX_TREE_DEPTH
 # vLLM's rejection sampler verifies at most 128 tokens per request (drafts + bonus).
 MAX_DRAFT_TOKENS = 127
 # Past a few dozen rows the packed product is slower than vLLM's; the bound only stops typos.
@@ -92,6 +94,10 @@ class TreePrunedConfig:
             ``hybrid`` (all three merged by token, with calibrated probabilities).
         suffix_max_cached_requests: the ``suffix`` drafter's global cache holds the outputs of
             at most this many earlier requests (0: only each request's own tokens).
+        suffix_max_tree_depth: depth of SuffixDecoding's suffix trees: a matched context and
+            the draft after it are at most this many tokens together (vLLM's
+            ``suffix_decoding_max_tree_depth``, whose default 24 caps a regenerated answer's
+            drafts at 12 tokens per step).
         drafter_min_ngram, drafter_max_ngram: n-gram lengths of the lookup drafter.
         drafter_smoothing: added to a one-token context's continuation count total, halved
             for every further token of the matched context.
@@ -115,9 +121,10 @@ class TreePrunedConfig:
     speculative_token_tree: str = DEFAULT_TOKEN_TREE
     prune_min_prob: float = 0.05
     prune_path_prob: float = 0.08
-    max_draft_tokens: int = 16
+    max_draft_tokens: int = 32
     drafter: str = "hybrid"
     suffix_max_cached_requests: int = 1000
+    suffix_max_tree_depth: int = MAX_SUFFIX_TREE_DEPTH
     drafter_min_ngram: int = 1
     drafter_max_ngram: int = 4
     drafter_smoothing: float = 2.0
@@ -149,6 +156,11 @@ class TreePrunedConfig:
             _is_int(self.suffix_max_cached_requests) and 0 <= self.suffix_max_cached_requests < 2**31,
             "suffix_max_cached_requests",
             "an integer in [0, 2**31)",
+        )
+        require(
+            _is_int(self.suffix_max_tree_depth) and 1 <= self.suffix_max_tree_depth <= MAX_SUFFIX_TREE_DEPTH,
+            "suffix_max_tree_depth",
+            f"an integer in [1, {MAX_SUFFIX_TREE_DEPTH}]",
         )
         require(
             _is_int(self.small_batch_linear_rows) and 0 <= self.small_batch_linear_rows <= MAX_SMALL_BATCH_ROWS,

@@ -143,7 +143,7 @@ class TreeProposer:
             self.recycle = RecycleTable(self.vocab_size)
         if "suffix" in sources and self.suffix is None:
             if suffix_decoding_available():
-                self.suffix = SuffixCache(self.config.suffix_max_cached_requests)
+                self.suffix = SuffixCache(self.config.suffix_max_cached_requests, self.config.suffix_max_tree_depth)
             elif not self._warned_no_suffix:  # only `hybrid` gets here (the option checks `suffix`)
                 self._warned_no_suffix = True  # fewer drafts, the same tokens: said once
                 logger.warning("tree_pruned: the hybrid drafter runs without SuffixDecoding (no arctic-inference)")

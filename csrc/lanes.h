@@ -4,6 +4,9 @@
 // extensions: arithmetic with a scalar broadcasts it.
 #pragma once
 
+#include <immintrin.h>
+
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -22,5 +25,20 @@ inline Lanes load_lanes(const float* p) {
   return v;
 }
 inline void store_lanes(float* p, const Lanes& v) { std::memcpy(p, &v, sizeof(v)); }
+
+// a * b + c per lane, rounded once. Explicit because a product that must give the same bits
+// in every tile shape cannot leave fusing to the compiler: GCC contracted `acc += a * b` to an
+// FMA in some tile shapes of the AVX2 build and not in others.
+inline Lanes fma_lanes(const Lanes& a, const Lanes& b, const Lanes& c) {
+#if defined(__AVX512F__)
+  return (Lanes)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (Lanes)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  Lanes r;
+  for (int64_t l = 0; l < kLanes; ++l) r[l] = std::fma(a[l], b[l], c[l]);
+  return r;
+#endif
+}
 
 }  // namespace tree_pruned

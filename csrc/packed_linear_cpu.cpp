@@ -36,6 +36,7 @@
 
 namespace {
 
+using tree_pruned::fma_lanes;
 using tree_pruned::kLanes;
 using tree_pruned::Lanes;
 using tree_pruned::load_lanes;
@@ -50,9 +51,8 @@ constexpr int kTileBlocks = 3;  // column blocks per tile: kTileBlocks * kLanes 
 // enough to hide memory latency behind a tile's arithmetic, measured best among 8 to 128.
 constexpr int64_t kPrefetchSteps = 32;
 
-// out[m, columns of `blocks` blocks from column0] for the tile's ROWS rows: the fused
-// multiply-add chains over k (GCC contracts `acc += a * b` to one FMA per lane; every tile
-// shape compiles the same expression, so every shape gives the same bits).
+// out[m, columns of `blocks` blocks from column0] for the tile's ROWS rows: one fused
+// multiply-add chain over k per output (fma_lanes), so every tile shape gives the same bits.
 template <int ROWS, int BLOCKS>
 void tile_product(const float* x, int64_t x_stride, const float* weight_blocks, int64_t K, const float* bias,
                   float* out, int64_t out_stride, int64_t column0, int64_t N) {
@@ -69,7 +69,7 @@ void tile_product(const float* x, int64_t x_stride, const float* weight_blocks, 
     }
     for (int m = 0; m < ROWS; ++m) {
       const Lanes xk = Lanes{} + x[m * x_stride + k];
-      for (int b = 0; b < BLOCKS; ++b) acc[m][b] += xk * w[b];
+      for (int b = 0; b < BLOCKS; ++b) acc[m][b] = fma_lanes(xk, w[b], acc[m][b]);
     }
   }
   for (int b = 0; b < BLOCKS; ++b) {

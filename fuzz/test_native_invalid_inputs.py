@@ -415,12 +415,20 @@ def test_top_k_probs_rejects_bad_logits_and_k(logits, k, message):
 def test_packed_linear_rejects_inputs_that_do_not_fit_the_packed_weight():
     """The linear op reads K features per row and out_features columns of the packed blocks."""
     pack, product = native_op("pack_linear_weight"), native_op("packed_linear")
-    packed = pack(torch.ones(20, 6))  # 20 outputs of 6 features
+    packed = pack(torch.ones(20, 6), False)  # 20 outputs of 6 features
     lanes = packed.shape[2]
     blocks = packed.shape[0]
+    not_bfloat16 = torch.ones(4, 6)
+    not_bfloat16[2, 3] = 1.0 + 2**-10  # needs more than bfloat16's 8 significant bits
     cases = [
-        (pack, (torch.ones(4, 6, dtype=torch.float64),), "pack_linear_weight: weight must be a 2-D float32"),
-        (pack, (torch.ones(0, 6),), "pack_linear_weight: weight must not be empty, got [0, 6]"),
+        (pack, (torch.ones(4, 6, dtype=torch.float64), False), "pack_linear_weight: weight must be a 2-D float32"),
+        (pack, (torch.ones(0, 6), True), "pack_linear_weight: weight must not be empty, got [0, 6]"),
+        (
+            pack,
+            (not_bfloat16, True),
+            "pack_linear_weight: weight[2, 3] = 1.00098 is not a bfloat16 value; pack it as float32",
+        ),
+        (product, (torch.ones(2, 6), packed.half(), None, 20), "packed_linear: packed must be"),
         (product, (torch.ones(2, 6, dtype=torch.float64), packed, None, 20), "packed_linear: x must be a 2-D float32"),
         (product, (torch.ones(2, 5), packed, None, 20), "packed_linear: x has 5 features, the packed weight 6"),
         (product, (torch.ones(2, 6), packed.transpose(1, 2), None, 20), "packed_linear: packed must be"),

@@ -34,7 +34,7 @@ def test_fuzz_command_runs_the_property_suite():
     assert "2 passed" in proc.stdout
 
 
-def test_bench_linear_times_both_products_per_row_count():
+def test_bench_linear_times_every_product_per_row_count():
     proc = subprocess.run(
         [sys.executable, "-m", "tree_attn_backend.cli", "bench", "linear", "--quick", "--rows", "1,3", "--json"],
         capture_output=True,
@@ -46,10 +46,10 @@ def test_bench_linear_times_both_products_per_row_count():
     assert report["shape"]["layers"] == 2 and report["threads"] >= 1
     assert [r["rows"] for r in report["rows"]] == [1, 3]
     for r in report["rows"]:
-        for product in ("vllm", "packed"):
+        for product in ("vllm", "packed", "packed_bf16"):
             low, high = r[f"{product}_ms_range"]
             assert 0 < low <= r[f"{product}_ms"] <= high
-        assert r["packed_over_vllm"] > 0
+        assert r["packed_over_vllm"] > 0 and r["packed_bf16_over_vllm"] > 0
 
 
 def test_bench_linear_rejects_a_bad_repeat():

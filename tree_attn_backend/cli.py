@@ -16,7 +16,7 @@ tree-pruned bench load [--quick] [--json] [--check] [--clients N] [--requests N]
 tree-pruned bench step-cost [--quick] [--repeat N] [--json] [--check]
     what a draft token costs: stock chain vs TREE_PRUNED tree
 tree-pruned bench linear [--quick] [--rows N,...] [--repeat N] [--json]
-    a model's linear layers at a few rows: vLLM's CPU product vs the packed one
+    a model's linear layers at a few rows: vLLM's CPU product vs the packed one (float32, bfloat16)
 tree-pruned serve [--port P] [-- vLLM server args]
     the default model with TREE_PRUNED
 """
@@ -235,7 +235,8 @@ def _bench_linear(args: argparse.Namespace) -> int:
     passes = 2 if args.quick else 8
     if repeat < 1:
         raise SystemExit(f"tree-pruned bench linear: --repeat {repeat}: must be >= 1")
-    with tqdm(total=len(rows) * 2 * repeat, desc="bench linear", unit="cell", file=sys.stderr) as bar:
+    cells = len(rows) * len(linear.PRODUCTS) * repeat
+    with tqdm(total=cells, desc="bench linear", unit="cell", file=sys.stderr) as bar:
         table = linear.run(shape, tuple(rows), repeat, passes, progress=bar.update)
     if args.json:
         print(json.dumps({"shape": dataclasses.asdict(shape), "threads": torch.get_num_threads(), "rows": table}))

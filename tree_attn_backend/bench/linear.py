@@ -3,9 +3,12 @@
 A pass multiplies ``rows`` input rows through the linear layers of ``layers`` decoder layers
 (fused q/k/v, o, fused gate/up, down) and the LM head, shaped as SmolLM2-135M by default, each
 layer with its own random float32 weights so that a pass streams them from memory as an engine
-step does (the cache holds a layer or two, not the model). Two products run the same passes:
-``vllm``, vLLM's CPU product as its linear layers call it (oneDNN, weights prepacked), and
-``packed``, ``tree_pruned::packed_linear`` (``csrc/packed_linear_cpu.cpp``). Each repetition
+step does (the cache holds a layer or two, not the model). The weights are bfloat16 values held
+in float32, as a bfloat16 checkpoint's are when vLLM loads it as float32 (SmolLM2's). Three
+products run the same passes: ``vllm``, vLLM's CPU product as its linear layers call it
+(oneDNN, weights prepacked), and ``tree_pruned::packed_linear`` (``csrc/packed_linear_cpu.cpp``)
+with the weights stored as float32 (``packed``) and as bfloat16 (``packed_bf16``, what the
+TREE_PRUNED worker stores when every weight is a bfloat16 value). Each repetition
 times every (rows, product) cell in a shuffled order, ``passes`` passes after one untimed; a
 cell's figure is the median over repetitions of its per-repetition median, with the min-max.
 """
@@ -42,7 +45,7 @@ class ModelShape:
 Product = Callable[[torch.Tensor], torch.Tensor]
 
 
-PRODUCTS = ("vllm", "packed")
+PRODUCTS = ("vllm", "packed", "packed_bf16")
 
 
 def _products(shape: ModelShape) -> Iterator[tuple[int, dict[str, Product]]]:
@@ -59,20 +62,24 @@ def _products(shape: ModelShape) -> Iterator[tuple[int, dict[str, Product]]]:
         return packed_linear(x, packed, None, out_features)
 
     for out_features, in_features in weights:
-        weight = torch.randn(out_features, in_features)
+        weight = torch.randn(out_features, in_features).to(torch.bfloat16).float()
         handler = vllm_ops.create_onednn_mm(weight.t(), 32)
-        packed = pack(weight)
         yield (
             in_features,
-            {"vllm": partial(vllm_ops.onednn_mm, handler, bias=None), "packed": partial(_packed, packed, out_features)},
+            {
+                "vllm": partial(vllm_ops.onednn_mm, handler, bias=None),
+                "packed": partial(_packed, pack(weight, False), out_features),
+                "packed_bf16": partial(_packed, pack(weight, True), out_features),
+            },
         )
 
 
 def run(
     shape: ModelShape, rows: tuple[int, ...], repeat: int, passes: int, progress: Callable[[], None] | None = None
 ) -> list[dict]:
-    """One row per row count: ``{"rows", "vllm_ms", "vllm_ms_range", "packed_ms", "packed_ms_range",
-    "packed_over_vllm"}``, times of one pass through the whole model in milliseconds."""
+    """One row per row count: ``{"rows"}``, per product of :data:`PRODUCTS` ``"<product>_ms"`` and
+    ``"<product>_ms_range"`` (one pass through the whole model, milliseconds), and
+    ``"packed_over_vllm"``, ``"packed_bf16_over_vllm"`` (ratios of the medians)."""
     layers = list(_products(shape))
     inputs = {(m, k): torch.randn(m, k) for m in rows for k in {k for k, _ in layers}}
     times: dict[tuple[int, str], list[float]] = {(m, name): [] for m in rows for name in PRODUCTS}
@@ -96,15 +103,12 @@ def run(
                 progress()
     table = []
     for m in rows:
-        vllm, packed = times[m, "vllm"], times[m, "packed"]
-        table.append(
-            {
-                "rows": m,
-                "vllm_ms": round(statistics.median(vllm), 2),
-                "vllm_ms_range": [round(min(vllm), 2), round(max(vllm), 2)],
-                "packed_ms": round(statistics.median(packed), 2),
-                "packed_ms_range": [round(min(packed), 2), round(max(packed), 2)],
-                "packed_over_vllm": round(statistics.median(packed) / statistics.median(vllm), 3),
-            }
-        )
+        row: dict = {"rows": m}
+        for name in PRODUCTS:
+            samples = times[m, name]
+            row[f"{name}_ms"] = round(statistics.median(samples), 2)
+            row[f"{name}_ms_range"] = [round(min(samples), 2), round(max(samples), 2)]
+        for name in PRODUCTS[1:]:
+            row[f"{name}_over_vllm"] = round(statistics.median(times[m, name]) / statistics.median(times[m, "vllm"]), 3)
+        table.append(row)
     return table

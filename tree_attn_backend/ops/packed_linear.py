@@ -6,9 +6,15 @@ linear layers (oneDNN) pay each extra row's arithmetic on top of streaming the w
 for all the rows and overlaps the arithmetic with the stream, so a few more rows cost little.
 Large batches (prefill, high concurrency) keep vLLM's own product, which blocks for them better.
 
+A few rows are bound by streaming the weights. When every value of a float32 weight is a
+bfloat16 value (a bfloat16 checkpoint loaded as float32, as vLLM loads SmolLM2 here), the packed
+copy is stored as bfloat16 and widened back in registers: the same values and arithmetic, half
+the bytes to stream (`tree-pruned bench linear`).
+
 The op is exact in a stronger sense than the product it stands in for: a row's output does not
 depend on the other rows of the call (each output is one fused multiply-add chain over the
-input features in order). Its oracle is a float64 matrix product (``fuzz``).
+input features in order) nor on how the weights are stored. Its oracle is a float64 matrix
+product (``fuzz``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ def packed_linear_available() -> bool:
     return native_op("packed_linear") is not None and native_op("pack_linear_weight") is not None
 
 
+def holds_bfloat16_values(weight: torch.Tensor) -> bool:
+    """Whether every value of a float32 ``weight`` is a bfloat16 value (so bfloat16 storage
+    holds it exactly). NaN is not (it never compares equal)."""
+    return bool(torch.equal(weight.to(torch.bfloat16).to(weight.dtype), weight))
+
+
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` in float64 (the oracle): x [..., K], weight [N, K], bias [N]."""
     out = x.double() @ weight.double().T
@@ -41,9 +53,10 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class SmallBatchLinear:
     """A linear layer's CPU product: the packed op for at most ``max_rows`` rows, else ``large_batch``.
 
-    Holds its own packed copy of ``weight`` (float32 [N, K]; the copy is float32
-    [ceil(N / lanes), K, lanes], lanes = 16 with AVX-512, else 8), so the layer's weights are in
-    memory twice: once for ``large_batch`` and once here. Called as vLLM calls a layer's
+    Holds its own packed copy of ``weight`` (float32 [N, K]; the copy is [ceil(N / lanes), K,
+    lanes], lanes = 16 with AVX-512, else 8, bfloat16 when :func:`holds_bfloat16_values`, else
+    float32), so the layer's weights are in memory twice: once for ``large_batch`` and once
+    here (at half or the same size). Called as vLLM calls a layer's
     ``cpu_linear``: ``(x [..., K], weight, bias [N] or None) -> [..., N]``, float32; the
     ``weight`` argument is ignored (vLLM may have released it after packing its own copy).
     """
@@ -58,7 +71,7 @@ class SmallBatchLinear:
         if pack is None or product is None:
             raise RuntimeError("SmallBatchLinear needs the native ops (make setup); check packed_linear_available()")
         self.out_features, self.in_features = weight.shape
-        self.packed: torch.Tensor = pack(weight.detach())
+        self.packed: torch.Tensor = pack(weight.detach(), holds_bfloat16_values(weight))
         self._product = product
         self.large_batch = large_batch
         self.max_rows = max_rows

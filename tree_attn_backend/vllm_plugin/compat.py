@@ -237,9 +237,12 @@ def small_batch_linear_layers(max_rows: int, eager: bool) -> Iterator[None]:
         logger.warning("tree_pruned: small-batch linear layers: no float32 linear layer was dispatched; none packed")
         return
     mib = sum(p.packed.numel() * p.packed.element_size() for p in packed) / 2**20
+    num_bfloat16 = sum(p.packed.dtype == torch.bfloat16 for p in packed)
     logger.info(
-        "tree_pruned: small-batch linear layers: %d float32 weights packed (%.0f MiB more), for calls of <= %d rows",
+        "tree_pruned: small-batch linear layers: %d float32 weights packed (%d as bfloat16; the rest hold other "
+        "values: float32, slower to stream; %.0f MiB more), for calls of <= %d rows",
         len(packed),
+        num_bfloat16,
         mib,
         max_rows,
     )

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tree_attn_backend.bench.e2e import METRICS, MODES, E2EConfig, load_prompts, summarize
+from tree_attn_backend.bench.e2e import METRICS, MODES, E2EConfig, _engine_processes, load_prompts, summarize
 from tree_attn_backend.bench.e2e_report import calibration_totals, check_targets, format_table
 from tree_attn_backend.bench.replay import ReplaySetting, replay, replay_settings
 from tree_attn_backend.cli import main
@@ -66,6 +66,9 @@ def test_bench_e2e_all_modes_through_real_engines(e2e_run):
     for mode in ("static_tree", "pruned_tree"):
         assert overall[mode]["expected_accepted_per_step"] > 0, mode
     assert overall["chain"]["expected_accepted_per_step"] is None
+    # The same SuffixDecoding chains, verified by the TREE_PRUNED engine's kernels.
+    for key in ("draft_tokens_per_step", "accepted_tokens_per_step"):
+        assert overall["suffix_packed"][key] == overall["suffix"][key], key
     assert sorted(p.name for p in plots.iterdir()) == [
         "draft_vs_accepted.png",
         "reliability.png",
@@ -237,6 +240,19 @@ def test_prompts_keep_their_next_turns_and_the_workload_sizes_the_runs(tmp_path)
     config = E2EConfig(model="m", prompts=tuple(prompts), turns=2, repeat_prompts=3)
     assert config.num_requests(1) == 6 and config.num_requests(16) == 16
     assert config.workload == {"prompts": 2, "turns": 2, "repeat_prompts": 3}
+
+
+def test_suffix_packed_is_vllms_suffix_decoding_on_the_tree_pruned_engine():
+    prompts = ({"category": "qa", "messages": [{"role": "user", "content": "hi"}], "next_turns": []},)
+    config = E2EConfig(model="m", prompts=prompts, modes=("none", "suffix", "suffix_packed", "pruned_budget"))
+    processes = {name: (env, engines) for name, env, engines in _engine_processes(config)}
+    assert sorted(processes) == ["none", "suffix", "suffix_packed", "tree"]
+    assert processes["suffix"][0] == {} and processes["none"][0] == {}
+    assert processes["suffix_packed"][0] == processes["tree"][0] == {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}
+    for name in ("suffix", "suffix_packed"):
+        (engine,) = processes[name][1]
+        assert engine["engine"]["speculative_config"] == {"method": "suffix"}
+        assert [(r["mode"], r["extra_args"]) for r in engine["runs"]] == [(name, None)] * len(config.concurrency)
 
 
 def test_replay_by_hand():

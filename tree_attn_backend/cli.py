@@ -364,7 +364,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modes",
         type=_modes,
         default=None,
-        help="comma-separated subset of none,chain,suffix,static_tree,pruned_tree,pruned_budget "
+        help="comma-separated subset of none,chain,suffix,suffix_packed,static_tree,pruned_tree,pruned_budget "
         "(default: all; none is required)",
     )
     e2e_p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 64, quick 16)")

@@ -6,14 +6,18 @@ Modes (named exactly so in the output):
 * ``chain``: vLLM's ngram proposer (stock engine, :data:`CHAIN_SPECULATIVE_CONFIG`);
 * ``suffix``: vLLM's SuffixDecoding (``method: "suffix"``, the ``arctic-inference`` package,
   vLLM's defaults: per-request and global suffix trees, drafts up to 24 tokens as a chain);
+* ``suffix_packed``: the same SuffixDecoding chains verified by the TREE_PRUNED engine, which
+  runs the tree modes' kernels (the packed small-batch linear layers): the tree modes' lead over
+  it is what the trees and drafters earn, the rest of their lead over ``suffix`` the kernels';
 * ``static_tree``: TREE_PRUNED, the tree shape filled up to ``num_speculative_tokens`` nodes
   with no thresholds and no budget;
 * ``pruned_tree``: TREE_PRUNED with the per-node / path thresholds;
 * ``pruned_budget``: ``pruned_tree`` plus the batch-wide verify budget.
 
 The three tree modes share one engine (they differ only in per-request ``extra_args``), so a
-repetition costs one engine start per stock mode and one for the tree modes, each in its own
-process (``none``, ``chain``, ``suffix``: the stock platform; ``tree``: TREE_PRUNED) that runs
+repetition costs one engine start per peer mode and one for the tree modes, each in its own
+process (``none``, ``chain``, ``suffix``: the stock platform; ``suffix_packed`` and ``tree``:
+TREE_PRUNED) that runs
 the engine in process (:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the
 records back and turns them into rows, a table, and plots. Requests are greedy, so every mode's
 tokens are compared with ``none``'s at the same concurrency and repetition
@@ -63,15 +67,22 @@ import numpy as np
 from tree_attn_backend.vllm_plugin import default_speculative_config
 from tree_attn_backend.vllm_plugin.config import DRAFTERS, suffix_decoding_available
 
-MODES = ("none", "chain", "suffix", "static_tree", "pruned_tree", "pruned_budget")
+MODES = ("none", "chain", "suffix", "suffix_packed", "static_tree", "pruned_tree", "pruned_budget")
 CHAIN_SPECULATIVE_CONFIG = {
     "method": "ngram",
     "num_speculative_tokens": 4,
     "prompt_lookup_max": 4,
     "prompt_lookup_min": 1,
 }
-# The stock engine's speculative config per peer mode.
-STOCK_SPECULATIVE_CONFIGS = {"none": None, "chain": CHAIN_SPECULATIVE_CONFIG, "suffix": {"method": "suffix"}}
+SUFFIX_SPECULATIVE_CONFIG = {"method": "suffix"}
+# Per peer mode (vLLM's own proposers): its speculative config and its engine process's
+# environment (empty: the stock platform).
+PEER_ENGINES: dict[str, tuple[dict | None, dict[str, str]]] = {
+    "none": (None, {}),
+    "chain": (CHAIN_SPECULATIVE_CONFIG, {}),
+    "suffix": (SUFFIX_SPECULATIVE_CONFIG, {}),
+    "suffix_packed": (SUFFIX_SPECULATIVE_CONFIG, {"VLLM_ATTENTION_BACKEND": "TREE_PRUNED"}),
+}
 # Per-request tree options of the three tree modes (one engine, defaults elsewhere).
 TREE_MODE_OPTIONS: dict[str, dict[str, Any]] = {
     "static_tree": {"prune_min_prob": 0.0, "prune_path_prob": 0.0, "batch_budget": False},
@@ -129,9 +140,10 @@ class E2EConfig:
             raise ValueError(f"repeat_prompts = {self.repeat_prompts}: must be >= 1")
         if self.drafter is not None and self.drafter not in DRAFTERS:
             raise ValueError(f"drafter {self.drafter!r}: must be one of {list(DRAFTERS)}")
-        if "suffix" in self.modes and not suffix_decoding_available():
+        suffix_modes = [m for m in self.modes if m in PEER_ENGINES and PEER_ENGINES[m][0] == SUFFIX_SPECULATIVE_CONFIG]
+        if suffix_modes and not suffix_decoding_available():
             raise ValueError(
-                "mode 'suffix' needs the arctic-inference package (vLLM's SuffixDecoding); "
+                f"mode(s) {suffix_modes} need the arctic-inference package (vLLM's SuffixDecoding); "
                 "`make setup` builds it from source"
             )
 
@@ -202,10 +214,10 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
         return [{"mode": m, "concurrency": c, "extra_args": extra_args(m)} for c in config.concurrency for m in modes]
 
     processes: list[tuple[str, dict, list[dict]]] = []
-    for mode, speculative_config in STOCK_SPECULATIVE_CONFIGS.items():
+    for mode, (speculative_config, env) in PEER_ENGINES.items():
         if mode in config.modes:
             engine = dict(base, speculative_config=speculative_config) if speculative_config else base
-            processes.append((mode, {}, [{"name": mode, "engine": engine, "runs": runs([mode])}]))
+            processes.append((mode, env, [{"name": mode, "engine": engine, "runs": runs([mode])}]))
     tree_modes = [m for m in MODES if m in TREE_MODE_OPTIONS and m in config.modes]
     if tree_modes:
         engine = dict(

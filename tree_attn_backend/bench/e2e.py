@@ -17,11 +17,10 @@ Modes (named exactly so in the output):
 The three tree modes share one engine (they differ only in per-request ``extra_args``), so a
 repetition costs one engine start per peer mode and one for the tree modes, each in its own
 process (``none``, ``chain``, ``suffix``: the stock platform; ``suffix_packed`` and ``tree``:
-TREE_PRUNED) that runs
-the engine in process (:mod:`tree_attn_backend.bench.e2e_engine`); this module plans the runs, reads the
-records back and turns them into rows, a table, and plots. Requests are greedy, so every mode's
-tokens are compared with ``none``'s at the same concurrency and repetition
-(``identical_to_baseline``).
+TREE_PRUNED) that runs the engine in process (:mod:`tree_attn_backend.bench.e2e_engine`); this
+module plans the runs, reads the records back and turns them into rows, a table, and plots.
+Requests are greedy, so every mode's tokens are compared with ``none``'s at the same
+concurrency and repetition (``identical_to_baseline``).
 
 Repetitions (``repeat``): each starts fresh engine processes, in a shuffled order, and runs each
 engine's (mode, concurrency) runs in a shuffled order, so no mode always runs first or last on a

@@ -26,22 +26,25 @@ inline Lanes load_lanes(const float* p) {
 }
 inline void store_lanes(float* p, const Lanes& v) { std::memcpy(p, &v, sizeof(v)); }
 
-// kLanes bfloat16 values (their bits) widened to float32, exactly: a bfloat16 is the upper
-// half of the float32 with the same value.
-inline Lanes load_bfloat16_lanes(const uint16_t* p) {
+// Two vectors of float32 lanes from 2 * kLanes bfloat16 values (their bits) stored
+// interleaved, exactly: 32-bit word l holds lane l of the first vector in its low half and lane
+// l of the second in its high half, and a bfloat16 is the upper half of the float32 with the
+// same value. One load and two cheap bit operations per pair of vectors.
+inline void load_bfloat16_pair(const uint16_t* p, Lanes& first, Lanes& second) {
 #if defined(__AVX512F__)
-  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return (Lanes)_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  const __m512i words = _mm512_loadu_si512(p);
+  first = (Lanes)_mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+  second = (Lanes)_mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 #elif defined(__AVX2__)
-  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return (Lanes)_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  first = (Lanes)_mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+  second = (Lanes)_mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 #else
-  Lanes v;
   for (int64_t l = 0; l < kLanes; ++l) {
-    const uint32_t bits = static_cast<uint32_t>(p[l]) << 16;
-    std::memcpy(&v[l], &bits, sizeof(float));
+    const uint32_t low = static_cast<uint32_t>(p[2 * l]) << 16, high = static_cast<uint32_t>(p[2 * l + 1]) << 16;
+    std::memcpy(&first[l], &low, sizeof(float));
+    std::memcpy(&second[l], &high, sizeof(float));
   }
-  return v;
 #endif
 }
 

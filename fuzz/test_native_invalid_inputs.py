@@ -416,8 +416,7 @@ def test_packed_linear_rejects_inputs_that_do_not_fit_the_packed_weight():
     """The linear op reads K features per row and out_features columns of the packed blocks."""
     pack, product = native_op("pack_linear_weight"), native_op("packed_linear")
     packed = pack(torch.ones(20, 6), False)  # 20 outputs of 6 features
-    lanes = packed.shape[2]
-    blocks = packed.shape[0]
+    pairs, _, _, lanes = packed.shape  # float32: [pairs, 2 blocks, K, lanes]
     not_bfloat16 = torch.ones(4, 6)
     not_bfloat16[2, 3] = 1.0 + 2**-10  # needs more than bfloat16's 8 significant bits
     cases = [
@@ -431,11 +430,11 @@ def test_packed_linear_rejects_inputs_that_do_not_fit_the_packed_weight():
         (product, (torch.ones(2, 6), packed.half(), None, 20), "packed_linear: packed must be"),
         (product, (torch.ones(2, 6, dtype=torch.float64), packed, None, 20), "packed_linear: x must be a 2-D float32"),
         (product, (torch.ones(2, 5), packed, None, 20), "packed_linear: x has 5 features, the packed weight 6"),
-        (product, (torch.ones(2, 6), packed.transpose(1, 2), None, 20), "packed_linear: packed must be"),
+        (product, (torch.ones(2, 6), packed.transpose(2, 3), None, 20), "packed_linear: packed must be"),
         (
             product,
-            (torch.ones(2, 6), packed, None, blocks * lanes + 1),
-            f"packed_linear: out_features = {blocks * lanes + 1} does not match the packed weight's {blocks} blocks",
+            (torch.ones(2, 6), packed, None, pairs * 2 * lanes + 1),
+            f"packed_linear: out_features = {pairs * 2 * lanes + 1} does not match the packed weight's {pairs} pairs",
         ),
         (product, (torch.ones(2, 6), packed, torch.ones(19), 20), "packed_linear: bias must be a contiguous float32"),
     ]

@@ -53,9 +53,10 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class SmallBatchLinear:
     """A linear layer's CPU product: the packed op for at most ``max_rows`` rows, else ``large_batch``.
 
-    Holds its own packed copy of ``weight`` (float32 [N, K]; the copy is [ceil(N / lanes), K,
-    lanes], lanes = 16 with AVX-512, else 8, bfloat16 when :func:`holds_bfloat16_values`, else
-    float32), so the layer's weights are in memory twice: once for ``large_batch`` and once
+    Holds its own packed copy of ``weight`` (float32 [N, K]; the copy holds its columns in pairs
+    of blocks of ``lanes`` (16 with AVX-512, else 8), padded to a whole pair, bfloat16 when
+    :func:`holds_bfloat16_values`, else float32; layout in ``csrc/packed_linear_cpu.cpp``), so
+    the layer's weights are in memory twice: once for ``large_batch`` and once
     here (at half or the same size). Called as vLLM calls a layer's
     ``cpu_linear``: ``(x [..., K], weight, bias [N] or None) -> [..., N]``, float32; the
     ``weight`` argument is ignored (vLLM may have released it after packing its own copy).

@@ -84,14 +84,17 @@ inline void load_weight_pair(const uint16_t* pair, int64_t, int64_t k, Lanes& fi
 }
 
 // A register tile: ROWS rows x PAIRS pairs of column blocks, 2 * ROWS * PAIRS accumulators.
-// With a few rows, two pairs per tile (two weight streams at once, which reads memory faster
-// on the hosts measured); with more, one pair and twice the rows (fewer tiles re-read a pair).
+// With a few rows, two pairs per tile: more weight streams read at once (float32 pairs stored
+// as one stream each were read about 30% slower at 1-3 rows, even two per tile; hence float32
+// keeps two streams per pair). With more rows, one pair and twice the rows (fewer tiles re-read
+// a pair).
 #if defined(__AVX512F__)
 constexpr int kTileVectors = 24;  // of the 32 registers
 #else
 constexpr int kTileVectors = 12;  // of the 16 registers
 #endif
 constexpr int kMaxTileRows = kTileVectors / 2;
+
 // out[m, the PAIRS pairs' columns from column0] for the tile's ROWS rows: one fused multiply-add
 // chain over k per output (fma_lanes), so every tile shape gives the same bits. `pairs` points
 // at the first pair's weights; the next pair's start K * 2 * kLanes elements later.

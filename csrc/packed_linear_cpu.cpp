@@ -23,7 +23,7 @@
 // over each cached pair) and bfloat16 pairs are stored interleaved (one load and two bit
 // operations widen two vectors). `tree-pruned bench linear`, SmolLM2-135M's 30 layers and LM
 // head, 2 threads, AVX2 (ms for 1 / 5 / 9 / 17 rows): vLLM's oneDNN product 29 / 37 / 44 / 58,
-// this op with bfloat16 weights 12 / 18 / 29 / 51. Past a few dozen rows oneDNN's blocking
+// this op with bfloat16 weights 11 / 18 / 29 / 52 (one run). Past a few dozen rows oneDNN's blocking
 // wins; the caller picks this op for small batches only.
 //
 // Each output is one float32 fused multiply-add chain over k = 0, 1, ..., K - 1 from zero, then

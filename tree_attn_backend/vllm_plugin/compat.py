@@ -290,6 +290,9 @@ class TreeRunnerHooks(_RunnerBase):
         self.tree_options = TreePrunedConfig.from_additional_config(vllm_config.additional_config)
         self._discarded_states: dict[int, torch.Tensor] = {}
         self._step_trees: StepTrees | None = None  # from _prepare_inputs to _sample
+        # Per batch row, the sampled position whose hidden state chose its last token (the
+        # accepted leaf of a tree row): from _sample to propose_draft_token_ids, for the head.
+        self._leaf_samples: torch.Tensor | None = None
         drafter = runner_drafter(self)
         if isinstance(drafter, TreeProposer):
             self.tree = TreeRunnerCore(self.tree_options, drafter)
@@ -298,6 +301,8 @@ class TreeRunnerHooks(_RunnerBase):
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         with small_batch_linear_layers(self.tree_options.small_batch_linear_rows, self.model_config.enforce_eager):
             super().load_model(*args, **kwargs)
+        if self.tree is not None and self.tree.proposer.head is not None:
+            self.tree.proposer.embed = self.model.embed_input_ids
 
     def measure_cost_model(self) -> None:
         if self.tree is not None:
@@ -326,7 +331,10 @@ class TreeRunnerHooks(_RunnerBase):
                 else s.num_prompt_tokens + s.sampling_params.max_tokens
                 for s in states
             ]
-            self.tree.proposer.bind_batch(req_ids, drafting, prompt_lengths, max_lengths)
+            leaf_samples, self._leaf_samples = self._leaf_samples, None
+            # vLLM passes (sampling_metadata, hidden_states, sample_hidden_states, ...) after these two.
+            leaf_hidden = None if leaf_samples is None else args[2][leaf_samples]
+            self.tree.proposer.bind_batch(req_ids, drafting, prompt_lengths, max_lengths, leaf_hidden)
         return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
@@ -362,15 +370,17 @@ class TreeRunnerHooks(_RunnerBase):
     def _sample(self, logits: torch.Tensor, spec_decode_metadata: Any) -> Any:
         self._discarded_states = _discarded_sample_states(self)
         step, self._step_trees = self._step_trees, None
+        num_reqs = self.input_batch.num_reqs
+        all_sampled = (
+            np.arange(1, num_reqs + 1)
+            if spec_decode_metadata is None
+            else spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy()
+        )
+        if self.tree is not None and self.tree.proposer.head is not None:
+            self._leaf_samples = torch.from_numpy((all_sampled - 1).astype(np.int64))  # tree rows: see below
         if self.tree is not None and self.tree.proposer.recycle is not None:  # a request uses it
-            num_reqs = self.input_batch.num_reqs
-            cu_num_sampled = (
-                np.arange(1, num_reqs + 1)
-                if spec_decode_metadata is None
-                else spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy()
-            )
             query_start = self.query_start_loc.np[: num_reqs + 1].astype(np.int64)
-            self.tree.record_target_candidates(query_start, cu_num_sampled, self.input_ids.cpu, logits)
+            self.tree.record_target_candidates(query_start, all_sampled, self.input_ids.cpu, logits)
         if self.tree is None or step is None or spec_decode_metadata is None:
             if self.tree is not None and _plain_sampling_suffices(spec_decode_metadata, self.input_batch):
                 return super()._sample(logits, None)
@@ -393,7 +403,12 @@ class TreeRunnerHooks(_RunnerBase):
         else:
             output = super()._sample(logits, spec_decode_metadata)
         kv_caches = [c for c in self.kv_caches if c is not None]
-        self.tree.commit(step, verified, output.sampled_token_ids, self.input_batch.req_ids, kv_caches, self.kv_layout)
+        leaf_nodes = self.tree.commit(
+            step, verified, output.sampled_token_ids, self.input_batch.req_ids, kv_caches, self.kv_layout
+        )
+        if self._leaf_samples is not None:
+            sampled_start = np.concatenate([[0], cu_num_sampled[:-1]]).astype(np.int64)
+            self._leaf_samples[torch.from_numpy(step.rows)] = torch.from_numpy(sampled_start[step.rows] + leaf_nodes)
         return output
 
     def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:

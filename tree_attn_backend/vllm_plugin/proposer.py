@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from tree_attn_backend.drafting.calibration import IsotonicCalibration, ReliabilityCounts
+from tree_attn_backend.drafting.draft_head import DraftHead, HeadRootDrafter
 from tree_attn_backend.drafting.drafter import Drafter
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
@@ -48,13 +50,15 @@ logger = logging.getLogger("vllm.tree_pruned")
 # many steps, and the verdicts reach the calibration.
 EXPLORE_AFTER_IDLE_STEPS = 8
 
-# The sources each drafter grows its trees from (``hybrid`` merges them).
+# The sources each drafter grows its trees from (``hybrid`` merges them; it runs without
+# SuffixDecoding when arctic-inference is missing, and without the head when none is configured).
 SOURCES_OF = {
     "lookup": ("lookup",),
     "recycle": ("recycle",),
     "suffix": ("suffix",),
-    "hybrid": ("lookup", "recycle", "suffix"),
+    "hybrid": ("lookup", "recycle", "suffix", "head"),
 }
+OPTIONAL_HYBRID_SOURCES = ("suffix", "head")
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,15 @@ class RequestDrafting:
 class BoundBatch:
     """What the runner tells the proposer before each ``propose``, per batch row in vLLM's
     order: the request id, how it is drafted, its prompt length (the rest of its tokens are its
-    output) and its length when it stops (prompt + ``max_tokens``; ``None``: unknown)."""
+    output), its length when it stops (prompt + ``max_tokens``; ``None``: unknown) and, for the
+    draft head, the target's final hidden state where it chose the row's last token (``[B, D]``;
+    ``None``: not given)."""
 
     req_ids: list[str]
     drafting: list[RequestDrafting]
     prompt_lengths: list[int]
     max_lengths: list[int | None]
+    leaf_hidden: torch.Tensor | None = None
 
 
 class TreeProposer:
@@ -100,6 +107,9 @@ class TreeProposer:
         # Allocated when a request first asks for it; follows the requests that use it.
         self.suffix: SuffixCache | None = None
         self._warned_no_suffix = False
+        self.head = DraftHead.load(self.config.draft_head) if self.config.draft_head is not None else None
+        # The target's input embedding of token ids (int64 [n] -> [n, D]), set by the runner.
+        self.embed: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
         self.cost_model: VerifyCostModel | OnlineCostFit | None = None
         self.reset_calibration()
@@ -157,12 +167,14 @@ class TreeProposer:
         drafting: Sequence[RequestDrafting],
         prompt_lengths: Sequence[int],
         max_lengths: Sequence[int | None] | None = None,
+        leaf_hidden: torch.Tensor | None = None,
     ) -> None:
         """Called by the tree model runner before each ``propose``: the batch order, how each
-        request is drafted, its prompt length (the rest of its tokens are its output) and its
-        length when it stops (prompt + ``max_tokens``; ``None`` or omitted: unknown)."""
+        request is drafted, its prompt length (the rest of its tokens are its output), its
+        length when it stops (prompt + ``max_tokens``; ``None`` or omitted: unknown) and the
+        target's hidden state behind each row's last token (see :class:`BoundBatch`)."""
         stops: list[int | None] = list(max_lengths) if max_lengths is not None else [None] * len(req_ids)
-        self._batch = BoundBatch(list(req_ids), list(drafting), list(prompt_lengths), stops)
+        self._batch = BoundBatch(list(req_ids), list(drafting), list(prompt_lengths), stops, leaf_hidden)
 
     def propose(
         self,
@@ -212,6 +224,11 @@ class TreeProposer:
         # Per drafter, the path value whose calibrated value reaches the floor (inf: none does).
         min_path_prob_of = {name: self.calibration[name].min_prob_for(floor) for name in budgeted_drafters}
         raised: dict[tuple[PruningPolicy, float], PruningPolicy] = {}  # built once per step, not per row
+        # The rows that grow a tree: a budgeted row's needs a path value that can reach the floor.
+        growing = [
+            row for row in drafted if not drafting[row].batch_budget or min_path_prob_of[drafting[row].drafter] <= 1.0
+        ]
+        head_children = self._head_children(batch, decoding, growing)
         grown = []  # the budgeted rows with a tree
         for row in drafted:
             if self.suffix is not None and "suffix" in SOURCES_OF[drafting[row].drafter]:
@@ -231,7 +248,9 @@ class TreeProposer:
                     raised[key] = replace(policy, min_path_prob=max(policy.min_path_prob, min_path_prob))
                 policy = raised[key]
                 grown.append(row)
-            self.trees[req_ids[row]] = self._grow(req_ids[row], drafting[row], policy, decoding[row])
+            self.trees[req_ids[row]] = self._grow(
+                req_ids[row], drafting[row], policy, decoding[row], head_children.get(row)
+            )
         if cost is not None:
             trees = [self.trees[req_ids[row]] for row in grown]
             values = [self.expected_accepted(t, drafting[row].drafter) for row, t in zip(grown, trees)]
@@ -246,9 +265,36 @@ class TreeProposer:
             for row, tree, k in zip(grown, trees, keep.tolist()):
                 self.trees[req_ids[row]] = tree.truncate(k + 1)
 
-    def _grow(self, req_id: str, drafting: RequestDrafting, policy: PruningPolicy, tokens: np.ndarray) -> DraftTree:
-        """The request's tree from its drafter (the suffix cache has followed ``tokens``),
-        pruned by ``policy`` (its own, or with the budget's floor raised into it)."""
+    def _head_children(
+        self, batch: BoundBatch, decoding: dict[int, np.ndarray], growing: list[int]
+    ) -> dict[int, HeadRootDrafter]:
+        """The draft head's children of the root of every hybrid row in ``growing``, by row, from
+        one batched head call (empty without a head, the runner's hidden states or its embedding)."""
+        rows = [row for row in growing if "head" in SOURCES_OF[batch.drafting[row].drafter]]
+        if self.head is None or self.embed is None or batch.leaf_hidden is None or not rows:
+            return {}
+        roots = torch.tensor([int(decoding[row][-1]) for row in rows], dtype=torch.int64)
+        with torch.no_grad():
+            root_embedding = self.embed(roots)
+        tokens, probs = self.head.top_children(
+            batch.leaf_hidden[torch.tensor(rows)], root_embedding, len(self.shape.child_lists[0])
+        )
+        return {
+            row: HeadRootDrafter(len(decoding[row]), t, p)
+            for row, t, p in zip(rows, tokens.tolist(), probs.tolist())
+        }
+
+    def _grow(
+        self,
+        req_id: str,
+        drafting: RequestDrafting,
+        policy: PruningPolicy,
+        tokens: np.ndarray,
+        head_children: HeadRootDrafter | None,
+    ) -> DraftTree:
+        """The request's tree from its drafter (the suffix cache has followed ``tokens``;
+        ``head_children``: the draft head's root children, when it ran), pruned by ``policy``
+        (its own, or with the budget's floor raised into it)."""
         index = self.indexes.get(req_id)
         if index is None or len(index) > len(tokens):
             index = self.indexes[req_id] = LookupIndex(
@@ -257,7 +303,7 @@ class TreeProposer:
         index.extend(tokens[len(index) :].tolist())  # catches up on steps proposed without it
         shape = self.shape if drafting.verification is Verification.TREE else self.chain_shape
         self.drafter_of[req_id] = drafting.drafter
-        # drafting_for allocated the shared sources; only hybrid may lack SuffixDecoding.
+        # drafting_for allocated the shared sources; only hybrid may lack SuffixDecoding or the head.
         sources: dict[str, Drafter] = {}
         for name in SOURCES_OF[drafting.drafter]:
             if name == "lookup":
@@ -267,7 +313,9 @@ class TreeProposer:
             elif name == "suffix" and self.suffix is not None:
                 max_nodes = policy.max_nodes or self.num_speculative_tokens
                 sources[name] = self.suffix.tree_drafter(req_id, tokens, max_nodes)
-            elif not (name == "suffix" and drafting.drafter == "hybrid"):
+            elif name == "head" and head_children is not None:
+                sources[name] = head_children
+            elif not (name in OPTIONAL_HYBRID_SOURCES and drafting.drafter == "hybrid"):
                 raise RuntimeError(
                     f"request {req_id}: drafter {drafting.drafter!r} without its source (see drafting_for)"
                 )

@@ -233,10 +233,12 @@ class TreeRunnerCore:
         req_ids: Sequence[str],
         kv_caches: Sequence[torch.Tensor],
         layout: PagedKVLayout,
-    ) -> None:
+    ) -> np.ndarray:
         """After verification: the tree rows of ``sampled_token_ids`` (vLLM's sampler output,
         ``[B, max_spec_len + 1]``, ``-1`` padded) become their accepted tokens and bonus; the
-        accepted paths' K/V move into place in every layer; acceptance goes to the proposer."""
+        accepted paths' K/V move into place in every layer; acceptance goes to the proposer.
+        Returns int64 ``[len(step.rows)]``: each tree's accepted leaf (the node whose logits chose
+        the bonus token)."""
         result = verified.result
         verified.seeded.settle(step.rows.tolist(), result.num_accepted + 1)
         width = result.output_tokens.shape[1]
@@ -255,6 +257,7 @@ class TreeRunnerCore:
             [req_ids[r] for r in step.rows], verified.num_verified, result.accepted_nodes.numpy()
         )
         self._stats.record(verified.num_verified, num_accepted, self.proposer)
+        return result.accepted_nodes.numpy()[np.arange(num_accepted.shape[0]), num_accepted].astype(np.int64)
 
 
 class _TreeStats:

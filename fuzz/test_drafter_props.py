@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tree_attn_backend.drafting.calibration import IsotonicCalibration
+from tree_attn_backend.drafting.draft_head import DraftHead, HeadRootDrafter
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
@@ -23,8 +24,9 @@ VOCAB = 12
 @st.composite
 def drafters(draw: st.DrawFn) -> tuple[str, object, list[int]]:
     """A lookup index over a random token history, a recycle table filled from random logits,
-    a SuffixDecoding tree over the history (with an earlier request's output cached), or their
-    hybrid with random calibration factors; and the context to draft from."""
+    a SuffixDecoding tree over the history (with an earlier request's output cached), a random
+    draft head's children of the root, or their hybrid with random calibration factors; and the
+    context to draft from."""
     history = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=60))
     index = LookupIndex(1, draw(st.integers(1, 4)), smoothing=draw(st.sampled_from([0.0, 0.5, 1.0])))
     index.extend(history)
@@ -42,6 +44,7 @@ def drafters(draw: st.DrawFn) -> tuple[str, object, list[int]]:
         "lookup": index,
         "recycle": table,
         "suffix": suffix.tree_drafter("now", np.array(history), max_nodes=draw(st.integers(1, 12))),
+        "head": _random_head_children(seed, len(index.tokens), draw(st.floats(0.1, 30.0))),
     }
     kind = draw(st.sampled_from([*sources, "hybrid"]))
     if kind in sources:
@@ -53,6 +56,21 @@ def drafters(draw: st.DrawFn) -> tuple[str, object, list[int]]:
     hybrid = HybridDrafter(sources, calibration)
     hybrid.start_tree(index.tokens)
     return kind, hybrid, index.tokens
+
+
+def _random_head_children(seed: int, root_length: int, scale: float) -> HeadRootDrafter:
+    """The root children of a random draft head (hidden size 4, a random part of the vocabulary;
+    ``scale`` spreads its logits: large is confident)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = torch.randperm(VOCAB, generator=g)[: 1 + seed % VOCAB]
+    head = DraftHead(
+        torch.randn(4, 8, generator=g),
+        torch.randn(4, generator=g),
+        torch.randn(vocab.numel(), 4, generator=g) * scale,
+        vocab,
+    )
+    tokens, probs = head.top_children(torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g), 3)
+    return HeadRootDrafter(root_length, tokens[0].tolist(), probs[0].tolist())
 
 
 @given(case=drafters(), max_nodes=st.one_of(st.none(), st.integers(0, 9)))

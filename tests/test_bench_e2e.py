@@ -255,6 +255,18 @@ def test_suffix_packed_is_vllms_suffix_decoding_on_the_tree_pruned_engine():
         assert [(r["mode"], r["extra_args"]) for r in engine["runs"]] == [(name, None)] * len(config.concurrency)
 
 
+def test_a_draft_head_goes_to_the_tree_engine_only(tmp_path):
+    prompts = ({"category": "qa", "messages": [{"role": "user", "content": "hi"}], "next_turns": []},)
+    with pytest.raises(ValueError, match="draft_head '/no/head': no such file"):
+        E2EConfig(model="m", prompts=prompts, draft_head="/no/head")
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(b"")
+    config = E2EConfig(model="m", prompts=prompts, modes=("none", "pruned_budget"), draft_head=str(head))
+    engines = {name: engines[0]["engine"] for name, _, engines in _engine_processes(config)}
+    assert engines["tree"]["additional_config"]["tree_pruned"]["draft_head"] == str(head.resolve())
+    assert "additional_config" not in engines["none"]
+
+
 def test_replay_by_hand():
     # Prompt "1 2 3 1 2", greedy output "3 1 2 3 9": after "3" the drafter has seen 3 -> 1 -> 2 -> 3,
     # so a depth-3 chain drafts "1 2 3", all accepted, and 9 is the bonus token: one step.

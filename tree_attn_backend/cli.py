@@ -7,7 +7,7 @@ tree-pruned bench metadata [--json]
 tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]
     tree attention per kernel path (FlashInfer on a GPU)
 tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE] [--drafter D]
-    [--turns 2] [--repeat-prompts K]
+    [--draft-head FILE] [--turns 2] [--repeat-prompts K]
     modes x concurrency in vLLM
 tree-pruned bench replay [--prompts FILE] [--path-probs P,...] [--drafter D,...]
     drafters and pruning scored offline on greedy outputs
@@ -17,6 +17,8 @@ tree-pruned bench step-cost [--quick] [--repeat N] [--json] [--check]
     what a draft token costs: stock chain vs TREE_PRUNED tree
 tree-pruned bench linear [--quick] [--rows N,...] [--repeat N] [--json]
     a model's linear layers at a few rows: vLLM's CPU product vs the packed one (float32, bfloat16)
+tree-pruned train-head --prompts FILE --out FILE [--model DIR] [--max-tokens N] [--vocab N] [--epochs N]
+    a draft head fitted to the model's own greedy answers (the hybrid drafter's option draft_head)
 tree-pruned serve [--port P] [-- vLLM server args]
     the default model with TREE_PRUNED
 """
@@ -53,6 +55,26 @@ def _serve(args: argparse.Namespace) -> int:
 
     extra = [a for a in args.extra if a != "--"]
     return serve.main(args.port, extra)
+
+
+def _train_head(args: argparse.Namespace) -> int:
+    from tree_attn_backend import train_head
+    from tree_attn_backend.bench.e2e import load_prompts
+    from tree_attn_backend.default_model import default_model_dir
+
+    for name in ("max_tokens", "vocab", "epochs"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    report = train_head.train_head(
+        args.model or str(default_model_dir()),
+        load_prompts(args.prompts),
+        args.out,
+        max_tokens=args.max_tokens,
+        vocab_size=args.vocab,
+        epochs=args.epochs,
+    )
+    print(json.dumps(report))
+    return 0
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -148,6 +170,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens or (16 if args.quick else 64),
         repeat=repeat,
         drafter=args.drafter,
+        draft_head=args.draft_head,
         turns=args.turns,
         repeat_prompts=args.repeat_prompts,
     )
@@ -168,6 +191,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     targets = e2e_report.check_targets(rows, calibration, config.workload)
     report = {
         "drafter": config.drafter,
+        "draft_head": config.draft_head,
         "workload": config.workload,
         "calibration": calibration,
         "targets": [{"target": statement, "met": met} for statement, met in targets],
@@ -374,6 +398,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the tree modes' drafter: lookup, recycle, suffix or hybrid (default: the engine's)",
     )
     e2e_p.add_argument(
+        "--draft-head",
+        default=None,
+        help="a draft head file (tree-pruned train-head) for the tree engine's hybrid drafter",
+    )
+    e2e_p.add_argument(
         "--turns", type=int, default=1, help="2: send each two-turn prompt's second turn after its first answer"
     )
     e2e_p.add_argument(
@@ -451,6 +480,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     linear_p.add_argument("--repeat", type=int, default=None, help="repetitions (default 3)")
     linear_p.add_argument("--json", action="store_true", help='print one JSON object {"shape", "threads", "rows"}')
     linear_p.set_defaults(func=_bench_linear)
+    head_p = sub.add_parser("train-head", help="fit a draft head to the model's own greedy answers")
+    head_p.add_argument(
+        "--prompts", required=True, help="Spec-Bench-style JSONL to answer (train on prompts you do not measure on)"
+    )
+    head_p.add_argument("--out", required=True, help="where to write the head (safetensors)")
+    head_p.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
+    head_p.add_argument("--max-tokens", type=int, default=256, help="answer length per prompt (default 256)")
+    head_p.add_argument("--vocab", type=int, default=4096, help="tokens the head may propose (default 4096)")
+    head_p.add_argument("--epochs", type=int, default=3, help="passes over the examples (default 3)")
+    head_p.set_defaults(func=_train_head)
     serve_p = sub.add_parser("serve", help="serve the default model with the tree path on 127.0.0.1")
     serve_p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     serve_p.set_defaults(func=_serve)

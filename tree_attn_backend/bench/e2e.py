@@ -117,6 +117,7 @@ class E2EConfig:
     max_tokens: int = 64
     repeat: int = 1
     drafter: str | None = None  # the tree modes' drafter (None: the engine's default)
+    draft_head: str | None = None  # the tree engine's draft_head option (None: no head)
     turns: int = 1  # 2: a conversation's second turn follows its first answer
     repeat_prompts: int = 1  # every prompt sent this many times per run (regenerations)
     shuffle_seed: int = 0  # the runs' order in every repetition
@@ -139,6 +140,8 @@ class E2EConfig:
             raise ValueError(f"repeat_prompts = {self.repeat_prompts}: must be >= 1")
         if self.drafter is not None and self.drafter not in DRAFTERS:
             raise ValueError(f"drafter {self.drafter!r}: must be one of {list(DRAFTERS)}")
+        if self.draft_head is not None and not Path(self.draft_head).is_file():
+            raise ValueError(f"draft_head {self.draft_head!r}: no such file")
         suffix_modes = [m for m in self.modes if m in PEER_ENGINES and PEER_ENGINES[m][0] == SUFFIX_SPECULATIVE_CONFIG]
         if suffix_modes and not suffix_decoding_available():
             raise ValueError(
@@ -223,7 +226,10 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
             base,
             speculative_config=default_speculative_config(),
             # the modes turn the batch budget off per request
-            additional_config={"tree_pruned": {"allow_larger_request_share": True}},
+            additional_config={
+                "tree_pruned": {"allow_larger_request_share": True}
+                | ({"draft_head": str(Path(config.draft_head).resolve())} if config.draft_head else {})
+            },
         )
         processes.append(
             (

@@ -20,7 +20,7 @@ Shapes: ``D`` the target's hidden size; ``W`` float32 ``[D, 2D]``, ``b`` ``[D]``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,8 @@ class DraftHead:
     fc_bias: torch.Tensor
     out_weight: torch.Tensor
     vocab: torch.Tensor
+    _fc: LinearFn = field(init=False, repr=False)
+    _out: LinearFn = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         d = self.fc_bias.shape[0] if self.fc_bias.dim() == 1 else -1
@@ -51,7 +53,9 @@ class DraftHead:
             and self.out_weight.shape[0] >= 1
         )
         if not ok:
-            raise ValueError(f"draft head shapes {shapes}: need fc_weight [D, 2D], fc_bias [D], out_weight [Vh, D], vocab [Vh]")
+            raise ValueError(
+                f"draft head shapes {shapes}: need fc_weight [D, 2D], fc_bias [D], out_weight [Vh, D], vocab [Vh]"
+            )
         if self.vocab.dtype != torch.int64 or int(self.vocab.min()) < 0:
             raise ValueError(f"draft head vocab: must be int64 token ids >= 0, got {self.vocab.dtype}")
         if torch.unique(self.vocab).numel() != self.vocab.numel():
@@ -60,7 +64,9 @@ class DraftHead:
         # torch's for one row in the engine); torch's otherwise. Only draft choices depend on it.
         for name, weight in (("_fc", self.fc_weight), ("_out", self.out_weight)):
             weight = weight.to(torch.float32).contiguous()
-            product: LinearFn = SmallBatchLinear(weight, F.linear, DEFAULT_MAX_ROWS) if packed_linear_available() else F.linear
+            product: LinearFn = (
+                SmallBatchLinear(weight, F.linear, DEFAULT_MAX_ROWS) if packed_linear_available() else F.linear
+            )
             object.__setattr__(self, name, product)
 
     @property
@@ -74,9 +80,7 @@ class DraftHead:
         z = h + F.silu(self._fc(x, self.fc_weight, self.fc_bias))
         return self._out(z, self.out_weight, None)
 
-    def top_children(
-        self, hidden: torch.Tensor, root_embedding: torch.Tensor, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def top_children(self, hidden: torch.Tensor, root_embedding: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most likely tokens after each root: int64 ``[B, k']`` token ids and float64
         ``[B, k']`` their softmax probabilities over the head's vocabulary, most likely first
         (``k' = min(k, Vh)``)."""

@@ -110,6 +110,7 @@ class TreeProposer:
         self.head = DraftHead.load(self.config.draft_head) if self.config.draft_head is not None else None
         # The target's input embedding of token ids (int64 [n] -> [n, D]), set by the runner.
         self.embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.head_roots = 0  # roots the head has proposed children of (logged)
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
         self.cost_model: VerifyCostModel | OnlineCostFit | None = None
         self.reset_calibration()
@@ -279,9 +280,9 @@ class TreeProposer:
         tokens, probs = self.head.top_children(
             batch.leaf_hidden[torch.tensor(rows)], root_embedding, len(self.shape.child_lists[0])
         )
+        self.head_roots += len(rows)
         return {
-            row: HeadRootDrafter(len(decoding[row]), t, p)
-            for row, t, p in zip(rows, tokens.tolist(), probs.tolist())
+            row: HeadRootDrafter(len(decoding[row]), t, p) for row, t, p in zip(rows, tokens.tolist(), probs.tolist())
         }
 
     def _grow(

@@ -290,6 +290,8 @@ class _TreeStats:
             )
             if proposer.cost_model is not None:
                 logger.info("tree_pruned: budget cost model %s", proposer.cost_model_now)
+            if proposer.head is not None:
+                logger.info("tree_pruned: draft head: children for %d roots so far", proposer.head_roots)
             for name, counts in proposer.reliability.items():
                 if counts.nodes.any():
                     logger.info(

@@ -371,23 +371,22 @@ class TreeRunnerHooks(_RunnerBase):
         self._discarded_states = _discarded_sample_states(self)
         step, self._step_trees = self._step_trees, None
         num_reqs = self.input_batch.num_reqs
-        all_sampled = (
+        cu_num_sampled = (
             np.arange(1, num_reqs + 1)
             if spec_decode_metadata is None
             else spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy()
         )
         if self.tree is not None and self.tree.proposer.head is not None:
-            self._leaf_samples = torch.from_numpy((all_sampled - 1).astype(np.int64))  # tree rows: see below
+            self._leaf_samples = torch.from_numpy((cu_num_sampled - 1).astype(np.int64))  # tree rows: see below
         if self.tree is not None and self.tree.proposer.recycle is not None:  # a request uses it
             query_start = self.query_start_loc.np[: num_reqs + 1].astype(np.int64)
-            self.tree.record_target_candidates(query_start, all_sampled, self.input_ids.cpu, logits)
+            self.tree.record_target_candidates(query_start, cu_num_sampled, self.input_ids.cpu, logits)
         if self.tree is None or step is None or spec_decode_metadata is None:
             if self.tree is not None and _plain_sampling_suffices(spec_decode_metadata, self.input_batch):
                 return super()._sample(logits, None)
             return super()._sample(logits, spec_decode_metadata)
         from vllm.v1.outputs import SamplerOutput
 
-        cu_num_sampled = spec_decode_metadata.cu_num_sampled_tokens.cpu().numpy()
         # Before vLLM's sampler, which may edit the logits in place.
         verified = self.tree.verify(
             step, logits, cu_num_sampled, self.input_ids.cpu, self.input_batch.sampling_metadata

@@ -235,6 +235,8 @@ class TreeProposer:
             if self.suffix is not None and "suffix" in SOURCES_OF[drafting[row].drafter]:
                 # Every step, grown or not: the shared cache learns every request's output.
                 self.suffix.follow(req_ids[row], decoding[row], batch.prompt_lengths[row])
+            if row not in growing:  # a budgeted row whose floor no path value reaches
+                continue
             policy = drafting[row].policy
             max_length = batch.max_lengths[row]
             policy = policy.within_tokens_left(
@@ -242,8 +244,6 @@ class TreeProposer:
             )
             if drafting[row].batch_budget:
                 min_path_prob = min_path_prob_of[drafting[row].drafter]
-                if min_path_prob > 1.0:  # no path value reaches it
-                    continue
                 key = (policy, min_path_prob)
                 if key not in raised:
                     raised[key] = replace(policy, min_path_prob=max(policy.min_path_prob, min_path_prob))

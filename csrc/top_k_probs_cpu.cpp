@@ -1,4 +1,5 @@
-// The recycle drafter's record step (torch library `tree_pruned`).
+// The k most likely next tokens and their probabilities (torch library `tree_pruned`): the
+// recycle table's record step and the draft head's children.
 //
 // tree_pruned::top_k_probs(logits, k) -> [probs, ids]
 //
@@ -13,8 +14,8 @@
 // stock decode step included, so this runs on every step. Two passes over a row, the first
 // skipping 16 logits at a time that cannot enter the top k (one vectorised max), the second
 // summing exp(logit - max) with the vectorisable exp of fast_math.h, cost about what torch's
-// logsumexp alone does. torch.topk + logsumexp in tree_attn_backend/drafting/recycle_drafter.py
-// is the fallback, and the fuzz suite holds the op to torch.topk and a float64 softmax.
+// logsumexp alone does. torch.topk + logsumexp in tree_attn_backend/ops/top_k.py is the
+// fallback, and the fuzz suite holds the op to torch.topk and a float64 softmax.
 // Rows holding NaN are outside the contract: NaN never enters the top k and makes the row's
 // probabilities NaN.
 

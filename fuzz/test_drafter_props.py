@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tree_attn_backend.drafting.calibration import IsotonicCalibration
-from tree_attn_backend.drafting.draft_head import DraftHead, HeadRootDrafter
+from tree_attn_backend.drafting.draft_head import PROBE_TOKENS, DraftHead, HeadRootDrafter
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
 from tree_attn_backend.drafting.pruning import PruningPolicy, expand_and_prune
@@ -68,6 +68,7 @@ def _random_head_children(seed: int, root_length: int, scale: float) -> HeadRoot
         torch.randn(4, generator=g),
         torch.randn(vocab.numel(), 4, generator=g) * scale,
         vocab,
+        torch.randn(PROBE_TOKENS, 4, generator=g),
     )
     tokens, probs = head.top_children(torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g), 3)
     return HeadRootDrafter(root_length, tokens[0].tolist(), probs[0].tolist())

@@ -265,6 +265,10 @@ def test_a_draft_head_goes_to_the_tree_engine_only(tmp_path):
     engines = {name: engines[0]["engine"] for name, _, engines in _engine_processes(config)}
     assert engines["tree"]["additional_config"]["tree_pruned"]["draft_head"] == str(head.resolve())
     assert "additional_config" not in engines["none"]
+    for option in ("auto", None):  # the shipped head for the model (the default), or none
+        config = E2EConfig(model="m", prompts=prompts, modes=("none", "pruned_budget"), draft_head=option)
+        (tree,) = [engines[0]["engine"] for name, _, engines in _engine_processes(config) if name == "tree"]
+        assert tree["additional_config"]["tree_pruned"]["draft_head"] == option
 
 
 def test_replay_by_hand():

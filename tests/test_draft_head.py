@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from tree_attn_backend.drafting.draft_head import DraftHead, HeadRootDrafter, fit_draft_head
+from tree_attn_backend.drafting.draft_head import (
+    BUNDLED_HEADS_DIR,
+    PROBE_TOKENS,
+    DraftHead,
+    HeadRootDrafter,
+    bundled_head_for,
+    fit_draft_head,
+)
 
 
 def _random_head(hidden: int = 8, vocab: int = 20, seed: int = 0) -> DraftHead:
@@ -18,6 +25,7 @@ def _random_head(hidden: int = 8, vocab: int = 20, seed: int = 0) -> DraftHead:
         torch.randn(hidden, generator=g),
         torch.randn(vocab, hidden, generator=g),
         ids,
+        torch.randn(PROBE_TOKENS, hidden, generator=g),
     )
 
 
@@ -33,6 +41,7 @@ def test_children_are_the_softmax_top_k_most_likely_first():
     assert (tokens == head.vocab[top].numpy()).all()
     np.testing.assert_allclose(probs, top_probs.numpy(), rtol=1e-4, atol=1e-6)
     assert (np.diff(probs, axis=1) <= 0).all()
+    assert head.top_children(hidden, roots, 80)[0].shape == (5, 20)  # above the native op's k: torch
     assert head.top_children(hidden, roots, 50)[0].shape == (5, 20)  # at most the head's vocabulary
 
 
@@ -40,17 +49,21 @@ def test_a_saved_head_loads_and_a_bad_one_is_named(tmp_path):
     head = _random_head()
     head.save(tmp_path / "head.safetensors")
     loaded = DraftHead.load(tmp_path / "head.safetensors")
-    x = torch.randn(2, 8)
-    assert (loaded.top_children(x, x, 3)[0] == head.top_children(x, x, 3)[0]).all()
+    # Stored in bfloat16 (the layer and the output rows), loaded as float32.
+    assert loaded.fc_weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.out_weight, head.out_weight.to(torch.bfloat16).to(torch.float32))
+    assert (loaded.vocab == head.vocab).all() and (loaded.model_probe == head.model_probe).all()
     from safetensors.torch import save_file
 
     save_file({"fc_weight": head.fc_weight}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match=r"other.safetensors: not a draft head \(no tensor"):
         DraftHead.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="fc_weight \\[D, 2D\\]"):
-        DraftHead(head.fc_weight[:, :8], head.fc_bias, head.out_weight, head.vocab)
+        DraftHead(head.fc_weight[:, :8], head.fc_bias, head.out_weight, head.vocab, head.model_probe)
+    with pytest.raises(ValueError, match="model_probe \\[P, D\\]"):
+        DraftHead(head.fc_weight, head.fc_bias, head.out_weight, head.vocab, head.model_probe[:, :4])
     with pytest.raises(ValueError, match="token id twice"):
-        DraftHead(head.fc_weight, head.fc_bias, head.out_weight[:2], torch.tensor([3, 3]))
+        DraftHead(head.fc_weight, head.fc_bias, head.out_weight[:2], torch.tensor([3, 3]), head.model_probe)
 
 
 def test_fitting_learns_the_token_after_the_root():
@@ -61,13 +74,16 @@ def test_fitting_learns_the_token_after_the_root():
     embedding = torch.randn(vocab, hidden, generator=g)
     roots = torch.randint(0, vocab - 1, (3000,), generator=g)
     states = 0.1 * torch.randn(3000, hidden, generator=g)  # the root, not the state, decides here
-    head = fit_draft_head(states, embedding[roots], roots + 1, embedding, vocab_size=vocab, epochs=20, seed=0)
+    head = fit_draft_head(
+        states, embedding[roots], roots + 1, embedding, embedding, vocab_size=vocab, epochs=20, seed=0
+    )
     test_roots = torch.randint(0, vocab - 1, (200,), generator=g)
     tokens, _ = head.top_children(0.1 * torch.randn(200, hidden, generator=g), embedding[test_roots], 1)
     assert (torch.from_numpy(tokens[:, 0]) == test_roots + 1).float().mean() > 0.9
     assert head.vocab.numel() == vocab - 1  # the tokens that ever came next, most frequent first
+    assert head.fits(lambda ids: embedding[ids]) and not head.fits(lambda ids: embedding[ids + 1])
     with pytest.raises(ValueError, match="do not match"):
-        fit_draft_head(states, embedding[roots][:10], roots + 1, embedding)
+        fit_draft_head(states, embedding[roots][:10], roots + 1, embedding, embedding)
 
 
 def test_head_children_are_proposed_at_the_root_only():
@@ -104,23 +120,17 @@ def test_examples_of_an_answer_pair_each_state_with_the_token_after_its_root():
 
 
 def test_the_proposer_grows_the_heads_children_under_every_hybrid_root(tmp_path):
-    from tree_attn_backend.vllm_plugin.proposer import TreeProposer
     from tree_attn_backend.vllm_plugin.verification_kind import Verification
 
     embedding = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
     # A confident head: its out rows are the embedding of tokens 20..29, scaled, so the head's
     # favourite after a root is the token whose row best matches the root's state.
-    head = DraftHead(torch.zeros(8, 16), torch.zeros(8), 20.0 * embedding[20:30], torch.arange(20, 30))
-    head.save(tmp_path / "head.safetensors")
-    options = {"draft_head": str(tmp_path / "head.safetensors"), "batch_budget": False}
-    proposer = TreeProposer(
-        SimpleNamespace(
-            additional_config={"tree_pruned": options},
-            speculative_config=SimpleNamespace(num_speculative_tokens=8),
-            model_config=SimpleNamespace(get_vocab_size=lambda: 32),
-        )
+    head = DraftHead(
+        torch.zeros(8, 16), torch.zeros(8), 20.0 * embedding[20:30], torch.arange(20, 30), embedding[:PROBE_TOKENS]
     )
-    proposer.embed = lambda ids: embedding[ids]
+    head.save(tmp_path / "head.safetensors")
+    proposer = _tiny_proposer({"draft_head": str(tmp_path / "head.safetensors"), "batch_budget": False})
+    proposer.attach_model(lambda ids: embedding[ids])
     drafting = proposer.drafting_for(proposer.config, Verification.TREE)
     hidden = torch.randn(2, 8, generator=torch.Generator().manual_seed(2))
     proposer.bind_batch(["a", "b"], [drafting, drafting], [2, 2], leaf_hidden=hidden)
@@ -136,11 +146,45 @@ def test_the_proposer_grows_the_heads_children_under_every_hybrid_root(tmp_path)
     assert proposer.trees.get("a") is None or not set(proposer.trees["a"].tokens[1:].tolist()) & set(range(20, 30))
 
 
-def test_a_missing_head_file_is_named():
+def _tiny_proposer(options: dict):
+    """A proposer for a model of hidden size 8 and 32 tokens."""
+    from tree_attn_backend.vllm_plugin.proposer import TreeProposer
+
+    return TreeProposer(
+        SimpleNamespace(
+            additional_config={"tree_pruned": options},
+            speculative_config=SimpleNamespace(num_speculative_tokens=8),
+            model_config=SimpleNamespace(get_vocab_size=lambda: 32, get_hidden_size=lambda: 8),
+        )
+    )
+
+
+def test_a_missing_head_file_or_a_head_for_another_model_is_named(tmp_path):
     from tree_attn_backend.vllm_plugin.config import TreePrunedConfig
 
-    with pytest.raises(ValueError, match="draft_head = '/no/such/head.safetensors': must be the path of a draft head"):
+    with pytest.raises(ValueError, match="draft_head = '/no/such/head.safetensors': must be \"auto\", the path of"):
         TreePrunedConfig(draft_head="/no/such/head.safetensors")
+    _random_head().save(tmp_path / "head.safetensors")
+    proposer = _tiny_proposer({"draft_head": str(tmp_path / "head.safetensors")})
+    with pytest.raises(ValueError, match="head.safetensors'.*trained for another model"):
+        proposer.attach_model(lambda ids: torch.randn(len(ids), 8))
+    # "auto" finds no shipped head for this model, and serves without one.
+    proposer = _tiny_proposer({})
+    proposer.attach_model(lambda ids: torch.randn(len(ids), 8))
+    assert proposer.head is None
+
+
+def test_the_shipped_head_fits_the_default_model_only():
+    from safetensors import safe_open
+
+    from tree_attn_backend.default_model import default_model_dir
+
+    (weights,) = sorted(default_model_dir().glob("*.safetensors"))
+    with safe_open(str(weights), "pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    path = bundled_head_for(lambda ids: embedding[ids], embedding.shape[1])
+    assert path is not None and path.parent == BUNDLED_HEADS_DIR
+    assert bundled_head_for(lambda ids: embedding[ids + 1], embedding.shape[1]) is None
 
 
 def test_train_head_fits_the_default_model_and_scores_held_out_answers(tmp_path):

@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 
 from tree_attn_backend.default_model import default_model_dir
-from tree_attn_backend.drafting.draft_head import DraftHead
 from tree_attn_backend.serve import free_port, running_server, server_command
 from tree_attn_backend.vllm_plugin import default_speculative_config
 
@@ -155,41 +153,21 @@ CACHED_PROMPT_JOB = {
 }
 
 
-def _echo_head(model: str, vocab: int = 8192) -> DraftHead:
-    """A draft head whose children of a root are the target's own next-token choice at the
-    leaf (the root again, under greedy decoding): the LM head's rows (SmolLM2 ties them to the
-    input embedding) over the first ``vocab`` token ids, and no layer."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(model).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            if "model.embed_tokens.weight" in f.keys():
-                rows = f.get_slice("model.embed_tokens.weight")[:vocab].to(torch.float32)
-                hidden = rows.shape[1]
-                return DraftHead(torch.zeros(hidden, 2 * hidden), torch.zeros(hidden), rows, torch.arange(vocab))
-    raise FileNotFoundError(f"no input embedding in {model}")
-
-
 @pytest.fixture(scope="session")
 def tree_platform(model: str, tmp_path_factory) -> tuple[dict, str]:
     """TREE_PRUNED process: tree proposer, and vLLM's ngram proposer on the tree backend. The
     batch budget is off here: these tests exercise tree verification on every step (the budget
     would drop drafts for 16-200 concurrent requests on this CPU); `test_bench_e2e` covers it.
     Prompts are prefilled in chunks here (vLLM's default token budget), so seeded requests also
-    go through a discarded partial-prefill sample. The hybrid drafter has a draft head: one that
-    proposes the root's own token again (no layer, the LM head's rows), confident wherever the
-    target is, so its children are verified, mostly rejected, until the calibration learns it."""
-    head_path = tmp_path_factory.mktemp("head") / "echo_head.safetensors"
-    _echo_head(model).save(head_path)
+    go through a discarded partial-prefill sample. The hybrid drafter has the shipped draft head
+    for this model (``draft_head: "auto"``, the default)."""
     engines = [
         {
             "name": "tree",
             "llm": _llm(
                 model,
                 speculative_config=default_speculative_config(),
-                additional_config={
-                    "tree_pruned": {"log_every_steps": 1, "batch_budget": False, "draft_head": str(head_path)}
-                },
+                additional_config={"tree_pruned": {"log_every_steps": 1, "batch_budget": False}},
             ),
             "jobs": [GREEDY_JOB, SAMPLE_JOB, OPTIONS_JOB, CACHED_PROMPT_JOB, *DRAFTER_JOBS.values()],
         },
@@ -237,6 +215,7 @@ def test_greedy_tree_speculation_is_token_identical(tree_platform, stock_platfor
     assert len(tree) == len(PROMPTS) >= 16
     for prompt, a, b in zip(PROMPTS, tree, base):
         assert a == b, f"{prompt['category']} prompt {prompt['question_id']} differs"
+    assert re.search(r"tree_pruned: draft head \S+/data/heads/\S+\.safetensors", log), "no shipped head loaded"
     drafted = re.findall(r"draft head: children for (\d+) roots so far", log)
     assert drafted and int(drafted[-1]) > 0, "the draft head never proposed (no hidden states reached it?)"
 

@@ -7,7 +7,7 @@ tree-pruned bench metadata [--json]
 tree-pruned bench kernels [--json] [--plot DIR] [--device cuda|cpu]
     tree attention per kernel path (FlashInfer on a GPU)
 tree-pruned bench e2e [--quick] [--repeat N] [--check] [--json] [--plot DIR] [--prompts FILE] [--drafter D]
-    [--draft-head FILE] [--turns 2] [--repeat-prompts K]
+    [--draft-head auto|none|FILE] [--turns 2] [--repeat-prompts K]
     modes x concurrency in vLLM
 tree-pruned bench replay [--prompts FILE] [--path-probs P,...] [--drafter D,...]
     drafters and pruning scored offline on greedy outputs
@@ -170,7 +170,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens or (16 if args.quick else 64),
         repeat=repeat,
         drafter=args.drafter,
-        draft_head=args.draft_head,
+        draft_head=None if args.draft_head == "none" else args.draft_head,
         turns=args.turns,
         repeat_prompts=args.repeat_prompts,
     )
@@ -399,8 +399,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     e2e_p.add_argument(
         "--draft-head",
-        default=None,
-        help="a draft head file (tree-pruned train-head) for the tree engine's hybrid drafter",
+        default="auto",
+        help="the tree engine's draft head for its hybrid drafter: auto (the shipped head for the model, "
+        "if there is one), none, or a file from tree-pruned train-head",
     )
     e2e_p.add_argument(
         "--turns", type=int, default=1, help="2: send each two-turn prompt's second turn after its first answer"

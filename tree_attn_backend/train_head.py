@@ -122,6 +122,7 @@ def train_head(
         data.root_embedding,
         data.next_tokens,
         target.get_output_embeddings().weight.detach(),
+        target.get_input_embeddings().weight.detach(),
         vocab_size=vocab_size,
         epochs=epochs,
     )

@@ -117,7 +117,9 @@ class E2EConfig:
     max_tokens: int = 64
     repeat: int = 1
     drafter: str | None = None  # the tree modes' drafter (None: the engine's default)
-    draft_head: str | None = None  # the tree engine's draft_head option (None: no head)
+    # The tree engine's draft_head option: "auto" (the shipped head for the model, if there is
+    # one), a head file, or None (no head).
+    draft_head: str | None = "auto"
     turns: int = 1  # 2: a conversation's second turn follows its first answer
     repeat_prompts: int = 1  # every prompt sent this many times per run (regenerations)
     shuffle_seed: int = 0  # the runs' order in every repetition
@@ -140,7 +142,7 @@ class E2EConfig:
             raise ValueError(f"repeat_prompts = {self.repeat_prompts}: must be >= 1")
         if self.drafter is not None and self.drafter not in DRAFTERS:
             raise ValueError(f"drafter {self.drafter!r}: must be one of {list(DRAFTERS)}")
-        if self.draft_head is not None and not Path(self.draft_head).is_file():
+        if self.draft_head not in (None, "auto") and not Path(self.draft_head).is_file():
             raise ValueError(f"draft_head {self.draft_head!r}: no such file")
         suffix_modes = [m for m in self.modes if m in PEER_ENGINES and PEER_ENGINES[m][0] == SUFFIX_SPECULATIVE_CONFIG]
         if suffix_modes and not suffix_decoding_available():
@@ -227,8 +229,14 @@ def _engine_processes(config: E2EConfig) -> list[tuple[str, dict, list[dict]]]:
             speculative_config=default_speculative_config(),
             # the modes turn the batch budget off per request
             additional_config={
-                "tree_pruned": {"allow_larger_request_share": True}
-                | ({"draft_head": str(Path(config.draft_head).resolve())} if config.draft_head else {})
+                "tree_pruned": {
+                    "allow_larger_request_share": True,
+                    "draft_head": (
+                        config.draft_head
+                        if config.draft_head in (None, "auto")
+                        else str(Path(config.draft_head).resolve())
+                    ),
+                }
             },
         )
         processes.append(

@@ -14,12 +14,18 @@ from the other sources of the hybrid drafter. Trained on the target's own greedy
 other model is needed; its probabilities are calibrated online like every source's.
 
 Shapes: ``D`` the target's hidden size; ``W`` float32 ``[D, 2D]``, ``b`` ``[D]``, ``U``
-``[Vh, D]``, ``vocab`` int64 ``[Vh]`` (distinct ids). Stored as safetensors.
+``[Vh, D]``, ``vocab`` int64 ``[Vh]`` (distinct ids), and ``model_probe`` float32 ``[P, D]``:
+the target's input embeddings of token ids ``0 .. P-1``, which tell the model a head was
+trained for. Stored as safetensors, ``W`` and ``U`` in bfloat16 (half the file; only draft
+choices depend on them).
+
+Heads for the embedded default model ship in ``tree_attn_backend/data/heads/``; the option
+``draft_head: "auto"`` (the default) serves the one whose probe matches the served model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from tree_attn_backend.ops.packed_linear import DEFAULT_MAX_ROWS, LinearFn, SmallBatchLinear, packed_linear_available
+from tree_attn_backend.ops.top_k import top_k_softmax
+
+BUNDLED_HEADS_DIR = Path(__file__).resolve().parents[1] / "data" / "heads"
+PROBE_TOKENS = 8  # rows of the model probe: the input embeddings of token ids 0 .. 7
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,12 +48,13 @@ class DraftHead:
     fc_bias: torch.Tensor
     out_weight: torch.Tensor
     vocab: torch.Tensor
+    model_probe: torch.Tensor
     _fc: LinearFn = field(init=False, repr=False)
     _out: LinearFn = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         d = self.fc_bias.shape[0] if self.fc_bias.dim() == 1 else -1
-        shapes = {name: tuple(getattr(self, name).shape) for name in ("fc_weight", "fc_bias", "out_weight", "vocab")}
+        shapes = {name: tuple(getattr(self, name).shape) for name in _TENSORS}
         ok = (
             d > 0
             and shapes["fc_weight"] == (d, 2 * d)
@@ -51,10 +62,14 @@ class DraftHead:
             and self.out_weight.shape[1] == d
             and shapes["vocab"] == (self.out_weight.shape[0],)
             and self.out_weight.shape[0] >= 1
+            and self.model_probe.dim() == 2
+            and self.model_probe.shape[0] >= 1
+            and self.model_probe.shape[1] == d
         )
         if not ok:
             raise ValueError(
-                f"draft head shapes {shapes}: need fc_weight [D, 2D], fc_bias [D], out_weight [Vh, D], vocab [Vh]"
+                f"draft head shapes {shapes}: need fc_weight [D, 2D], fc_bias [D], out_weight [Vh, D], vocab [Vh], "
+                "model_probe [P, D]"
             )
         if self.vocab.dtype != torch.int64 or int(self.vocab.min()) < 0:
             raise ValueError(f"draft head vocab: must be int64 token ids >= 0, got {self.vocab.dtype}")
@@ -73,6 +88,14 @@ class DraftHead:
     def hidden_size(self) -> int:
         return int(self.fc_bias.shape[0])
 
+    def fits(self, embed: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Whether ``embed`` (a model's input embedding: int64 ``[n]`` -> ``[n, D]``) is the one
+        the head was trained with, to bfloat16 precision (the probe's token ids)."""
+        with torch.no_grad():
+            rows = embed(torch.arange(self.model_probe.shape[0], dtype=torch.int64)).to(torch.float32).cpu()
+        probe = self.model_probe.to(torch.float32)
+        return rows.shape == probe.shape and torch.allclose(rows, probe, rtol=1e-2, atol=1e-3)
+
     def logits(self, hidden: torch.Tensor, root_embedding: torch.Tensor) -> torch.Tensor:
         """float32 ``[B, Vh]`` from ``hidden`` and ``root_embedding`` (``[B, D]``, any float)."""
         h = hidden.to(torch.float32)
@@ -85,21 +108,16 @@ class DraftHead:
         ``[B, k']`` their softmax probabilities over the head's vocabulary, most likely first
         (``k' = min(k, Vh)``)."""
         with torch.no_grad():
-            logits = self.logits(hidden, root_embedding).numpy().astype(np.float64)
-        # numpy from here: a few small ops, each cheaper than a torch call in a busy engine.
-        k = min(k, logits.shape[1])
-        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        top_logits = np.take_along_axis(logits, top, axis=1)
-        order = np.argsort(-top_logits, axis=1, kind="stable")
-        top, top_logits = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_logits, order, axis=1)
-        peak = logits.max(axis=1, keepdims=True)
-        probs = np.exp(top_logits - peak) / np.exp(logits - peak).sum(axis=1, keepdims=True)
-        return self.vocab.numpy()[top], probs
+            probs, columns = top_k_softmax(self.logits(hidden, root_embedding), min(k, self.vocab.numel()))
+        return self.vocab.numpy()[columns.numpy()], probs.numpy().astype(np.float64)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({name: getattr(self, name).contiguous() for name in _TENSORS}, str(path))
+        stored = {name: getattr(self, name).contiguous() for name in _TENSORS}
+        for name in _BFLOAT16_TENSORS:
+            stored[name] = stored[name].to(torch.bfloat16)
+        save_file(stored, str(path))
 
     @classmethod
     def load(cls, path: str | Path) -> DraftHead:
@@ -111,10 +129,21 @@ class DraftHead:
         missing = sorted(set(_TENSORS) - set(tensors))
         if missing:
             raise ValueError(f"{path}: not a draft head (no tensor(s) {missing})")
-        return cls(**{name: tensors[name] for name in _TENSORS})
+        return cls(**{name: tensors[name] if name == "vocab" else tensors[name].to(torch.float32) for name in _TENSORS})
 
 
-_TENSORS = ("fc_weight", "fc_bias", "out_weight", "vocab")
+_TENSORS = ("fc_weight", "fc_bias", "out_weight", "vocab", "model_probe")
+_BFLOAT16_TENSORS = ("fc_weight", "out_weight")
+
+
+def bundled_head_for(embed: Callable[[torch.Tensor], torch.Tensor], hidden_size: int) -> Path | None:
+    """The shipped head (``BUNDLED_HEADS_DIR``) trained for the model whose input embedding is
+    ``embed`` and hidden size ``hidden_size``, if there is one."""
+    for path in sorted(BUNDLED_HEADS_DIR.glob("*.safetensors")):
+        head = DraftHead.load(path)
+        if head.hidden_size == hidden_size and head.fits(embed):
+            return path
+    return None
 
 
 def fit_draft_head(
@@ -122,6 +151,7 @@ def fit_draft_head(
     root_embedding: torch.Tensor,
     next_tokens: torch.Tensor,
     output_embedding: torch.Tensor,
+    input_embedding: torch.Tensor,
     vocab_size: int = 4096,
     epochs: int = 3,
     batch_size: int = 256,
@@ -133,7 +163,8 @@ def fit_draft_head(
 
     ``output_embedding`` (float ``[V, D]``, the target's LM head) gives ``U``'s starting rows;
     ``W`` and ``b`` start at zero, so the untrained head is the target's own LM head over the
-    head's vocabulary. The vocabulary is the ``vocab_size`` most frequent ``next_tokens``;
+    head's vocabulary. ``input_embedding`` (float ``[V, D]``) gives the model probe (its first
+    :data:`PROBE_TOKENS` rows). The vocabulary is the ``vocab_size`` most frequent ``next_tokens``;
     examples whose next token is outside it do not train the head. Adam on cross-entropy,
     ``epochs`` passes in a ``seed``-shuffled order.
     """
@@ -167,7 +198,13 @@ def fit_draft_head(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return DraftHead(fc.weight.detach().clone(), fc.bias.detach().clone(), out.detach().clone(), vocab.clone())
+    return DraftHead(
+        fc.weight.detach().clone(),
+        fc.bias.detach().clone(),
+        out.detach().clone(),
+        vocab.clone(),
+        input_embedding[:PROBE_TOKENS].detach().to(torch.float32).clone(),
+    )
 
 
 class HeadRootDrafter:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tree_attn_backend.ops.native import native_op
+from tree_attn_backend.ops.top_k import top_k_softmax
 
 
 class RecycleTable:
@@ -53,14 +53,9 @@ class RecycleTable:
         if tokens.numel() == 0:
             return
         logits = logits[:, : self.vocab_size].to(torch.float32)
-        # Every step records (a stock decode step included): the native op costs about what
+        # Every step records (a stock decode step included): the native top-k costs about what
         # logsumexp alone does, a few times less than torch.topk + logsumexp on a 49k vocabulary.
-        top_k_probs = native_op("top_k_probs")
-        if top_k_probs is not None:
-            probs, top_ids = top_k_probs(logits, self.k)
-        else:
-            top_logits, top_ids = torch.topk(logits, self.k, dim=-1)
-            probs = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))
+        probs, top_ids = top_k_softmax(logits, self.k)
         rows = tokens.to(torch.int64).numpy()
         keep = (rows >= 0) & (rows < self.vocab_size)
         # With a token at several positions, numpy keeps one of them: any is a recent belief.

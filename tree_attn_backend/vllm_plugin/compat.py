@@ -301,8 +301,8 @@ class TreeRunnerHooks(_RunnerBase):
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         with small_batch_linear_layers(self.tree_options.small_batch_linear_rows, self.model_config.enforce_eager):
             super().load_model(*args, **kwargs)
-        if self.tree is not None and self.tree.proposer.head is not None:
-            self.tree.proposer.embed = self.model.embed_input_ids
+        if self.tree is not None:
+            self.tree.proposer.attach_model(self.model.embed_input_ids)
 
     def measure_cost_model(self) -> None:
         if self.tree is not None:

@@ -94,9 +94,10 @@ class TreePrunedConfig:
             (SuffixDecoding's trees over the request's and earlier requests' tokens) or
             ``hybrid`` (all three merged by token, with calibrated probabilities, and the
             draft head's children of the root when ``draft_head`` is set).
-        draft_head: path of a draft head (``tree-pruned train-head``,
-            :mod:`tree_attn_backend.drafting.draft_head`) trained on this model's hidden states,
-            a source of the ``hybrid`` drafter; ``None``: no head.
+        draft_head: a draft head (:mod:`tree_attn_backend.drafting.draft_head`) trained on
+            this model's hidden states, a source of the ``hybrid`` drafter: ``"auto"``, the
+            shipped head for the served model if there is one; the path of a head file
+            (``tree-pruned train-head``); ``None``: no head.
         suffix_max_cached_requests: the ``suffix`` drafter's global cache holds the outputs of
             at most this many earlier requests (0: only each request's own tokens).
         suffix_max_tree_depth: depth of SuffixDecoding's suffix trees: a matched context and
@@ -128,7 +129,7 @@ class TreePrunedConfig:
     prune_path_prob: float = 0.08
     max_draft_tokens: int = 32
     drafter: str = "hybrid"
-    draft_head: str | None = None
+    draft_head: str | None = "auto"
     suffix_max_cached_requests: int = 1000
     suffix_max_tree_depth: int = MAX_SUFFIX_TREE_DEPTH
     drafter_min_ngram: int = 1
@@ -159,9 +160,10 @@ class TreePrunedConfig:
             f"one of {[d for d in DRAFTERS if d != 'suffix']} ('suffix' needs the arctic-inference package)",
         )
         require(
-            self.draft_head is None or (isinstance(self.draft_head, str) and Path(self.draft_head).is_file()),
+            self.draft_head is None
+            or (isinstance(self.draft_head, str) and (self.draft_head == "auto" or Path(self.draft_head).is_file())),
             "draft_head",
-            "the path of a draft head file, or null",
+            '"auto", the path of a draft head file, or null',
         )
         require(
             _is_int(self.suffix_max_cached_requests) and 0 <= self.suffix_max_cached_requests < 2**31,

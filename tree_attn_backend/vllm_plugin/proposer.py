@@ -12,13 +12,14 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from tree_attn_backend.drafting.calibration import IsotonicCalibration, ReliabilityCounts
-from tree_attn_backend.drafting.draft_head import DraftHead, HeadRootDrafter
+from tree_attn_backend.drafting.draft_head import DraftHead, HeadRootDrafter, bundled_head_for
 from tree_attn_backend.drafting.drafter import Drafter
 from tree_attn_backend.drafting.hybrid_drafter import HybridDrafter
 from tree_attn_backend.drafting.lookup_drafter import LookupIndex
@@ -107,8 +108,9 @@ class TreeProposer:
         # Allocated when a request first asks for it; follows the requests that use it.
         self.suffix: SuffixCache | None = None
         self._warned_no_suffix = False
-        self.head = DraftHead.load(self.config.draft_head) if self.config.draft_head is not None else None
-        # The target's input embedding of token ids (int64 [n] -> [n, D]), set by the runner.
+        self.hidden_size = int(vllm_config.model_config.get_hidden_size())
+        # Both set by attach_model once the runner has loaded the model (a head needs its embedding).
+        self.head: DraftHead | None = None
         self.embed: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.head_roots = 0  # roots the head has proposed children of (logged)
         # Set by the runner before serving: configured, or measured (then refitted as it serves).
@@ -118,6 +120,27 @@ class TreeProposer:
 
     def load_model(self, *args: object, **kwargs: object) -> None:
         """Nothing to load: the drafter reads the requests' own tokens."""
+
+    def attach_model(self, embed: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Take the served model's input embedding (int64 ``[n]`` -> ``[n, D]``) and load the
+        draft head of the option ``draft_head``: ``"auto"``, the shipped head trained for this
+        model if there is one; a path, that head, refused when it was trained for another model."""
+        option = self.config.draft_head
+        if option is None:
+            return
+        path = bundled_head_for(embed, self.hidden_size) if option == "auto" else Path(option)
+        if path is None:
+            logger.info("tree_pruned: no shipped draft head fits this model (tree-pruned train-head fits one)")
+            return
+        head = DraftHead.load(path)
+        if head.hidden_size != self.hidden_size or not head.fits(embed):
+            raise ValueError(
+                f"tree_pruned option draft_head = {option!r}: the head was trained for another model (its hidden "
+                f"size is {head.hidden_size}, the model's {self.hidden_size}, or its embeddings of token ids "
+                f"0-{head.model_probe.shape[0] - 1} differ from the model's)"
+            )
+        self.head, self.embed = head, embed
+        logger.info("tree_pruned: draft head %s", path)
 
     def reset_learned_state(self) -> None:
         """Forget what serving has taught the budget: the online cost fit back to its prior

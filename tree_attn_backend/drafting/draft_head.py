@@ -128,7 +128,7 @@ class DraftHead:
         tensors = load_file(str(path))
         missing = sorted(set(_TENSORS) - set(tensors))
         if missing:
-            raise ValueError(f"{path}: not a draft head (no tensor(s) {missing})")
+            raise ValueError(f"{path}: not a draft head (no tensor(s) {missing}; tree-pruned train-head makes one)")
         return cls(**{name: tensors[name] if name == "vocab" else tensors[name].to(torch.float32) for name in _TENSORS})
 
 

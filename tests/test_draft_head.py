@@ -130,7 +130,7 @@ def test_the_proposer_grows_the_heads_children_under_every_hybrid_root(tmp_path)
     )
     head.save(tmp_path / "head.safetensors")
     proposer = _tiny_proposer({"draft_head": str(tmp_path / "head.safetensors"), "batch_budget": False})
-    proposer.attach_model(lambda ids: embedding[ids])
+    proposer.attach_model(lambda ids: embedding[ids], 8)
     drafting = proposer.drafting_for(proposer.config, Verification.TREE)
     hidden = torch.randn(2, 8, generator=torch.Generator().manual_seed(2))
     proposer.bind_batch(["a", "b"], [drafting, drafting], [2, 2], leaf_hidden=hidden)
@@ -147,14 +147,14 @@ def test_the_proposer_grows_the_heads_children_under_every_hybrid_root(tmp_path)
 
 
 def _tiny_proposer(options: dict):
-    """A proposer for a model of hidden size 8 and 32 tokens."""
+    """A proposer for a model of 32 tokens."""
     from tree_attn_backend.vllm_plugin.proposer import TreeProposer
 
     return TreeProposer(
         SimpleNamespace(
             additional_config={"tree_pruned": options},
             speculative_config=SimpleNamespace(num_speculative_tokens=8),
-            model_config=SimpleNamespace(get_vocab_size=lambda: 32, get_hidden_size=lambda: 8),
+            model_config=SimpleNamespace(get_vocab_size=lambda: 32),
         )
     )
 
@@ -167,10 +167,10 @@ def test_a_missing_head_file_or_a_head_for_another_model_is_named(tmp_path):
     _random_head().save(tmp_path / "head.safetensors")
     proposer = _tiny_proposer({"draft_head": str(tmp_path / "head.safetensors")})
     with pytest.raises(ValueError, match="head.safetensors'.*trained for another model"):
-        proposer.attach_model(lambda ids: torch.randn(len(ids), 8))
+        proposer.attach_model(lambda ids: torch.randn(len(ids), 8), 8)
     # "auto" finds no shipped head for this model, and serves without one.
     proposer = _tiny_proposer({})
-    proposer.attach_model(lambda ids: torch.randn(len(ids), 8))
+    proposer.attach_model(lambda ids: torch.randn(len(ids), 8), 8)
     assert proposer.head is None
 
 

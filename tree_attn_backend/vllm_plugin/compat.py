@@ -302,7 +302,7 @@ class TreeRunnerHooks(_RunnerBase):
         with small_batch_linear_layers(self.tree_options.small_batch_linear_rows, self.model_config.enforce_eager):
             super().load_model(*args, **kwargs)
         if self.tree is not None:
-            self.tree.proposer.attach_model(self.model.embed_input_ids)
+            self.tree.proposer.attach_model(self.model.embed_input_ids, self.model_config.get_hidden_size())
 
     def measure_cost_model(self) -> None:
         if self.tree is not None:

@@ -108,7 +108,6 @@ class TreeProposer:
         # Allocated when a request first asks for it; follows the requests that use it.
         self.suffix: SuffixCache | None = None
         self._warned_no_suffix = False
-        self.hidden_size = int(vllm_config.model_config.get_hidden_size())
         # Both set by attach_model once the runner has loaded the model (a head needs its embedding).
         self.head: DraftHead | None = None
         self.embed: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -121,22 +120,23 @@ class TreeProposer:
     def load_model(self, *args: object, **kwargs: object) -> None:
         """Nothing to load: the drafter reads the requests' own tokens."""
 
-    def attach_model(self, embed: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Take the served model's input embedding (int64 ``[n]`` -> ``[n, D]``) and load the
-        draft head of the option ``draft_head``: ``"auto"``, the shipped head trained for this
-        model if there is one; a path, that head, refused when it was trained for another model."""
+    def attach_model(self, embed: Callable[[torch.Tensor], torch.Tensor], hidden_size: int) -> None:
+        """Take the served model's input embedding (int64 ``[n]`` -> ``[n, D]``, ``D`` its
+        ``hidden_size``) and load the draft head of the option ``draft_head``: ``"auto"``, the
+        shipped head trained for this model if there is one; a path, that head, refused when it
+        was trained for another model. Not called: no head (offline replay)."""
         option = self.config.draft_head
         if option is None:
             return
-        path = bundled_head_for(embed, self.hidden_size) if option == "auto" else Path(option)
+        path = bundled_head_for(embed, hidden_size) if option == "auto" else Path(option)
         if path is None:
             logger.info("tree_pruned: no shipped draft head fits this model (tree-pruned train-head fits one)")
             return
         head = DraftHead.load(path)
-        if head.hidden_size != self.hidden_size or not head.fits(embed):
+        if head.hidden_size != hidden_size or not head.fits(embed):
             raise ValueError(
                 f"tree_pruned option draft_head = {option!r}: the head was trained for another model (its hidden "
-                f"size is {head.hidden_size}, the model's {self.hidden_size}, or its embeddings of token ids "
+                f"size is {head.hidden_size}, the model's {hidden_size}, or its embeddings of token ids "
                 f"0-{head.model_probe.shape[0] - 1} differ from the model's)"
             )
         self.head, self.embed = head, embed

@@ -81,7 +81,8 @@ def test_fitting_learns_the_token_after_the_root():
     tokens, _ = head.top_children(0.1 * torch.randn(200, hidden, generator=g), embedding[test_roots], 1)
     assert (torch.from_numpy(tokens[:, 0]) == test_roots + 1).float().mean() > 0.9
     assert head.vocab.numel() == vocab - 1  # the tokens that ever came next, most frequent first
-    assert head.fits(lambda ids: embedding[ids]) and not head.fits(lambda ids: embedding[ids + 1])
+    assert head.fits(lambda ids: embedding[ids], hidden) and not head.fits(lambda ids: embedding[ids + 1], hidden)
+    assert not head.fits(lambda ids: embedding[ids], hidden + 1)
     with pytest.raises(ValueError, match="do not match"):
         fit_draft_head(states, embedding[roots][:10], roots + 1, embedding, embedding)
 
@@ -182,8 +183,8 @@ def test_the_shipped_head_fits_the_default_model_only():
     (weights,) = sorted(default_model_dir().glob("*.safetensors"))
     with safe_open(str(weights), "pt") as f:
         embedding = f.get_tensor("model.embed_tokens.weight")
-    path = bundled_head_for(lambda ids: embedding[ids], embedding.shape[1])
-    assert path is not None and path.parent == BUNDLED_HEADS_DIR
+    found = bundled_head_for(lambda ids: embedding[ids], embedding.shape[1])
+    assert found is not None and found[0].parent == BUNDLED_HEADS_DIR
     assert bundled_head_for(lambda ids: embedding[ids + 1], embedding.shape[1]) is None
 
 

@@ -88,9 +88,12 @@ class DraftHead:
     def hidden_size(self) -> int:
         return int(self.fc_bias.shape[0])
 
-    def fits(self, embed: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-        """Whether ``embed`` (a model's input embedding: int64 ``[n]`` -> ``[n, D]``) is the one
-        the head was trained with, to bfloat16 precision (the probe's token ids)."""
+    def fits(self, embed: Callable[[torch.Tensor], torch.Tensor], hidden_size: int) -> bool:
+        """Whether the head was trained for the model of hidden size ``hidden_size`` whose input
+        embedding is ``embed`` (int64 ``[n]`` -> ``[n, D]``): same size, and the same embeddings
+        of the probe's token ids to bfloat16 precision."""
+        if self.hidden_size != hidden_size:
+            return False
         with torch.no_grad():
             rows = embed(torch.arange(self.model_probe.shape[0], dtype=torch.int64)).to(torch.float32).cpu()
         probe = self.model_probe.to(torch.float32)
@@ -136,13 +139,13 @@ _TENSORS = ("fc_weight", "fc_bias", "out_weight", "vocab", "model_probe")
 _BFLOAT16_TENSORS = ("fc_weight", "out_weight")
 
 
-def bundled_head_for(embed: Callable[[torch.Tensor], torch.Tensor], hidden_size: int) -> Path | None:
+def bundled_head_for(embed: Callable[[torch.Tensor], torch.Tensor], hidden_size: int) -> tuple[Path, DraftHead] | None:
     """The shipped head (``BUNDLED_HEADS_DIR``) trained for the model whose input embedding is
-    ``embed`` and hidden size ``hidden_size``, if there is one."""
+    ``embed`` and hidden size ``hidden_size``, and its file, if there is one."""
     for path in sorted(BUNDLED_HEADS_DIR.glob("*.safetensors")):
         head = DraftHead.load(path)
-        if head.hidden_size == hidden_size and head.fits(embed):
-            return path
+        if head.fits(embed, hidden_size):
+            return path, head
     return None
 
 

@@ -128,17 +128,20 @@ class TreeProposer:
         option = self.config.draft_head
         if option is None:
             return
-        path = bundled_head_for(embed, hidden_size) if option == "auto" else Path(option)
-        if path is None:
-            logger.info("tree_pruned: no shipped draft head fits this model (tree-pruned train-head fits one)")
-            return
-        head = DraftHead.load(path)
-        if head.hidden_size != hidden_size or not head.fits(embed):
-            raise ValueError(
-                f"tree_pruned option draft_head = {option!r}: the head was trained for another model (its hidden "
-                f"size is {head.hidden_size}, the model's {hidden_size}, or its embeddings of token ids "
-                f"0-{head.model_probe.shape[0] - 1} differ from the model's)"
-            )
+        if option == "auto":
+            found = bundled_head_for(embed, hidden_size)
+            if found is None:
+                logger.info("tree_pruned: no shipped draft head fits this model (tree-pruned train-head fits one)")
+                return
+            path, head = found
+        else:
+            path, head = Path(option), DraftHead.load(option)
+            if not head.fits(embed, hidden_size):
+                raise ValueError(
+                    f"tree_pruned option draft_head = {option!r}: the head was trained for another model (its "
+                    f"hidden size is {head.hidden_size}, the model's {hidden_size}, or its embeddings of token ids "
+                    f"0-{head.model_probe.shape[0] - 1} differ from the model's)"
+                )
         self.head, self.embed = head, embed
         logger.info("tree_pruned: draft head %s", path)
 
@@ -253,12 +256,13 @@ class TreeProposer:
             row for row in drafted if not drafting[row].batch_budget or min_path_prob_of[drafting[row].drafter] <= 1.0
         ]
         head_children = self._head_children(batch, decoding, growing)
+        growing_rows = set(growing)
         grown = []  # the budgeted rows with a tree
         for row in drafted:
             if self.suffix is not None and "suffix" in SOURCES_OF[drafting[row].drafter]:
                 # Every step, grown or not: the shared cache learns every request's output.
                 self.suffix.follow(req_ids[row], decoding[row], batch.prompt_lengths[row])
-            if row not in growing:  # a budgeted row whose floor no path value reaches
+            if row not in growing_rows:  # a budgeted row whose floor no path value reaches
                 continue
             policy = drafting[row].policy
             max_length = batch.max_lengths[row]

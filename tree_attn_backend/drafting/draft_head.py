@@ -112,7 +112,11 @@ class DraftHead:
         (``k' = min(k, Vh)``)."""
         with torch.no_grad():
             probs, columns = top_k_softmax(self.logits(hidden, root_embedding), min(k, self.vocab.numel()))
-        return self.vocab.numpy()[columns.numpy()], probs.numpy().astype(np.float64)
+        # Rounded to float32 one by one, a peaked row's children can sum a few ulps above 1;
+        # siblings are a sub-distribution, so such a row is scaled back to 1 in float64.
+        children = probs.numpy().astype(np.float64)
+        children /= np.maximum(children.sum(axis=1, keepdims=True), 1.0)
+        return self.vocab.numpy()[columns.numpy()], children
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -38,6 +38,18 @@ def test_recycle_table_keeps_the_latest_top_k_per_token():
     assert table.next_tokens.nbytes + table.next_probs.nbytes == 50 * 3 * 8  # bounded, allocated once
 
 
+def test_recycle_table_children_never_sum_above_one():
+    """The table keeps float32 probabilities; a peaked row rounded one value at a time can sum a
+    few ulps above 1, and its children are scaled back to a sub-distribution in float64."""
+    table = RecycleTable(vocab_size=10, k=2)
+    table.next_tokens[5] = [1, 2]
+    table.next_probs[5] = np.array([0.7, 0.30000007], dtype=np.float32)
+    assert float(table.next_probs[5].astype(np.float64).sum()) > 1.0
+    (first, p1), (second, p2) = table.propose_children([5], 2)
+    assert (first, second) == (1, 2) and p1 + p2 <= 1.0
+    assert p1 / p2 == pytest.approx(0.7 / 0.30000007, rel=1e-6)
+
+
 def test_recycle_table_rejects_bad_input_and_ignores_padding_columns():
     with pytest.raises(ValueError, match="vocab_size = 0"):
         RecycleTable(0)

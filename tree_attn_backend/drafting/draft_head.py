@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tree_attn_backend.drafting.drafter import as_sub_distribution
 from tree_attn_backend.ops.packed_linear import DEFAULT_MAX_ROWS, LinearFn, SmallBatchLinear, packed_linear_available
 from tree_attn_backend.ops.top_k import top_k_softmax
 
@@ -112,11 +113,7 @@ class DraftHead:
         (``k' = min(k, Vh)``)."""
         with torch.no_grad():
             probs, columns = top_k_softmax(self.logits(hidden, root_embedding), min(k, self.vocab.numel()))
-        # Rounded to float32 one by one, a peaked row's children can sum a few ulps above 1;
-        # siblings are a sub-distribution, so such a row is scaled back to 1 in float64.
-        children = probs.numpy().astype(np.float64)
-        children /= np.maximum(children.sum(axis=1, keepdims=True), 1.0)
-        return self.vocab.numpy()[columns.numpy()], children
+        return self.vocab.numpy()[columns.numpy()], as_sub_distribution(probs.numpy())
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

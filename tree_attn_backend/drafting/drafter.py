@@ -24,6 +24,14 @@ class Drafter(Protocol):
     def propose_children(self, context: Sequence[int], num_children: int) -> list[tuple[int, float]]: ...
 
 
+def as_sub_distribution(probs: np.ndarray) -> np.ndarray:
+    """float64 copy of ``probs`` (``[..., k]``: rows of sibling probabilities rounded one by one,
+    e.g. float32 values from a softmax) with every row summing above 1 scaled back to 1: rounding
+    can push a peaked row's sum a few ulps over, and siblings are a sub-distribution."""
+    rows = np.asarray(probs, dtype=np.float64)
+    return rows / np.maximum(rows.sum(axis=-1, keepdims=True), 1.0)
+
+
 class SyntheticDrafter:
     """A deterministic drafter for tests and benchmarks with controllable confidence.
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from tree_attn_backend.drafting.drafter import as_sub_distribution
 from tree_attn_backend.ops.top_k import top_k_softmax
 
 
@@ -67,6 +68,7 @@ class RecycleTable:
         token = int(context[-1])
         if not 0 <= token < self.vocab_size:
             return []
-        probs = self.next_probs[token, :num_children]
+        # Stored as float32 (half the table): a peaked row's sum can round a few ulps above 1.
+        probs = as_sub_distribution(self.next_probs[token, :num_children])
         seen = int(np.count_nonzero(probs))
         return [(int(t), float(p)) for t, p in zip(self.next_tokens[token, :seen], probs[:seen])]
